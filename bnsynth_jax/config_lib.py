@@ -1,0 +1,73 @@
+"""Default configuration. configs/*.py start from `default_config()` and change a few fields.
+
+Every field is listed here with its meaning, so `--config.a.b=v` overrides are
+type-checked and an unknown key is refused.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+  """The recipe of one supervised run (teacher, student or baseline)."""
+  c = ml_collections.ConfigDict()
+  c.batch_size = 128            # global batch, split over all devices
+  c.epochs = 30.0
+  c.num_steps = 0               # > 0 overrides epochs (tests use it)
+  c.optimizer = 'sgd'           # sgd | adam | adamw
+  c.learning_rate = 0.1
+  c.momentum = 0.9
+  c.nesterov = True
+  c.weight_decay = 5e-4
+  c.warmup_epochs = 1.0
+  c.schedule = 'cosine'         # cosine | constant
+  c.label_smoothing = 0.0
+  c.crop_padding = 4            # random crop with zero padding (0 = off)
+  c.flip = True                 # random horizontal flip
+  c.mixup_alpha = 0.0           # 0 = off
+  c.cutmix_alpha = 0.0          # 0 = off
+  c.eval_every_epochs = 5.0     # 0 = only at the end
+  c.eval_batch_size = 500
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.update(overrides)
+  return c
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- data (private; read by the teacher, stats, evaluate and audit stages only)
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'digits'      # digits | imagefolder | tfds
+  c.data.name = ''              # tfds: dataset name, e.g. cifar10
+  c.data.data_dir = ''          # tfds: data_dir ('' = TFDS default)
+  c.data.root = ''              # imagefolder: ROOT with ROOT/<split>/<class>/*.png
+  c.data.train_split = 'train'
+  c.data.test_split = 'test'
+  c.data.image_size = 0         # 0 = the source's native size (square images)
+  c.data.channels = 0           # 0 = the source's (1 grayscale, 3 RGB)
+  c.data.num_partitions = 0     # 0 = one per process; see input_pipeline
+  c.data.mean = ()              # () = computed on the train split
+  c.data.std = ()
+  c.data.decode_threads = 0     # imagefolder decoding threads (0 = cpu count, max 16)
+
+  # --- teacher
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'resnet20'
+  c.model.stem = 'cifar'        # cifar | imagenet (resnet18/34/50 only)
+  c.model.dtype = 'float32'     # float32 | bfloat16 (BN statistics stay float32)
+  c.teacher = train_config()
+  c.teacher.pretrained = ''     # a folder written by the teacher stage: import, do not train
+
+  return c
+
+
+# Keys that do not change what a stage produces; a workdir may be resumed with
+# other values of these.
+VOLATILE_KEYS = frozenset({
+    'data.root', 'data.data_dir', 'data.decode_threads',
+    'log_every_steps', 'checkpoint_every_steps', 'eval_batch_size', 'eval_every_epochs',
+})

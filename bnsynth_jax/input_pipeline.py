@@ -1,0 +1,427 @@
+"""Data sources (bundled digits, image folders, named TFDS datasets) -> batches.
+
+Every source yields uint8 images (N, H, W, C) and int32 labels for one split,
+held in host memory. A split is cut into `num_partitions` strided partitions
+(example i goes to partition i % S after a fixed shuffle); process p loads only
+its own partitions, so on a pod each host reads 1/P of the data. A global batch
+is the concatenation of one sub-batch per partition, each drawn from that
+partition's own per-epoch permutation. The batch at step t therefore depends on
+(seed, t, S) alone -- not on how many processes or devices run it -- which is what
+makes resume exact and 1x8 equal 2x4.
+
+TensorFlow is imported only by the TFDS source (and hidden from GPUs there);
+the digits and image-folder sources need only NumPy and Pillow.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from bnsynth_jax.errors import UserError
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  class_names: tuple[str, ...]
+  image_shape: tuple[int, int, int]          # (H, W, C)
+  num_examples: dict[str, int]               # split -> count over all partitions
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+
+@dataclasses.dataclass
+class Partition:
+  """One partition of a split, in host memory. Extra per-example arrays
+  (soft labels, per-view labels) may ride along in `extras`."""
+  index: int
+  images: np.ndarray                          # uint8 (n, H, W, C)
+  labels: np.ndarray                          # int32 (n,)
+  extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def __len__(self):
+    return len(self.labels)
+
+
+# ----------------------------------------------------------------------------
+# Partitioning
+
+
+def partition_ids_for_process(num_partitions: int, process_index: int,
+                              process_count: int) -> list[int]:
+  if num_partitions % process_count:
+    raise UserError(
+        f'data.num_partitions={num_partitions} is not divisible by the process count '
+        f'{process_count}: set --config.data.num_partitions to a multiple of it (0 = one '
+        'per process)')
+  per = num_partitions // process_count
+  return list(range(process_index * per, (process_index + 1) * per))
+
+
+def partition_members(num_examples: int, num_partitions: int, partition: int) -> np.ndarray:
+  """Indices (into the source order) of one partition: a fixed shuffle, then strided."""
+  order = np.random.RandomState(0).permutation(num_examples)
+  return np.sort(order[partition::num_partitions])
+
+
+def resolve_num_partitions(data_config, process_count: int) -> int:
+  return int(data_config.get('num_partitions', 0) or process_count)
+
+
+# ----------------------------------------------------------------------------
+# Sources
+
+
+def _digits_arrays():
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  images = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+  labels = digits.target.astype(np.int32)
+  # Deterministic stratified 80/20 split (digits ships no split of its own).
+  rng = np.random.RandomState(1234)
+  test_idx = []
+  for c in range(10):
+    idx = np.flatnonzero(labels == c)
+    test_idx.extend(rng.choice(idx, size=round(0.2 * len(idx)), replace=False))
+  is_test = np.zeros(len(labels), bool)
+  is_test[test_idx] = True
+  split = {'train': ~is_test, 'test': is_test}
+  return images[..., None], labels, split
+
+
+def _list_image_folder(root: str, split: str, class_names=None):
+  """Returns (files, labels, class_names) for ROOT/<split>/<class>/*; raises UserError."""
+  split_dir = os.path.join(root, split)
+  if not os.path.isdir(split_dir):
+    present = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    raise UserError(
+        f'image folder {root} has no {split!r} split directory (found: '
+        f'{", ".join(present) or "nothing"}): lay it out as ROOT/{split}/<class>/*.png, '
+        'or set --config.data.train_split / test_split')
+  found = sorted(d for d in os.listdir(split_dir)
+                 if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith('.'))
+  if not found:
+    raise UserError(f'{split_dir} holds no class folders: put the images of each class '
+                    f'in {split_dir}/<class>/')
+  if class_names is None:
+    class_names = tuple(found)
+  else:
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+      raise UserError(f'{split_dir} has classes not in the train split: {", ".join(unknown)}; '
+                      'every split must use the train split\'s class folders')
+  files, labels = [], []
+  for label, name in enumerate(class_names):
+    class_dir = os.path.join(split_dir, name)
+    if not os.path.isdir(class_dir):
+      continue
+    names = sorted(f for f in os.listdir(class_dir)
+                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
+    if not names:
+      raise UserError(f'class folder {class_dir} has no images (*.png, *.jpg, *.jpeg): add '
+                      'images or remove the folder')
+    files.extend(os.path.join(class_dir, f) for f in names)
+    labels.extend([label] * len(names))
+  return files, np.asarray(labels, np.int32), tuple(class_names)
+
+
+def _decode_image(path: str, size: int, channels: int) -> np.ndarray:
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      im.load()
+      im = im.convert('L' if channels == 1 else 'RGB')
+      if im.size != (size, size):
+        # Resize the shorter side to `size`, then centre-crop: no distortion.
+        w, h = im.size
+        scale = size / min(w, h)
+        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))),
+                       Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - size) // 2, (h - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+      arr = np.asarray(im, np.uint8)
+  except (OSError, ValueError, SyntaxError) as e:
+    raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}): remove or '
+                    'replace the file') from None
+  return arr[..., None] if channels == 1 else arr
+
+
+def _probe_image(path: str):
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      return im.size, im.mode
+  except (OSError, ValueError, SyntaxError) as e:
+    raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}): remove or '
+                    'replace the file') from None
+
+
+class Source:
+  """Interface: info(), and load(split, partition_ids, num_partitions)."""
+
+  def info(self) -> DatasetInfo:
+    raise NotImplementedError
+
+  def load(self, split: str, partition_ids: Sequence[int],
+           num_partitions: int) -> list[Partition]:
+    raise NotImplementedError
+
+
+class DigitsSource(Source):
+  """scikit-learn's bundled 8x8 digits: 1,797 real images, no download."""
+
+  def __init__(self, data_config):
+    self._config = data_config
+    self._images, self._labels, self._split = _digits_arrays()
+
+  def _split_mask(self, split):
+    if split not in self._split:
+      raise UserError(f'digits has splits train and test, not {split!r}')
+    return self._split[split]
+
+  def info(self):
+    return DatasetInfo(tuple(str(i) for i in range(10)), (8, 8, 1),
+                       {s: int(m.sum()) for s, m in self._split.items()})
+
+  def load(self, split, partition_ids, num_partitions):
+    mask = self._split_mask(split)
+    images, labels = self._images[mask], self._labels[mask]
+    return [Partition(p, images[idx], labels[idx]) for p in partition_ids
+            for idx in [partition_members(len(labels), num_partitions, p)]]
+
+
+class ImageFolderSource(Source):
+  """ROOT/<split>/<class>/*.{png,jpg,jpeg}; any classes, RGB or grayscale."""
+
+  def __init__(self, data_config):
+    root = data_config.root
+    if not root:
+      raise UserError('data.root is empty: set --config.data.root=/path/to/ROOT with images '
+                      'in ROOT/<split>/<class>/')
+    root = os.path.expanduser(root)
+    if not os.path.isdir(root):
+      raise UserError(f'image folder {root} does not exist: set --config.data.root to a folder '
+                      'laid out as ROOT/<split>/<class>/*.png')
+    if not any(os.scandir(root)):
+      raise UserError(f'image folder {root} is empty: lay it out as ROOT/<split>/<class>/*.png')
+    self._root = root
+    self._config = data_config
+    self._listing = {}
+    train_files, _, class_names = self._list(data_config.train_split)
+    self._class_names = class_names
+    size, mode = _probe_image(train_files[0])
+    self._size = int(data_config.image_size) or size[0]
+    channels = int(data_config.get('channels', 0) or 0)
+    if not channels:
+      channels = 1 if mode in ('1', 'L', 'I', 'I;16', 'F') else 3
+    self._channels = channels
+    self._threads = int(data_config.get('decode_threads', 0) or min(16, os.cpu_count() or 1))
+
+  def _list(self, split):
+    if split not in self._listing:
+      class_names = None if not self._listing else self._class_names
+      self._listing[split] = _list_image_folder(self._root, split, class_names)
+    return self._listing[split]
+
+  def info(self):
+    splits = {s: len(self._list(s)[0]) for s in
+              (self._config.train_split, self._config.test_split)}
+    return DatasetInfo(self._class_names, (self._size, self._size, self._channels), splits)
+
+  def load(self, split, partition_ids, num_partitions):
+    files, labels, _ = self._list(split)
+    parts = []
+    with concurrent.futures.ThreadPoolExecutor(self._threads) as pool:
+      for p in partition_ids:
+        idx = partition_members(len(files), num_partitions, p)
+        images = list(pool.map(lambda i: _decode_image(files[i], self._size, self._channels),
+                               idx, chunksize=64))
+        shape = (0, self._size, self._size, self._channels)
+        parts.append(Partition(p, np.stack(images) if images else np.zeros(shape, np.uint8),
+                               labels[idx]))
+    return parts
+
+
+class TfdsSource(Source):
+  """A named, prepared TFDS dataset (cifar10, cifar100, svhn_cropped, ...)."""
+
+  def __init__(self, data_config, builder=None):
+    try:
+      import tensorflow as tf
+      import tensorflow_datasets as tfds
+    except ImportError:
+      raise UserError('data.source=tfds needs tensorflow and tensorflow-datasets: pip install '
+                      'tensorflow-cpu tensorflow-datasets, or use data.source=imagefolder') from None
+    tf.config.set_visible_devices([], 'GPU')  # tf.data only: keep the GPUs for JAX
+    self._tf, self._tfds = tf, tfds
+    self._config = data_config
+    data_dir = os.path.expanduser(data_config.data_dir) if data_config.data_dir else None
+    if builder is not None:     # tests pass a tfds.ImageFolder builder
+      self._builder = builder
+    else:
+      try:
+        self._builder = tfds.builder(data_config.name, data_dir=data_dir)
+      except Exception as e:  # tfds raises several types for unknown names
+        raise UserError(f'unknown TFDS dataset {data_config.name!r} ({e}): set '
+                        '--config.data.name') from None
+    if builder is None and not self._builder.is_prepared():
+      raise UserError(
+          f'TFDS dataset {data_config.name} is not prepared in {self._builder.data_dir}: run '
+          f'`tfds build {data_config.name} --data_dir=DIR` on a machine with network and set '
+          '--config.data.data_dir=DIR, or use data.source=imagefolder')
+    features = self._builder.info.features
+    self._class_names = tuple(features['label'].names)
+    h, w, c = features['image'].shape
+    self._size = int(data_config.image_size) or (h if h == w else 0)
+    if not self._size:
+      raise UserError(f'TFDS dataset {data_config.name} has images of size {h}x{w}: set '
+                      '--config.data.image_size to the square size to train at')
+    self._channels = int(data_config.get('channels', 0) or 0) or c or 3
+
+  def info(self):
+    splits = {s: self._builder.info.splits[s].num_examples
+              for s in (self._config.train_split, self._config.test_split)}
+    return DatasetInfo(self._class_names, (self._size, self._size, self._channels), splits)
+
+  def load(self, split, partition_ids, num_partitions):
+    tf = self._tf
+    n = self._builder.info.splits[split].num_examples
+    ds = self._builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    size, channels = self._size, self._channels
+
+    def prep(image, label):
+      if image.shape[-1] != channels:
+        image = (tf.image.rgb_to_grayscale(image) if channels == 1
+                 else tf.image.grayscale_to_rgb(image))
+      image = tf.image.resize(image, (size, size), antialias=True)
+      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+      return image, tf.cast(label, tf.int32)
+
+    members = {p: partition_members(n, num_partitions, p) for p in partition_ids}
+    wanted = np.full(n, -1, np.int64)
+    for p, idx in members.items():
+      wanted[idx] = p
+    images = np.zeros((n, size, size, channels), np.uint8)
+    labels = np.zeros((n,), np.int32)
+    ds = ds.enumerate().filter(lambda i, ex: tf.gather(wanted, i) >= 0)
+    ds = ds.map(lambda i, ex: (i, *prep(*ex)), num_parallel_calls=tf.data.AUTOTUNE)
+    for i, image, label in self._tfds.as_numpy(ds.batch(1024)):
+      images[i], labels[i] = image, label
+    return [Partition(p, images[idx], labels[idx]) for p, idx in members.items()]
+
+
+def create_source(data_config) -> Source:
+  kind = data_config.source
+  if kind == 'digits':
+    return DigitsSource(data_config)
+  if kind == 'imagefolder':
+    return ImageFolderSource(data_config)
+  if kind == 'tfds':
+    return TfdsSource(data_config)
+  raise UserError(f'unknown data.source {kind!r}: use digits, imagefolder or tfds')
+
+
+# ----------------------------------------------------------------------------
+# Normalisation
+
+
+def channel_sums(partitions: Sequence[Partition]) -> np.ndarray:
+  """[3, C] float64: per-channel sum, sum of squares and count of pixel values in [0,1]."""
+  c = partitions[0].images.shape[-1]
+  sums = np.zeros((3, c), np.float64)
+  for part in partitions:
+    for start in range(0, len(part), 4096):
+      x = part.images[start:start + 4096].astype(np.float64) / 255.0
+      x = x.reshape(-1, c)
+      sums[0] += x.sum(0)
+      sums[1] += np.square(x).sum(0)
+      sums[2] += x.shape[0]
+  return sums
+
+
+def moments_from_sums(sums: np.ndarray):
+  mean = sums[0] / sums[2]
+  var = np.maximum(sums[1] / sums[2] - mean ** 2, 0.0)
+  return mean, np.sqrt(var)
+
+
+# ----------------------------------------------------------------------------
+# Batching
+
+
+class PartitionedBatches:
+  """Deterministic training batches from this process's partitions.
+
+  `get(step)` returns the process-local slice of global batch `step`: the
+  concatenation, over local partitions in order, of `global_batch / S` examples
+  drawn from each partition's permutation for epoch `step // steps_per_epoch`.
+  """
+
+  def __init__(self, partitions: Sequence[Partition], num_partitions: int,
+               split_size: int, global_batch: int, seed: int):
+    if global_batch % num_partitions:
+      raise UserError(f'batch size {global_batch} is not divisible by data.num_partitions='
+                      f'{num_partitions}: choose a batch size that is a multiple of it')
+    self.partitions = list(partitions)
+    self.num_partitions = num_partitions
+    self.sub_batch = global_batch // num_partitions
+    min_partition = split_size // num_partitions   # smallest strided partition
+    self.steps_per_epoch = min_partition // self.sub_batch
+    if self.steps_per_epoch < 1:
+      raise UserError(f'batch size {global_batch} is larger than the training split '
+                      f'({split_size} examples): lower the batch size')
+    self.seed = seed
+    self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+
+  def _perm(self, part: Partition, epoch: int) -> np.ndarray:
+    key = (part.index, epoch)
+    if key not in self._perm_cache:
+      self._perm_cache.clear()   # one epoch in memory at a time
+      rng = np.random.default_rng([self.seed, epoch, part.index])
+      self._perm_cache[key] = rng.permutation(len(part))
+    return self._perm_cache[key]
+
+  def get(self, step: int) -> dict[str, np.ndarray]:
+    epoch, within = divmod(step, self.steps_per_epoch)
+    out: dict[str, list[np.ndarray]] = {}
+    for part in self.partitions:
+      perm = self._perm(part, epoch)
+      idx = np.sort(perm[within * self.sub_batch:(within + 1) * self.sub_batch])
+      fields = {'images': part.images, 'labels': part.labels, **part.extras}
+      for name, arr in fields.items():
+        out.setdefault(name, []).append(arr[idx])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def eval_batches(partitions: Sequence[Partition], split_size: int, num_partitions: int,
+                 process_count: int, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
+  """Process-local eval batches, padded; every process yields the same number.
+
+  Each batch has a float `mask` (1 = real example). The local batch is
+  global_batch / process_count.
+  """
+  local_batch = global_batch // process_count
+  parts_per_process = num_partitions // process_count
+  # Largest number of examples any process holds (strided partitions differ by <= 1).
+  largest = sum(len(range(p, split_size, num_partitions)) for p in range(parts_per_process))
+  num_batches = -(-largest // local_batch)
+  images = np.concatenate([p.images for p in partitions])
+  labels = np.concatenate([p.labels for p in partitions])
+  for b in range(num_batches):
+    sl = slice(b * local_batch, (b + 1) * local_batch)
+    x, y = images[sl], labels[sl]
+    pad = local_batch - len(y)
+    mask = np.concatenate([np.ones(len(y), np.float32), np.zeros(pad, np.float32)])
+    if pad:
+      x = np.concatenate([x, np.zeros((pad, *images.shape[1:]), images.dtype)])
+      y = np.concatenate([y, np.zeros((pad,), labels.dtype)])
+    yield {'images': x, 'labels': y, 'mask': mask}

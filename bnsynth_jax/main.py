@@ -1,0 +1,101 @@
+"""Entry point: python -m bnsynth_jax.main --config=configs/NAME.py --workdir=DIR.
+
+All logic lives in bnsynth_jax.pipeline; this file parses flags, optionally
+starts jax.distributed, and turns bad input into a one-line error and exit 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# TensorFlow (used only by the TFDS source) must not grab GPU memory or log noise.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from bnsynth_jax.errors import UserError  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Configuration file (configs/NAME.py[:arg]).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Folder for every artifact of the run (local or gs://).')
+flags.DEFINE_string('stages', 'all', 'Comma-separated stages to run (teacher, stats, '
+                    'synthesize, student, evaluate, audit) or "all". Finished stages are '
+                    'skipped, unfinished ones resume.')
+flags.DEFINE_bool('overwrite', False, 'Replace stages whose stored config differs from this '
+                  'one (and every later stage) instead of refusing.')
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
+flags.DEFINE_string('coordinator', '', 'jax.distributed coordinator address (host:port); '
+                    'empty = auto-detect (Cloud TPU, SLURM).')
+flags.DEFINE_integer('num_processes', 0, 'jax.distributed process count (0 = auto).')
+flags.DEFINE_integer('process_id', -1, 'jax.distributed process id (-1 = auto).')
+flags.DEFINE_string('cpu_collectives', '', 'CPU collectives for multi-process CPU runs '
+                    '(gloo); empty = JAX default.')
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad flag or config key is one line and exit 2."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+    # ml_collections reports an unknown key as KeyError("'k'\nDid you mean ...") and a
+    # failing config file with its whole traceback: keep the informative last part.
+    lines = [l.strip() for l in str(e).replace('\\n', '\n').splitlines() if l.strip()]
+    if any('Traceback' in l for l in lines):
+      lines = [lines[0].split(':')[0], lines[-1]]
+    text = ' '.join(' '.join(lines).replace('\\', '').replace("'", '').replace('"', '').split())
+    culprit = next((a for a in argv[1:] if a.startswith('--config.') and any(
+        part and part in a for part in text.split()[:1])), '')
+    where = f' in {culprit.split("=")[0]}' if culprit else ''
+    _fail(f'bad flag or config key{where} ({text or type(e).__name__}): fix the name or value '
+          '(config keys are listed in bnsynth_jax/config_lib.py; flags in --helpfull)')
+
+
+class _QuietLibraries:
+  """Drops INFO/DEBUG records of orbax (it logs every save step by step)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  if len(argv) > 1:
+    _fail(f'unexpected arguments {" ".join(argv[1:])}: flags are written --name=value')
+  try:
+    config = FLAGS.config
+    if config is None:
+      _fail('--config is required: e.g. --config=configs/digits.py')
+    config.get('seed')   # config_flags reports a missing file only on first access
+  except OSError as e:
+    detail = ' '.join(str(e).split())
+    _fail(f'cannot load the --config file ({detail}): pass the path of a config file, e.g. '
+          '--config=configs/digits.py')
+  if not FLAGS.workdir:
+    _fail('--workdir is required: the folder where the run writes its artifacts')
+  try:
+    import jax
+    from bnsynth_jax import parallel, pipeline
+    if FLAGS.distributed:
+      parallel.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes,
+                                      FLAGS.process_id, FLAGS.cpu_collectives)
+    logging.info('JAX process %d/%d, local devices %s', jax.process_index(),
+                 jax.process_count(), jax.local_devices())
+    pipeline.run(config, FLAGS.workdir, FLAGS.stages, FLAGS.overwrite)
+  except UserError as e:
+    _fail(str(e))
+
+
+def run():
+  app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,83 @@
+"""Scalars to TensorBoard and the log, and a progress line with rate and ETA.
+
+clu's metric writers import TensorFlow; the stages must run without it, so
+TensorBoard event files are written with tensorboardX (pure Python) when it is
+installed, and scalars always go to the log. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+import jax
+from absl import logging
+
+
+class Writer:
+  """write_scalars(step, {name: value}) to TensorBoard (if available) and the log."""
+
+  def __init__(self, logdir: str | None, prefix: str = ''):
+    self._prefix = prefix
+    self._tb = None
+    if logdir and jax.process_index() == 0:
+      try:
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(logdir=str(logdir), flush_secs=30)
+      except ImportError:
+        logging.info('tensorboardX is not installed: scalars go to the log only')
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float], log: bool = True) -> None:
+    if jax.process_index() != 0:
+      return
+    if self._tb is not None:
+      for name, value in scalars.items():
+        self._tb.add_scalar(f'{self._prefix}{name}', float(value), step)
+    if log:
+      text = ', '.join(f'{k}={float(v):.4g}' for k, v in scalars.items())
+      logging.info('%sstep %d: %s', self._prefix, step, text)
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def format_seconds(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
+
+
+class Progress:
+  """Rate and ETA over the steps done in this run (resumed steps are not timed)."""
+
+  def __init__(self, name: str, total_steps: int, start_step: int, units_per_step: float,
+               unit: str):
+    self.name, self.total, self.start = name, total_steps, start_step
+    self.units_per_step, self.unit = units_per_step, unit
+    self._t0 = None
+    self._s0 = start_step
+
+  def first_step_done(self, step: int) -> None:
+    """Start the clock after the first (compiling) step so rates are steady-state."""
+    if self._t0 is None:
+      self._t0, self._s0 = time.perf_counter(), step
+
+  def rate(self, step: int) -> float:
+    if self._t0 is None or step <= self._s0:
+      return float('nan')
+    return (step - self._s0) * self.units_per_step / (time.perf_counter() - self._t0)
+
+  def line(self, step: int, extra: str = '') -> str:
+    rate = self.rate(step)
+    eta = ((self.total - step) * self.units_per_step / rate) if rate == rate and rate > 0 else 0
+    pct = 100.0 * step / max(1, self.total)
+    text = (f'{self.name}: step {step}/{self.total} ({pct:.0f}%), {rate:.1f} {self.unit}/s, '
+            f'ETA {format_seconds(eta)}')
+    return f'{text}, {extra}' if extra else text

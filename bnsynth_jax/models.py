@@ -1,0 +1,189 @@
+"""Flax linen ResNets whose BatchNorm running statistics live in `batch_stats`.
+
+Two families:
+  * CIFAR ResNets (He et al. 2016, section 4.2): depth 6n+2, three stages of
+    basic blocks with 16/32/64 channels (resnet8/14/20/32/44/56/110).
+  * ResNet-18/34/50 with a CIFAR stem (3x3 conv, stride 1, no max-pool) or an
+    ImageNet stem (7x7 conv, stride 2, 3x3 max-pool).
+
+`dtype` is the computation dtype (float32 or bfloat16); parameters and the BN
+running statistics are always float32 (flax reduces BN moments in float32).
+
+Every BatchNorm layer is an `nn.BatchNorm`, so the synthesis code can capture
+the input of each one with `nn.intercept_methods` (see `capture_bn_inputs`)
+without a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnsynth_jax.errors import UserError
+
+ModuleDef = Any
+
+# PyTorch's BatchNorm momentum 0.1 is flax's 0.9 (flax keeps 0.9 of the old value).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+class BasicBlock(nn.Module):
+  filters: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.filters, (3, 3), name='conv2')(y)
+    # Zero-init of the last BN scale makes each block start as the identity.
+    y = self.norm(name='bn2', scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), (self.strides, self.strides),
+                           name='proj_conv')(residual)
+      residual = self.norm(name='proj_bn')(residual)
+    return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+  filters: int
+  strides: int
+  conv: ModuleDef
+  norm: ModuleDef
+  expansion: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    residual = x
+    y = self.conv(self.filters, (1, 1), name='conv1')(x)
+    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.conv(self.filters, (3, 3), (self.strides, self.strides), name='conv2')(y)
+    y = nn.relu(self.norm(name='bn2')(y))
+    y = self.conv(self.filters * self.expansion, (1, 1), name='conv3')(y)
+    y = self.norm(name='bn3', scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters * self.expansion, (1, 1),
+                           (self.strides, self.strides), name='proj_conv')(residual)
+      residual = self.norm(name='proj_bn')(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """Generic ResNet. `features` returns the pooled penultimate features."""
+  stage_sizes: Sequence[int]
+  block_cls: ModuleDef
+  num_classes: int
+  widths: Sequence[int]
+  stem: str = 'cifar'          # 'cifar' | 'imagenet'
+  stem_width: int = 64
+  dtype: Any = jnp.float32
+
+  def setup_layers(self, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=nn.initializers.variance_scaling(
+                                 2.0, 'fan_out', 'normal'))
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                             momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                             dtype=self.dtype, param_dtype=jnp.float32)
+    return conv, norm
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    conv, norm = self.setup_layers(train)
+    x = x.astype(self.dtype)
+    if self.stem == 'imagenet':
+      x = conv(self.stem_width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
+               name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    elif self.stem == 'cifar':
+      x = conv(self.stem_width, (3, 3), name='stem_conv')(x)
+      x = nn.relu(norm(name='stem_bn')(x))
+    else:
+      raise UserError(f"unknown model.stem {self.stem!r}: use 'cifar' or 'imagenet'")
+    for i, (num_blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = self.block_cls(width, strides, conv=conv, norm=norm,
+                           name=f'stage{i + 1}_block{j + 1}')(x)
+    features = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(features)
+    if return_features:
+      return logits, features
+    return logits
+
+
+def _cifar_resnet(depth: int, width: int = 16):
+  if (depth - 2) % 6:
+    raise ValueError(f'CIFAR ResNet depth must be 6n+2, got {depth}')
+  n = (depth - 2) // 6
+  return dict(stage_sizes=[n] * 3, block_cls=BasicBlock,
+              widths=[width, 2 * width, 4 * width], stem_width=width)
+
+
+_ARCHS: dict[str, Callable[[], dict]] = {
+    # "for testing only": one block per stage, 4/8/16 channels.
+    'resnet_tiny': lambda: _cifar_resnet(8, width=4),
+    **{f'resnet{d}': functools.partial(_cifar_resnet, d)
+       for d in (8, 14, 20, 32, 44, 56, 110)},
+    'resnet18': lambda: dict(stage_sizes=[2, 2, 2, 2], block_cls=BasicBlock,
+                             widths=[64, 128, 256, 512]),
+    'resnet34': lambda: dict(stage_sizes=[3, 4, 6, 3], block_cls=BasicBlock,
+                             widths=[64, 128, 256, 512]),
+    'resnet50': lambda: dict(stage_sizes=[3, 4, 6, 3], block_cls=BottleneckBlock,
+                             widths=[64, 128, 256, 512]),
+}
+
+MODEL_NAMES = tuple(_ARCHS)
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def create_model(name: str, num_classes: int, *, stem: str = 'cifar',
+                 dtype: str = 'float32') -> ResNet:
+  """Builds a model by name; raises UserError naming the valid choices."""
+  if name not in _ARCHS:
+    raise UserError(f'unknown model {name!r}: choose one of {", ".join(MODEL_NAMES)}')
+  if dtype not in _DTYPES:
+    raise UserError(f'unknown model dtype {dtype!r}: use float32 or bfloat16')
+  kwargs = _ARCHS[name]()
+  if name in ('resnet18', 'resnet34', 'resnet50'):  # CIFAR ResNets have one stem
+    kwargs['stem'] = stem
+  return ResNet(num_classes=num_classes, dtype=_DTYPES[dtype], **kwargs)
+
+
+def init_variables(model: ResNet, rng: jax.Array, image_shape: Sequence[int]):
+  """Returns {'params', 'batch_stats'} for inputs of shape `image_shape` (H, W, C)."""
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  return jax.jit(functools.partial(model.init, train=False))(rng, dummy)
+
+
+def capture_bn_inputs(model: ResNet, variables, x, *, train: bool = False,
+                      return_features: bool = False):
+  """Runs the model and returns (outputs, {bn_path: bn_input}).
+
+  The paths are tuples of module names, the same keys that index
+  `variables['batch_stats']`; the dict is in forward (execution) order. In inference mode (train=False) BN normalises with
+  its running statistics, which is how the teacher runs during synthesis.
+  """
+  captured: dict[tuple[str, ...], jax.Array] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+      captured[tuple(context.module.scope.path)] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    if train:
+      out, _ = model.apply(variables, x, train=True, return_features=return_features,
+                           mutable=['batch_stats'])
+    else:
+      out = model.apply(variables, x, train=False, return_features=return_features)
+  return out, captured

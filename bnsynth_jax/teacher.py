@@ -1,0 +1,92 @@
+"""The teacher stage: train a BatchNorm ResNet on the private data (or import one).
+
+Output, WORKDIR/teacher/: variables.msgpack + manifest.json (artifacts.py), orbax
+training checkpoints in checkpoints/, metrics.json with the evaluation history.
+"""
+
+from __future__ import annotations
+
+from absl import logging
+
+from bnsynth_jax import artifacts, fileio, metrics, models, parallel, pipeline, report, train
+from bnsynth_jax.errors import UserError
+from bnsynth_jax.input_pipeline import PartitionedBatches
+
+
+def validate(config) -> None:
+  if not config.teacher.pretrained:
+    parallel.check_batch(config.teacher.batch_size, 'teacher.batch_size')
+  parallel.check_batch(config.teacher.eval_batch_size, 'teacher.eval_batch_size')
+  models.create_model(config.model.name, 2, stem=config.model.stem, dtype=config.model.dtype)
+
+
+def _import_pretrained(config, workdir, data: pipeline.PrivateData) -> dict:
+  """Copies a finished teacher artifact in, after checking it fits the config and data."""
+  source_dir = config.teacher.pretrained
+  model, variables, manifest = artifacts.load_model(source_dir)
+  for key in ('name', 'stem'):
+    if manifest['model'][key] != config.model[key]:
+      raise UserError(f'teacher.pretrained {source_dir} holds model.{key}='
+                      f'{manifest["model"][key]!r} but the config says {config.model[key]!r}: '
+                      f'set --config.model.{key}={manifest["model"][key]}')
+  info = data.info
+  if list(info.class_names) != manifest['class_names'] or list(
+      info.image_shape) != manifest['image_shape']:
+    raise UserError(f'teacher.pretrained {source_dir} was trained on classes '
+                    f'{manifest["class_names"]} at {manifest["image_shape"]}, but the data has '
+                    f'{list(info.class_names)} at {list(info.image_shape)}: use a matching '
+                    'dataset or train a teacher (teacher.pretrained=\'\')')
+  mesh = parallel.make_mesh()
+  result = train.evaluate(model.apply, parallel.replicate(mesh, variables), data.split('test'),
+                          data.split_size('test'), data.num_partitions, manifest['mean'],
+                          manifest['std'], config.teacher.eval_batch_size, mesh)
+  logging.info('pretrained teacher %s: test accuracy %.4f (manifest says %s)', source_dir,
+               result['accuracy'], manifest.get('test_accuracy'))
+  out = pipeline.stage_dir(workdir, 'teacher')
+  extra = {k: manifest[k] for k in ('train_seconds', 'epochs', 'command') if k in manifest}
+  artifacts.save_model(out, model_config=config.model, variables=variables,
+                       class_names=manifest['class_names'], image_shape=manifest['image_shape'],
+                       mean=manifest['mean'], std=manifest['std'],
+                       extra={**extra, 'test_accuracy': result['accuracy'],
+                              'imported_from': str(source_dir)})
+  return {'test_accuracy': result['accuracy'], 'train_seconds': manifest.get('train_seconds'),
+          'pretrained': str(source_dir)}
+
+
+def run(config, workdir, data: pipeline.PrivateData) -> dict:
+  if config.teacher.pretrained:
+    values = _import_pretrained(config, workdir, data)
+  else:
+    out = pipeline.stage_dir(workdir, 'teacher')
+    info = data.info
+    mean, std = data.normalisation()
+    model = models.create_model(config.model.name, info.num_classes, stem=config.model.stem,
+                                dtype=config.model.dtype)
+    batches = PartitionedBatches(data.split('train'), data.num_partitions,
+                                 data.split_size('train'), config.teacher.batch_size,
+                                 seed=config.seed)
+    writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / 'teacher')
+    variables, summary = train.fit(
+        name='teacher', model=model, cfg=config.teacher, batches=batches,
+        image_shape=info.image_shape, num_classes=info.num_classes, mean=mean, std=std,
+        workdir=out, seed=config.seed,
+        test=(data.split('test'), data.split_size('test'), data.num_partitions),
+        writer=writer)
+    writer.close()
+    if parallel.is_main_process():
+      fileio.atomic_write_json(out / 'metrics.json', summary)
+    artifacts.save_model(out, model_config=config.model, variables=variables,
+                         class_names=info.class_names, image_shape=info.image_shape,
+                         mean=mean, std=std,
+                         extra={'test_accuracy': summary['test_accuracy'],
+                                'train_seconds': summary['train_seconds'],
+                                'epochs': summary['epochs'],
+                                'train_examples': data.split_size('train')})
+    values = {'test_accuracy': summary['test_accuracy'],
+              'train_seconds': summary['train_seconds']}
+  report.update(workdir, {'teacher': values})
+  print(f'teacher test accuracy: {values["test_accuracy"]:.4f}', flush=True)
+  return values
+
+
+pipeline.register(pipeline.Stage('teacher', run, validate))

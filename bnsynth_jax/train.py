@@ -1,0 +1,321 @@
+"""One supervised training loop for the teacher and every student.
+
+Small named functions in the style of flax/examples: `create_optimizer`,
+`create_train_state`, `train_step`, `eval_step`, `evaluate`, `fit`. The step is
+one `jax.jit` over the 'data' mesh axis: the batch is sharded, the state
+replicated, and XLA reduces BN batch moments and gradients across devices.
+
+Exact resume: the batch at step t comes from `PartitionedBatches.get(t)` and the
+augmentation key is fold_in(seed, t), so a run restored from its checkpoint at
+step k repeats exactly the steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+
+from bnsynth_jax import checkpointing, fileio, metrics, parallel
+from bnsynth_jax.errors import UserError
+from bnsynth_jax.input_pipeline import Partition, PartitionedBatches, eval_batches
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+# ----------------------------------------------------------------------------
+# Normalisation and augmentation (on device)
+
+
+def normalise(images_u8: jax.Array, mean, std) -> jax.Array:
+  x = images_u8.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def random_crop_flip(rng: jax.Array, x: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
+  """torchvision RandomCrop(padding=p, zero fill) + RandomHorizontalFlip on [0,1] images."""
+  b, h, w, _ = x.shape
+  crop_rng, flip_rng = jax.random.split(rng)
+  if crop_padding:
+    p = crop_padding
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * p + 1)
+    x = jax.vmap(lambda img, o: jax.lax.dynamic_slice(
+        img, (o[0], o[1], 0), (h, w, img.shape[-1])))(padded, offsets)
+  if flip:
+    do_flip = jax.random.bernoulli(flip_rng, 0.5, (b, 1, 1, 1))
+    x = jnp.where(do_flip, x[:, :, ::-1, :], x)
+  return x
+
+
+def mix(rng: jax.Array, x: jax.Array, targets: jax.Array, mixup_alpha: float,
+        cutmix_alpha: float):
+  """Mixup or CutMix (one of them per batch, chosen at random when both are on)."""
+  if not mixup_alpha and not cutmix_alpha:
+    return x, targets
+  choose_rng, lam_rng, perm_rng, box_rng = jax.random.split(rng, 4)
+  perm = jax.random.permutation(perm_rng, x.shape[0])
+  x2, t2 = x[perm], targets[perm]
+
+  def do_mixup(_):
+    lam = jax.random.beta(lam_rng, mixup_alpha, mixup_alpha)
+    return lam * x + (1 - lam) * x2, lam * targets + (1 - lam) * t2
+
+  def do_cutmix(_):
+    _, h, w, _ = x.shape
+    lam = jax.random.beta(lam_rng, cutmix_alpha, cutmix_alpha)
+    cut = jnp.sqrt(1.0 - lam)
+    ch, cw = (cut * h).astype(jnp.int32), (cut * w).astype(jnp.int32)
+    cy = jax.random.randint(box_rng, (), 0, h)
+    cx = jax.random.randint(jax.random.fold_in(box_rng, 1), (), 0, w)
+    y0, y1 = jnp.clip(cy - ch // 2, 0, h), jnp.clip(cy + ch // 2, 0, h)
+    x0, x1 = jnp.clip(cx - cw // 2, 0, w), jnp.clip(cx + cw // 2, 0, w)
+    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1))[None, :, :, None]
+    lam_adj = 1.0 - ((y1 - y0) * (x1 - x0)) / (h * w)
+    return jnp.where(box, x2, x), lam_adj * targets + (1 - lam_adj) * t2
+
+  if mixup_alpha and cutmix_alpha:
+    use_cutmix = jax.random.bernoulli(choose_rng, 0.5)
+    return jax.lax.cond(use_cutmix, do_cutmix, do_mixup, None)
+  return do_mixup(None) if mixup_alpha else do_cutmix(None)
+
+
+# ----------------------------------------------------------------------------
+# State and optimiser
+
+
+def create_learning_rate(cfg, steps_per_epoch: int, num_steps: int):
+  warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+  if cfg.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, warmup_steps=max(warmup, 0),
+        decay_steps=max(num_steps, warmup + 1), end_value=0.0)
+  if cfg.schedule == 'constant':
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
+         optax.constant_schedule(cfg.learning_rate)], [max(warmup, 1)])
+  raise UserError(f"unknown schedule {cfg.schedule!r}: use 'cosine' or 'constant'")
+
+
+def create_optimizer(cfg, lr: optax.Schedule) -> optax.GradientTransformation:
+  # Decay kernels only (not BN scale/bias or biases), as is standard for ResNets.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  if cfg.optimizer == 'sgd':
+    return optax.chain(
+        optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+        optax.sgd(lr, momentum=cfg.momentum, nesterov=cfg.nesterov))
+  if cfg.optimizer == 'adamw':
+    return optax.adamw(lr, weight_decay=cfg.weight_decay, mask=decay_mask)
+  if cfg.optimizer == 'adam':
+    return optax.adam(lr)
+  raise UserError(f"unknown optimizer {cfg.optimizer!r}: use 'sgd', 'adam' or 'adamw'")
+
+
+def create_train_state(rng: jax.Array, model: nn.Module, image_shape: Sequence[int],
+                       tx: optax.GradientTransformation, mesh) -> TrainState:
+  from bnsynth_jax.models import init_variables
+  variables = init_variables(model, rng, image_shape)
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
+                            batch_stats=variables['batch_stats'], tx=tx)
+  return parallel.replicate(mesh, state)
+
+
+# ----------------------------------------------------------------------------
+# Steps
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+
+
+def batch_targets(batch: Mapping[str, jax.Array], num_classes: int, label_smoothing: float,
+                  use_soft_labels: bool) -> jax.Array:
+  if use_soft_labels:
+    return batch['soft_labels'].astype(jnp.float32)
+  one_hot = jax.nn.one_hot(batch['labels'], num_classes)
+  return optax.smooth_labels(one_hot, label_smoothing) if label_smoothing else one_hot
+
+
+def train_step(state: TrainState, batch, rng, *, cfg, mean, std, num_classes: int,
+               use_soft_labels: bool = False):
+  aug_rng, mix_rng = jax.random.split(rng)
+  x = batch['images'].astype(jnp.float32) / 255.0
+  x = random_crop_flip(aug_rng, x, cfg.crop_padding, cfg.flip)
+  targets = batch_targets(batch, num_classes, cfg.label_smoothing, use_soft_labels)
+  x, targets = mix(mix_rng, x, targets, cfg.mixup_alpha, cfg.cutmix_alpha)
+  x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                     x, train=True, mutable=['batch_stats'])
+    loss = jnp.mean(cross_entropy(logits, targets))
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['labels'])
+  return state, {'loss': loss, 'accuracy': accuracy}
+
+
+def eval_step(variables, batch, *, apply_fn, mean, std):
+  logits = apply_fn(variables, normalise(batch['images'], mean, std), train=False)
+  labels, mask = batch['labels'], batch['mask']
+  loss = cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
+  correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+  return {'correct': jnp.sum(correct * mask), 'loss': jnp.sum(loss * mask),
+          'count': jnp.sum(mask)}
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_eval(apply_fn, mean: tuple, std: tuple, mesh):
+  return jax.jit(functools.partial(eval_step, apply_fn=apply_fn, mean=mean, std=std),
+                 in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+                 out_shardings=parallel.replicated(mesh))
+
+
+def evaluate(apply_fn, variables, partitions: Sequence[Partition], split_size: int,
+             num_partitions: int, mean, std, batch_size: int, mesh=None) -> dict[str, float]:
+  """Accuracy and mean loss over a whole split held as process-local partitions."""
+  mesh = mesh or parallel.make_mesh()
+  parallel.check_batch(batch_size, 'eval batch size', mesh)
+  step = _jitted_eval(apply_fn, tuple(map(float, mean)), tuple(map(float, std)), mesh)
+  totals = None
+  for batch in eval_batches(partitions, split_size, num_partitions, jax.process_count(),
+                            batch_size):
+    out = step(variables, parallel.to_global(mesh, batch))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.tree.map(float, parallel.to_host(totals))
+  return {'accuracy': totals['correct'] / totals['count'],
+          'loss': totals['loss'] / totals['count'], 'count': totals['count']}
+
+
+# ----------------------------------------------------------------------------
+# The loop
+
+
+def num_train_steps(cfg, steps_per_epoch: int) -> int:
+  return int(cfg.num_steps) if cfg.get('num_steps', 0) else int(
+      round(cfg.epochs * steps_per_epoch))
+
+
+def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
+        image_shape: Sequence[int], num_classes: int, mean, std, workdir, seed: int,
+        test: tuple[Sequence[Partition], int, int] | None = None,
+        writer: metrics.Writer | None = None, use_soft_labels: bool = False,
+        on_step: Callable[[int], None] | None = None) -> tuple[dict, dict[str, Any]]:
+  """Trains `model` from scratch (or resumes) and returns (variables, summary).
+
+  Args:
+    workdir: the stage folder; checkpoints go to workdir/checkpoints.
+    test: (partitions, split size, num_partitions) of the evaluation split.
+    on_step: called with the step number after each step (tests use it to
+      simulate a kill).
+  """
+  mesh = parallel.make_mesh()
+  global_batch = cfg.batch_size
+  parallel.check_batch(global_batch, f'{name}.batch_size', mesh)
+  steps_per_epoch = batches.steps_per_epoch
+  total_steps = num_train_steps(cfg, steps_per_epoch)
+  lr_schedule = create_learning_rate(cfg, steps_per_epoch, total_steps)
+  tx = create_optimizer(cfg, lr_schedule)
+  key = jax.random.key(seed)
+  init_key, step_key = jax.random.split(key)
+  state = create_train_state(init_key, model, image_shape, tx, mesh)
+  ckpt_dir = fileio.path(workdir) / 'checkpoints'
+  state, start_step = checkpointing.restore_or_init(ckpt_dir, state)
+  progress_file = fileio.path(workdir) / 'progress.json'
+  elapsed_before = 0.0
+  if start_step and progress_file.exists():
+    elapsed_before = float(fileio.read_json(progress_file).get('train_seconds', 0.0))
+  if start_step:
+    logging.info('%s: resuming from step %d of %d', name, start_step, total_steps)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, cfg=cfg, mean=tuple(map(float, mean)),
+                        std=tuple(map(float, std)), num_classes=num_classes,
+                        use_soft_labels=use_soft_labels),
+      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
+                    parallel.replicated(mesh)),
+      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+      donate_argnums=0)
+
+  eval_every = max(1, int(round(cfg.eval_every_epochs * steps_per_epoch))) \
+      if cfg.eval_every_epochs else 0
+  progress = metrics.Progress(name, total_steps, start_step, global_batch, 'img')
+  history: list[dict[str, float]] = []
+  pending: list[dict[str, jax.Array]] = []
+  t_run = time.perf_counter()
+
+  def run_eval(step):
+    if test is None:
+      return None
+    parts, size, nparts = test
+    result = evaluate(model.apply, {'params': state.params, 'batch_stats': state.batch_stats},
+                      parts, size, nparts, mean, std, cfg.eval_batch_size, mesh)
+    entry = {'step': step, 'epoch': step / steps_per_epoch,
+             'test_accuracy': result['accuracy'], 'test_loss': result['loss']}
+    history.append(entry)
+    if writer:
+      writer.write_scalars(step, {'test_accuracy': result['accuracy'],
+                                  'test_loss': result['loss']})
+    logging.info('%s: step %d (epoch %.1f) test accuracy %.4f', name, step,
+                 entry['epoch'], result['accuracy'])
+    return result
+
+  def train_seconds():
+    return elapsed_before + time.perf_counter() - t_run
+
+  for step in range(start_step, total_steps):
+    batch = parallel.to_global(mesh, batches.get(step))
+    state, step_metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
+    pending.append(step_metrics)
+    done = step + 1
+    if step == start_step:
+      jax.block_until_ready(step_metrics)
+      progress.first_step_done(done)
+    if done % cfg.log_every_steps == 0 or done == total_steps:
+      means = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+      pending.clear()
+      lr = float(lr_schedule(step))
+      if writer:
+        writer.write_scalars(done, {**{f'train_{k}': v for k, v in means.items()},
+                                    'learning_rate': lr}, log=False)
+      logging.info(progress.line(done, f"loss {means['loss']:.4f}, "
+                                       f"accuracy {means['accuracy']:.4f}, lr {lr:.4g}"))
+      if not np.isfinite(means['loss']):
+        raise UserError(f'{name}: the training loss became {means["loss"]} at step {done}: '
+                        f'lower --config.{name}.learning_rate')
+    if eval_every and done % eval_every == 0 and done != total_steps:
+      run_eval(done)
+    if done % cfg.checkpoint_every_steps == 0 or done == total_steps:
+      checkpointing.save(ckpt_dir, done, state)
+      if parallel.is_main_process():
+        fileio.atomic_write_json(progress_file, {'step': done, 'train_seconds': train_seconds()})
+    if on_step is not None:
+      on_step(done)
+
+  checkpointing.wait()
+  seconds = train_seconds()
+  final = run_eval(total_steps) if test is not None else None
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  summary = {'train_seconds': seconds, 'steps': total_steps, 'steps_per_epoch': steps_per_epoch,
+             'epochs': total_steps / steps_per_epoch, 'batch_size': global_batch,
+             'history': history}
+  if final is not None:
+    summary['test_accuracy'] = final['accuracy']
+    summary['test_loss'] = final['loss']
+  if writer:
+    writer.flush()
+  return variables, summary
+

@@ -1,0 +1,60 @@
+"""Every test runs with 8 simulated CPU devices (set before JAX starts)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CIFAR_ROOT = pathlib.Path(os.environ.get('BNSYNTH_CIFAR10', '~/.cache/bnsynth/cifar10')).expanduser()
+
+
+def pytest_configure(config):
+  assert jax.device_count() == 8, f'expected 8 simulated devices, got {jax.devices()}'
+
+
+def run_main(*args, env=None, timeout=600):
+  """Runs `python -m bnsynth_jax.main ARGS` in a subprocess; returns CompletedProcess."""
+  full_env = dict(os.environ, **(env or {}))
+  full_env['PYTHONPATH'] = str(REPO) + os.pathsep + full_env.get('PYTHONPATH', '')
+  return subprocess.run([sys.executable, '-m', 'bnsynth_jax.main', *args], cwd=REPO,
+                        env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_image_folder(root: pathlib.Path, classes=('cat', 'dog', 'fish'), per_class=6,
+                       splits=('train', 'test'), size=12, seed=0, modes=('RGB',)):
+  """Writes ROOT/<split>/<class>/i.png with random images; returns root."""
+  from PIL import Image
+  rng = np.random.RandomState(seed)
+  for split in splits:
+    for c, name in enumerate(classes):
+      d = root / split / name
+      d.mkdir(parents=True, exist_ok=True)
+      for i in range(per_class):
+        mode = modes[i % len(modes)]
+        arr = rng.randint(0, 256, (size, size, 3), dtype=np.uint8)
+        arr[..., c % 3] = 255 - 20 * c            # class-dependent colour
+        Image.fromarray(arr, 'RGB').convert(mode).save(d / f'{i}.png')
+  return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+  return write_image_folder(tmp_path / 'images')
+
+
+@pytest.fixture(scope='session')
+def cifar_root():
+  if not (CIFAR_ROOT / 'train').is_dir():
+    pytest.skip(f'CIFAR-10 image folder not found at {CIFAR_ROOT} (unpack '
+                '../shared/data/cifar10/cifar10-jpeg.tar.gz there or set BNSYNTH_CIFAR10)')
+  return CIFAR_ROOT

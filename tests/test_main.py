@@ -1,0 +1,117 @@
+"""The command line: the digits teacher end to end, and every bad input -> one line, exit 2."""
+
+import json
+import os
+
+import pytest
+
+from conftest import REPO, run_main, write_image_folder
+
+
+def block_tensorflow(tmp_path):
+  """A PYTHONPATH entry under which `import tensorflow` fails."""
+  fake = tmp_path / 'no_tf'
+  for name in ('tensorflow', 'tensorflow_datasets'):
+    (fake / name).mkdir(parents=True, exist_ok=True)
+    (fake / name / '__init__.py').write_text(
+        f"raise ImportError('{name} is blocked in this test')\n")
+  return {'PYTHONPATH': f'{fake}{os.pathsep}{REPO}'}
+
+
+def test_digits_teacher_end_to_end_without_tensorflow(tmp_path):
+  workdir = tmp_path / 'w'
+  result = run_main('--config=configs/digits.py', f'--workdir={workdir}', '--stages=teacher',
+                    env=block_tensorflow(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((workdir / 'report.json').read_text())
+  assert report['teacher']['test_accuracy'] >= 0.985
+  assert report['teacher']['train_seconds'] > 0
+  assert (workdir / 'teacher' / 'manifest.json').exists()
+  assert 'teacher test accuracy' in result.stdout
+  # A second run finds the stage done and skips it.
+  again = run_main('--config=configs/digits.py', f'--workdir={workdir}', '--stages=teacher',
+                   env=block_tensorflow(tmp_path))
+  assert again.returncode == 0 and 'done already' in again.stderr
+
+
+def assert_user_error(result, *needles):
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  for needle in needles:
+    assert needle in errors[0], errors[0]
+  return errors[0]
+
+
+def folder_args(root, workdir):
+  return ('--config=configs/imagefolder.py', f'--config.data.root={root}',
+          '--config.data.image_size=12', f'--workdir={workdir}', '--stages=teacher',
+          '--config.teacher.num_steps=1', '--config.teacher.batch_size=8',
+          '--config.teacher.eval_batch_size=8')
+
+
+def outside_files(tmp_path, workdir):
+  """Files under tmp_path that are neither the inputs nor inside the workdir."""
+  return sorted(str(p) for p in tmp_path.rglob('*') if p.is_file()
+                and workdir not in p.parents and 'images' not in p.parts)
+
+
+@pytest.mark.parametrize('case', ['missing', 'empty', 'no_split', 'empty_class', 'corrupt'])
+def test_bad_image_folder(tmp_path, case):
+  root = tmp_path / 'images'
+  needles = {'missing': ['does not exist'], 'empty': ['is empty'],
+             'no_split': ["no 'train' split"], 'empty_class': ['has no images', 'fish'],
+             'corrupt': ['cannot decode image', '3.png']}[case]
+  if case == 'empty':
+    root.mkdir()
+  elif case == 'no_split':
+    (root / 'training' / 'a').mkdir(parents=True)
+  elif case in ('empty_class', 'corrupt'):
+    write_image_folder(root)
+    if case == 'empty_class':
+      (root / 'train' / 'fish').mkdir(exist_ok=True)
+      for f in (root / 'train' / 'fish').iterdir():
+        f.unlink()
+    else:
+      (root / 'train' / 'dog' / '3.png').write_bytes(b'this is not a PNG')
+  workdir = tmp_path / 'w'
+  assert_user_error(run_main(*folder_args(root, workdir)), *needles)
+  assert outside_files(tmp_path, workdir) == []
+
+
+def test_unknown_config_key(tmp_path):
+  assert_user_error(run_main('--config=configs/digits.py', f'--workdir={tmp_path / "w"}',
+                             '--config.teacher.learnin_rate=0.1'), 'learnin_rate')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  # conftest gives this process and its children 8 simulated devices.
+  assert_user_error(run_main('--config=configs/digits.py', f'--workdir={tmp_path / "w"}',
+                             '--config.teacher.batch_size=60'), 'not divisible', '8 devices')
+  assert not (tmp_path / 'w').exists()
+
+
+def test_workdir_with_a_different_config(tmp_path):
+  workdir = tmp_path / 'w'
+  base = ('--config=configs/digits.py', f'--workdir={workdir}', '--stages=teacher',
+          '--config.teacher.num_steps=2')
+  assert run_main(*base).returncode == 0
+  before = (workdir / 'teacher' / 'variables.msgpack').read_bytes()
+  assert_user_error(run_main(*base, '--config.teacher.learning_rate=0.05'),
+                    'teacher.learning_rate', '--overwrite')
+  assert (workdir / 'teacher' / 'variables.msgpack').read_bytes() == before
+  ok = run_main(*base, '--config.teacher.learning_rate=0.05', '--overwrite')
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert (workdir / 'teacher' / 'variables.msgpack').read_bytes() != before
+  # Keys that do not change results (logging cadence) may differ.
+  assert run_main(*base, '--config.teacher.learning_rate=0.05',
+                  '--config.teacher.log_every_steps=7').returncode == 0
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('a file, not a folder')
+  assert_user_error(run_main('--config=configs/digits.py', f'--workdir={blocker}/w'),
+                    'not writable')
