@@ -62,12 +62,53 @@ def default_config() -> ml_collections.ConfigDict:
   c.teacher = train_config()
   c.teacher.pretrained = ''     # a folder written by the teacher stage: import, do not train
 
+  # --- statistics (the last stage that reads private images for synthesis)
+  c.stats = ml_collections.ConfigDict()
+  c.stats.kind = 'classwise'    # classwise | global
+  c.stats.batch_size = 500
+
+  # --- synthesis (reads only the teacher and statistics artifacts)
+  s = c.synthesis = ml_collections.ConfigDict()
+  s.images_per_class = 10
+  s.batch_size = 100            # global; a multiple of the class count keeps batches balanced
+  s.iterations = 500            # per batch, at full resolution
+  s.multires_iterations = 0     # extra iterations first, the teacher seeing 2x-downsampled images
+  s.optimizer = 'adam'          # adam | sgd | lion
+  s.learning_rate = 0.1
+  s.b1 = 0.5
+  s.b2 = 0.99
+  s.schedule = 'cosine'         # cosine | constant
+  s.bn_weight = 10.0            # a_bn
+  s.first_bn_multiplier = 10.0  # w_1 (the first BN layer); other layers 1
+  s.bn_norm = 'l2'              # l2 (DeepInversion, SRe2L) | squared_l2 (ZeroQ)
+  s.ce_weight = 1.0             # a_ce
+  s.tv_l2_weight = 2.5e-5       # a_tv (L2 form)
+  s.tv_l1_weight = 0.0
+  s.l2_weight = 0.0             # a_l2
+  s.adi_weight = 0.0            # adaptive competition (needs adi_student)
+  s.adi_student = ''            # a model folder (teacher/student artifact format)
+  s.adi_temperature = 3.0
+  s.augment = 'jitter_flip'     # jitter_flip | random_resized_crop | none
+  s.jitter = 2                  # pixels
+  s.flip = True
+  s.rrc_min_scale = 0.5         # random_resized_crop: smallest crop area fraction
+  s.keep_best = True            # keep the lowest-loss iterate of each batch
+  s.stats_scope = 'global'      # global (exact over the global batch) | per_device
+  s.dtype = 'float32'           # teacher forward/backward dtype (images, moments float32)
+  s.soft_label_temperature = 1.0   # teacher soft labels stored with the dataset
+  s.log_every_iterations = 50
+  s.checkpoint_every_iterations = 100   # mid-batch checkpoints (0 = only whole batches)
+  s.teacher_dir = ''            # '' = WORKDIR/teacher; a third party points at the files it got
+  s.stats_dir = ''              # '' = WORKDIR/stats
+
   return c
 
 
 # Keys that do not change what a stage produces; a workdir may be resumed with
 # other values of these.
 VOLATILE_KEYS = frozenset({
-    'data.root', 'data.data_dir', 'data.decode_threads',
+    'data.root', 'data.data_dir', 'data.decode_threads', 'stats.batch_size',
+    'synthesis.teacher_dir', 'synthesis.stats_dir',
     'log_every_steps', 'checkpoint_every_steps', 'eval_batch_size', 'eval_every_epochs',
+    'log_every_iterations', 'checkpoint_every_iterations',
 })

@@ -7,10 +7,12 @@ may be local or remote (gs://...) through etils.epath.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import uuid
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -64,13 +66,32 @@ def read_json(source) -> Any:
   return json.loads(path(source).read_text())
 
 
-def atomic_write_npz(target, **arrays: np.ndarray) -> None:
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+  """An .npz that np.load reads, byte-for-byte reproducible (np.savez stamps the time)."""
   buf = io.BytesIO()
-  np.savez(buf, **arrays)
-  atomic_write_bytes(target, buf.getvalue())
+  with zipfile.ZipFile(buf, 'w', compression=zipfile.ZIP_STORED) as zf:
+    for name in sorted(arrays):
+      info = zipfile.ZipInfo(f'{name}.npy', date_time=(1980, 1, 1, 0, 0, 0))
+      info.external_attr = 0o644 << 16
+      member = io.BytesIO()
+      arr = np.asarray(arrays[name])   # (ascontiguousarray would make 0-d arrays 1-d)
+      np.lib.format.write_array(member, arr if arr.flags.c_contiguous else arr.copy(),
+                                allow_pickle=False)
+      zf.writestr(info, member.getvalue())
+  return buf.getvalue()
+
+
+def atomic_write_npz(target, **arrays: np.ndarray) -> str:
+  """Writes a reproducible .npz atomically; returns its sha256."""
+  data = npz_bytes(**arrays)
+  atomic_write_bytes(target, data)
+  return hashlib.sha256(data).hexdigest()
+
+
+def read_npz_bytes(data: bytes) -> dict[str, np.ndarray]:
+  with np.load(io.BytesIO(data), allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
 
 
 def read_npz(source) -> dict[str, np.ndarray]:
-  with path(source).open('rb') as f:
-    with np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
+  return read_npz_bytes(path(source).read_bytes())

@@ -86,6 +86,13 @@ def check_batch(global_batch: int, what: str, mesh: Mesh | None = None) -> None:
         f'of {n}')
 
 
+def round_up_batch(batch: int, mesh: Mesh | None = None) -> int:
+  """For batches that are padded and masked (evaluation, statistics): the next multiple
+  of the device count, so any configured size works on any number of devices."""
+  n = (mesh or make_mesh()).devices.size
+  return -(-batch // n) * n
+
+
 def to_global(mesh: Mesh, local: Any) -> Any:
   """Process-local numpy arrays (leading batch axis) -> global arrays sharded on 'data'."""
   sharding = data_sharding(mesh)

@@ -16,7 +16,6 @@ from bnsynth_jax.input_pipeline import PartitionedBatches
 def validate(config) -> None:
   if not config.teacher.pretrained:
     parallel.check_batch(config.teacher.batch_size, 'teacher.batch_size')
-  parallel.check_batch(config.teacher.eval_batch_size, 'teacher.eval_batch_size')
   models.create_model(config.model.name, 2, stem=config.model.stem, dtype=config.model.dtype)
 
 

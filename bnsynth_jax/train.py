@@ -188,7 +188,7 @@ def evaluate(apply_fn, variables, partitions: Sequence[Partition], split_size: i
              num_partitions: int, mean, std, batch_size: int, mesh=None) -> dict[str, float]:
   """Accuracy and mean loss over a whole split held as process-local partitions."""
   mesh = mesh or parallel.make_mesh()
-  parallel.check_batch(batch_size, 'eval batch size', mesh)
+  batch_size = parallel.round_up_batch(batch_size, mesh)
   step = _jitted_eval(apply_fn, tuple(map(float, mean)), tuple(map(float, std)), mesh)
   totals = None
   for batch in eval_batches(partitions, split_size, num_partitions, jax.process_count(),

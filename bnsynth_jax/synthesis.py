@@ -1,0 +1,616 @@
+"""Synthesis: optimise images from noise until the teacher's BN statistics match.
+
+Objective for a batch x (normalised input space) with target labels y:
+
+  x~   = augment(x)          random shift (roll) + flip, or random resized crop
+  L_bn = sum_l w_l (||mu_l(x~) - m_l|| + ||s2_l(x~) - v_l||)
+         global: moments over the whole (global) batch; classwise: per class c over
+         the images of class c in the batch, against m_lc, v_lc, averaged over the
+         classes present. w_1 = first_bn_multiplier, other w_l = 1.
+  L    = a_bn L_bn + a_ce CE(teacher(x~), y) + a_tv2 TV_l2(x) + a_tv1 TV_l1(x)
+         + a_l2 ||x|| [+ a_adi (1 - JS(student, teacher))]
+
+The BN inputs are captured inside the teacher's own Flax forward pass
+(`models.capture_bn_inputs`): the model code that trained the teacher is the code
+that synthesises. The teacher runs in inference mode.
+
+One `jax.jit` step over the 'data' mesh axis: images, labels and optimiser state
+are sharded, the teacher and the targets replicated. With stats_scope=global the
+moments reduce over the global batch (XLA all-reduces the sums: the same numbers
+as one device). With stats_scope=per_device each device matches on its own
+slice inside `jax.shard_map` (what the single-GPU PyTorch peers do; cheaper on
+pods).
+
+Dataset-scale generation: N = images_per_class x classes images in batches of B,
+K iterations each. Batch i uses the key fold_in(seed, i) and the labels
+(arange(N) % C)[iB:(i+1)B], so the output does not depend on device or process
+count, and a resumed run repeats nothing: finished batches are shards on disk,
+the batch in flight resumes from its last orbax checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from bnsynth_jax import (artifacts, checkpointing, fileio, metrics, models, parallel, pipeline,
+                         report, stats as stats_lib, synthetic_data)
+from bnsynth_jax.errors import UserError
+
+AUGMENTS = ('jitter_flip', 'random_resized_crop', 'none')
+SCOPES = ('global', 'per_device')
+NORMS = ('l2', 'squared_l2')
+
+
+@flax.struct.dataclass
+class SynthState:
+  x: jax.Array             # [B, H, W, C] images in normalised space, float32
+  opt_state: Any
+  best_x: jax.Array
+  best_loss: jax.Array     # scalar
+  iteration: jax.Array     # int32 scalar
+
+
+# ----------------------------------------------------------------------------
+# Losses
+
+
+def total_variation(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(L2, L1) total variation over the four neighbour directions (DeepInversion's form)."""
+  diffs = (x[:, :, :-1, :] - x[:, :, 1:, :], x[:, :-1, :, :] - x[:, 1:, :, :],
+           x[:, 1:, :-1, :] - x[:, :-1, 1:, :], x[:, :-1, :-1, :] - x[:, 1:, 1:, :])
+  l2 = sum(jnp.sqrt(jnp.sum(jnp.square(d))) for d in diffs)
+  l1 = sum(jnp.mean(jnp.abs(d)) for d in diffs)
+  return l2, l1
+
+
+def _distance(a: jax.Array, b: jax.Array, norm: str) -> jax.Array:
+  sq = jnp.sum(jnp.square(a - b), axis=-1)
+  return jnp.sqrt(sq + 1e-12) if norm == 'l2' else sq
+
+
+def bn_matching_loss(captured: Mapping[tuple[str, ...], jax.Array], targets, layer_weights,
+                     labels: jax.Array | None, num_classes: int, norm: str = 'l2'):
+  """Sum over layers of w_l (||mu - m|| + ||s2 - v||); class-wise when labels is given.
+
+  Args:
+    captured: {layer path: BN input [N, H, W, ch]}.
+    targets: {'mean': {name: [ch] or [C, ch]}, 'var': {...}} (name = '/'.join(path)).
+    layer_weights: {name: weight}.
+    labels: None for global matching; int labels [N] for class-wise matching.
+  Returns:
+    (loss, {name: per-layer loss}).
+  """
+  total, per_layer = 0.0, {}
+  for path, a in captured.items():
+    name = '/'.join(path)
+    a = a.astype(jnp.promote_types(a.dtype, jnp.float32))   # bf16 -> f32; f64 stays
+    m, v = targets['mean'][name], targets['var'][name]
+    if labels is None:
+      mu = jnp.mean(a, axis=(0, 1, 2))
+      s2 = jnp.mean(jnp.square(a - mu), axis=(0, 1, 2))          # two-pass, biased
+      layer = _distance(mu, m, norm) + _distance(s2, v, norm)
+    else:
+      w = jax.nn.one_hot(labels, num_classes, dtype=a.dtype)       # [N, C]
+      hw = a.shape[1] * a.shape[2]
+      n = jnp.sum(w, axis=0) * hw                                   # [C]
+      safe_n = jnp.maximum(n, 1.0)[:, None]
+      mu = jnp.einsum('nc,nk->ck', w, jnp.sum(a, axis=(1, 2))) / safe_n
+      centred = a - mu[labels][:, None, None, :]
+      s2 = jnp.einsum('nc,nk->ck', w, jnp.sum(jnp.square(centred), axis=(1, 2))) / safe_n
+      present = (n > 0).astype(a.dtype)
+      per_class = _distance(mu, m, norm) + _distance(s2, v, norm)    # [C]
+      layer = jnp.sum(per_class * present) / jnp.maximum(jnp.sum(present), 1.0)
+    per_layer[name] = layer
+    total = total + layer_weights[name] * layer
+  return total, per_layer
+
+
+def js_competition(teacher_logits, student_logits, temperature: float) -> jax.Array:
+  """DeepInversion's adaptive term: 1 - clip(JS(student, teacher), 0, 1), softened by T."""
+  p = jnp.clip(jax.nn.softmax(student_logits / temperature), 1e-3, 1.0)
+  q = jnp.clip(jax.nn.softmax(teacher_logits / temperature), 1e-3, 1.0)
+  m = 0.5 * (p + q)
+  kl_m = lambda a: jnp.mean(jnp.sum(m * (jnp.log(m) - jnp.log(a)), axis=-1))
+  js = 0.5 * kl_m(p) + 0.5 * kl_m(q)
+  return 1.0 - jnp.clip(js, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Augmentation (inside the step, a fresh key each iteration)
+
+
+def jitter_flip(rng, x, jitter: int, flip: bool):
+  """Per-image random roll by up to `jitter` pixels and random horizontal flip."""
+  b = x.shape[0]
+  k1, k2 = jax.random.split(rng)
+  if jitter:
+    shifts = jax.random.randint(k1, (b, 2), -jitter, jitter + 1)
+    x = jax.vmap(lambda img, s: jnp.roll(img, (s[0], s[1]), axis=(0, 1)))(x, shifts)
+  if flip:
+    x = jnp.where(jax.random.bernoulli(k2, 0.5, (b, 1, 1, 1)), x[:, :, ::-1, :], x)
+  return x
+
+
+def random_resized_crop(rng, x, min_scale: float, flip: bool):
+  """Per-image crop of area in [min_scale, 1] and aspect in [3/4, 4/3], resized back."""
+  b, h, w, c = x.shape
+  k_area, k_ratio, k_y, k_x, k_flip = jax.random.split(rng, 5)
+  area = jax.random.uniform(k_area, (b,), minval=min_scale, maxval=1.0)
+  ratio = jnp.exp(jax.random.uniform(k_ratio, (b,), minval=jnp.log(3 / 4), maxval=jnp.log(4 / 3)))
+  ch = jnp.clip(jnp.sqrt(area / ratio) * h, 1.0, h)
+  cw = jnp.clip(jnp.sqrt(area * ratio) * w, 1.0, w)
+  y0 = jax.random.uniform(k_y, (b,)) * (h - ch)
+  x0 = jax.random.uniform(k_x, (b,)) * (w - cw)
+  scale = jnp.stack([h / ch, w / cw], -1)
+  translation = -jnp.stack([y0, x0], -1) * scale
+  out = jax.vmap(lambda img, s, t: jax.image.scale_and_translate(
+      img, (h, w, c), (0, 1), s, t, method='linear', antialias=True))(x, scale, translation)
+  if flip:
+    out = jnp.where(jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1)), out[:, :, ::-1, :], out)
+  return out
+
+
+def augment(rng, x, cfg):
+  if cfg.augment == 'jitter_flip':
+    return jitter_flip(rng, x, cfg.jitter, cfg.flip)
+  if cfg.augment == 'random_resized_crop':
+    return random_resized_crop(rng, x, cfg.rrc_min_scale, cfg.flip)
+  return x
+
+
+def downsample2(x):
+  return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID') / 4.0
+
+
+# ----------------------------------------------------------------------------
+# The step
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """What stays fixed during a synthesis run (closed over by the jitted functions)."""
+  model: Any                 # the teacher in the synthesis dtype
+  eval_model: Any            # the teacher in float32 (final measurements, soft labels)
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  classwise: bool
+  layer_weights: dict[str, float]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  student: Any = None        # adaptive competition: a student model, or None
+
+  @property
+  def bounds(self):
+    mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+    return (0.0 - mean) / std, (1.0 - mean) / std
+
+
+def make_loss_fn(problem: Problem, cfg, lowres: bool = False) -> Callable:
+  """loss_fn(x, labels, rng, teacher_vars, targets, student_vars) -> (loss, terms)."""
+
+  def loss_fn(x, labels, rng, teacher_vars, targets, student_vars):
+    x_aug = augment(rng, x, cfg)
+    if lowres:
+      x_aug = downsample2(x_aug)
+    logits, captured = models.capture_bn_inputs(problem.model, teacher_vars, x_aug)
+    logits = logits.astype(jnp.float32)
+    bn, _ = bn_matching_loss(captured, targets, problem.layer_weights,
+                             labels if problem.classwise else None, problem.num_classes,
+                             cfg.bn_norm)
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+    tv_l2, tv_l1 = total_variation(x)
+    l2 = jnp.mean(jnp.sqrt(jnp.sum(jnp.square(x), axis=(1, 2, 3))))
+    loss = (cfg.bn_weight * bn + cfg.ce_weight * ce + cfg.tv_l2_weight * tv_l2 +
+            cfg.tv_l1_weight * tv_l1 + cfg.l2_weight * l2)
+    terms = {'bn': bn, 'ce': ce, 'tv_l2': tv_l2, 'tv_l1': tv_l1, 'l2': l2}
+    if problem.student is not None:
+      student_logits = problem.student.apply(student_vars, x_aug, train=False)
+      adi = js_competition(logits, student_logits.astype(jnp.float32), cfg.adi_temperature)
+      loss = loss + cfg.adi_weight * adi
+      terms['adi'] = adi
+    terms['loss'] = loss
+    return loss, terms
+
+  return loss_fn
+
+
+def create_optimizer(cfg, total_iterations: int) -> optax.GradientTransformation:
+  if cfg.schedule == 'cosine':
+    lr = optax.cosine_decay_schedule(cfg.learning_rate, max(total_iterations, 1))
+  elif cfg.schedule == 'constant':
+    lr = cfg.learning_rate
+  else:
+    raise UserError(f"unknown synthesis.schedule {cfg.schedule!r}: use 'cosine' or 'constant'")
+  if cfg.optimizer == 'adam':
+    return optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
+  if cfg.optimizer == 'sgd':
+    return optax.sgd(lr, momentum=cfg.b1)
+  if cfg.optimizer == 'lion':
+    return optax.lion(lr, b1=cfg.b1, b2=cfg.b2)
+  raise UserError(f"unknown synthesis.optimizer {cfg.optimizer!r}: use adam, sgd or lion")
+
+
+def state_shardings(state, mesh, batch_shape):
+  """Leaves shaped like the image batch are sharded on 'data'; the rest replicated."""
+  data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
+  return jax.tree.map(lambda leaf: data if tuple(leaf.shape) == tuple(batch_shape) else repl,
+                      state)
+
+
+def make_init(problem: Problem, tx, mesh, batch_size: int):
+  shape = (batch_size, *problem.image_shape)
+  lo, hi = problem.bounds
+
+  def init(noise_key):
+    x = jnp.clip(jax.random.normal(noise_key, shape, jnp.float32), lo, hi)
+    return SynthState(x=x, opt_state=tx.init(x), best_x=x,
+                      best_loss=jnp.asarray(jnp.inf, jnp.float32),
+                      iteration=jnp.asarray(0, jnp.int32))
+
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  shardings = state_shardings(abstract, mesh, shape)
+  return jax.jit(init, out_shardings=shardings), shardings
+
+
+def make_step(problem: Problem, cfg, tx, mesh, state_sharding, lowres: bool = False):
+  """The jitted synthesis step: (state, labels, key, teacher, targets, student) -> (state, terms)."""
+  value_and_grad = jax.value_and_grad(make_loss_fn(problem, cfg, lowres), has_aux=True)
+  grad_fn = value_and_grad
+  if cfg.stats_scope == 'per_device':
+    axis = parallel.DATA_AXIS
+
+    num_devices = mesh.devices.size
+
+    def local_grad(x, labels, rng, teacher_vars, targets, student_vars):
+      if num_devices > 1:   # each device its own augmentation; one device = global scope
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
+      (loss, terms), grad = value_and_grad(x, labels, rng, teacher_vars, targets, student_vars)
+      return (jax.lax.pmean(loss, axis), jax.lax.pmean(terms, axis)), grad
+
+    grad_fn = jax.shard_map(local_grad, mesh=mesh,
+                            in_specs=(P(axis), P(axis), P(), P(), P(), P()),
+                            out_specs=((P(), P()), P(axis)))
+  lo, hi = problem.bounds
+
+  def step(state: SynthState, labels, iter_key, teacher_vars, targets, student_vars):
+    rng = jax.random.fold_in(iter_key, state.iteration)
+    (loss, terms), grad = grad_fn(state.x, labels, rng, teacher_vars, targets, student_vars)
+    updates, opt_state = tx.update(grad, state.opt_state, state.x)
+    x = jnp.clip(optax.apply_updates(state.x, updates), lo, hi)
+    better = loss < state.best_loss      # the loss was measured at state.x
+    return SynthState(x=x, opt_state=opt_state,
+                      best_x=jnp.where(better, state.x, state.best_x),
+                      best_loss=jnp.where(better, loss, state.best_loss),
+                      iteration=state.iteration + 1), terms
+
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(step, in_shardings=(state_sharding, data, repl, repl, repl, repl),
+                 out_shardings=(state_sharding, repl), donate_argnums=0)
+
+
+def to_uint8(x, mean, std):
+  pixels = x * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
+  return jnp.round(jnp.clip(pixels, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+def make_finalize(problem: Problem, cfg, mesh):
+  """Measures the released (uint8) images: BN loss, per-image CE, confidence, soft labels."""
+
+  def finalize(x, labels, teacher_vars, targets):
+    images = to_uint8(x, problem.mean, problem.std)
+    xq = (images.astype(jnp.float32) / 255.0 - jnp.asarray(problem.mean)) / jnp.asarray(
+        problem.std)
+    logits, captured = models.capture_bn_inputs(problem.eval_model, teacher_vars, xq)
+    bn, _ = bn_matching_loss(captured, targets, problem.layer_weights,
+                             labels if problem.classwise else None, problem.num_classes,
+                             cfg.bn_norm)
+    probs = jax.nn.softmax(logits)
+    per_image = {
+        'images': images,
+        'labels': labels,
+        'loss': optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+        'confidence': jnp.take_along_axis(probs, labels[:, None], axis=1)[:, 0],
+        'soft_labels': jax.nn.softmax(logits / cfg.soft_label_temperature),
+    }
+    return per_image, bn
+
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(finalize, in_shardings=(data, data, repl, repl),
+                 out_shardings=(data, repl))
+
+
+# ----------------------------------------------------------------------------
+# Inputs: the teacher artifact and the statistics artifact (no private data)
+
+
+@dataclasses.dataclass
+class Inputs:
+  problem: Problem
+  teacher_vars: Any
+  targets: Any
+  student_vars: Any
+  teacher_manifest: dict
+  stats_manifest: dict
+
+
+def load_inputs(cfg, teacher_dir, stats_dir) -> Inputs:
+  """Loads and cross-checks the teacher and statistics artifacts."""
+  model, variables, teacher_manifest = artifacts.load_model(teacher_dir, dtype=cfg.dtype)
+  eval_model, _, _ = artifacts.load_model(teacher_dir, dtype='float32')
+  statistics, stats_manifest = stats_lib.load_artifact(stats_dir, teacher_manifest, variables)
+  layers = stats_manifest['layers']
+  weights = {name: (cfg.first_bn_multiplier if i == 0 else 1.0)
+             for i, name in enumerate(layers)}
+  targets = {'mean': {k: np.asarray(v, np.float32) for k, v in statistics['mean'].items()},
+             'var': {k: np.asarray(v, np.float32) for k, v in statistics['var'].items()}}
+  student, student_vars = None, None
+  if cfg.adi_weight:
+    if not cfg.adi_student:
+      raise UserError('synthesis.adi_weight > 0 needs a student to compete with: set '
+                      'synthesis.adi_student to a model folder (e.g. WORKDIR/student/synthetic)')
+    student, student_vars, student_manifest = artifacts.load_model(cfg.adi_student,
+                                                                   dtype=cfg.dtype)
+    if student_manifest['class_names'] != teacher_manifest['class_names']:
+      raise UserError(f'synthesis.adi_student {cfg.adi_student} has other classes than the '
+                      'teacher: use a student trained for the same classes')
+  problem = Problem(model=model, eval_model=eval_model,
+                    num_classes=teacher_manifest['num_classes'],
+                    image_shape=tuple(teacher_manifest['image_shape']),
+                    classwise=stats_manifest['kind'] == 'classwise', layer_weights=weights,
+                    mean=tuple(teacher_manifest['mean']), std=tuple(teacher_manifest['std']),
+                    student=student)
+  return Inputs(problem, variables, targets, student_vars, teacher_manifest, stats_manifest)
+
+
+def target_labels(num_images: int, num_classes: int) -> np.ndarray:
+  """Class-balanced labels: image j has class j % C (every batch of a multiple of C is balanced)."""
+  return (np.arange(num_images) % num_classes).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------
+# Dataset-scale generation
+
+
+def _process_slice(global_batch: int) -> slice:
+  per = global_batch // jax.process_count()
+  return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | None = None,
+             on_iteration: Callable[[int, int], None] | None = None) -> dict:
+  """Generates (or finishes) the whole dataset in out_dir; returns a summary."""
+  problem = inputs.problem
+  out_dir = fileio.path(out_dir)
+  mesh = parallel.make_mesh()
+  num_classes = problem.num_classes
+  num_images = cfg.images_per_class * num_classes
+  batch = cfg.batch_size
+  num_batches = num_images // batch
+  total_iterations = cfg.multires_iterations + cfg.iterations
+  labels_all = target_labels(num_images, num_classes)
+
+  # A resumed run must be the same run: same teacher, statistics and settings.
+  run_info = {'teacher_sha256': inputs.teacher_manifest['variables_sha256'],
+              'statistics_sha256': inputs.stats_manifest['statistics_sha256'],
+              'num_images': num_images, 'batch_size': batch, 'seed': seed,
+              'total_iterations': total_iterations}
+  info_path = out_dir / 'run_info.json'
+  if info_path.exists():
+    stored = fileio.read_json(info_path)
+    if stored != run_info:
+      diff = sorted(k for k in run_info if stored.get(k) != run_info[k])
+      raise UserError(f'{out_dir} holds a partial synthesis from other inputs ({", ".join(diff)} '
+                      'differ): use a new workdir, or --overwrite')
+  elif parallel.is_main_process():
+    fileio.atomic_write_json(info_path, run_info)
+
+  tx = create_optimizer(cfg, total_iterations)
+  init_fn, sharding = make_init(problem, tx, mesh, batch)
+  step_fn = make_step(problem, cfg, tx, mesh, sharding)
+  lowres_fn = (make_step(problem, cfg, tx, mesh, sharding, lowres=True)
+               if cfg.multires_iterations else None)
+  finalize_fn = make_finalize(problem, cfg, mesh)
+  teacher_vars = parallel.replicate(mesh, inputs.teacher_vars)
+  targets = parallel.replicate(mesh, inputs.targets)
+  student_vars = (parallel.replicate(mesh, inputs.student_vars)
+                  if inputs.student_vars is not None else None)
+  timings_path = out_dir / 'timings.json'
+  timings = fileio.read_json(timings_path) if timings_path.exists() else {}
+  root_key = jax.random.key(seed)
+  todo = [i for i in range(num_batches)
+          if not synthetic_data.shard_path(out_dir, i).exists()]
+  if len(todo) < num_batches:
+    logging.info('synthesize: %d of %d batches done already, resuming', num_batches - len(todo),
+                 num_batches)
+  progress = metrics.Progress('synthesize', len(todo) * total_iterations, 0, batch,
+                              'image-iterations')
+  done_iterations = 0
+
+  for i in todo:
+    t_batch = time.perf_counter()
+    labels_host = labels_all[i * batch:(i + 1) * batch]
+    labels = parallel.to_global(mesh, labels_host[_process_slice(batch)])
+    noise_key, iter_key = jax.random.split(jax.random.fold_in(root_key, i))
+    iter_key = parallel.replicate(mesh, iter_key)
+    state = init_fn(noise_key)
+    _, bn_initial = finalize_fn(state.x, labels, teacher_vars, targets)
+    ckpt_dir = out_dir / 'inflight' / f'batch-{i:05d}'
+    state, start = checkpointing.restore_or_init(ckpt_dir, state)
+    if start:
+      logging.info('synthesize: batch %d resumes at iteration %d', i, start)
+    pending = []
+    for it in range(start, total_iterations):
+      fn = lowres_fn if it < cfg.multires_iterations else step_fn
+      state, terms = fn(state, labels, iter_key, teacher_vars, targets, student_vars)
+      pending.append(terms)
+      done = it + 1
+      if it == start:   # the first iteration compiles: time the loop from here on
+        jax.block_until_ready(terms)
+        progress.first_step_done(done_iterations + 1)
+        t_loop = time.perf_counter()
+      done_iterations += 1
+      if done % cfg.log_every_iterations == 0 or done == total_iterations:
+        latest = {k: float(v) for k, v in parallel.to_host(pending[-1]).items()}
+        pending.clear()
+        if not all(np.isfinite(v) for v in latest.values()):
+          raise UserError(f'synthesis batch {i} reached a non-finite loss at iteration {done} '
+                          f'({latest}): lower synthesis.learning_rate or the loss weights; '
+                          'nothing of this batch was written')
+        if writer:
+          writer.write_scalars(i * total_iterations + done, latest, log=False)
+        images_done = (num_batches - len(todo)) * batch + todo.index(i) * batch
+        logging.info(progress.line(done_iterations,
+                                   f'batch {i + 1}/{num_batches} iteration {done}/'
+                                   f'{total_iterations}, {images_done}/{num_images} images '
+                                   f"done, loss {latest['loss']:.4f}, bn {latest['bn']:.4f}, "
+                                   f"ce {latest['ce']:.4f}"))
+      if (cfg.checkpoint_every_iterations and done % cfg.checkpoint_every_iterations == 0
+          and done < total_iterations):
+        checkpointing.save(ckpt_dir, done, state)
+      if on_iteration is not None:
+        on_iteration(i, done)
+
+    final_x = state.best_x if cfg.keep_best else state.x
+    jax.block_until_ready(final_x)
+    loop_seconds = time.perf_counter() - t_loop
+    per_image, bn_final = finalize_fn(final_x, labels, teacher_vars, targets)
+    host = parallel.to_host(per_image)
+    bn_values = np.asarray([float(parallel.to_host(bn_initial)),
+                            float(parallel.to_host(bn_final))], np.float32)
+    if not (np.all(np.isfinite(host['loss'])) and np.all(np.isfinite(bn_values))):
+      raise UserError(f'synthesis batch {i} ended with a non-finite loss: lower '
+                      'synthesis.learning_rate; nothing of this batch was written')
+    checkpointing.close(ckpt_dir)
+    if parallel.is_main_process():
+      synthetic_data.write_shard(out_dir, i, {
+          **{k: np.asarray(v) for k, v in host.items()},
+          'bn_loss_initial': bn_values[0], 'bn_loss_final': bn_values[1]})
+      # Steady-state rate: the first (compiling) iteration of each batch is not timed.
+      timings[str(i)] = {'seconds': time.perf_counter() - t_batch,
+                         'loop_seconds': loop_seconds,
+                         'loop_image_iterations': batch * (total_iterations - start - 1)}
+      fileio.atomic_write_json(timings_path, timings)
+      if ckpt_dir.exists():
+        ckpt_dir.rmtree()
+    parallel.sync(f'synthesis-batch-{i}')
+  return finish(inputs, cfg, out_dir, seed, num_batches, timings)
+
+
+def finish(inputs: Inputs, cfg, out_dir, seed: int, num_batches: int, timings: dict) -> dict:
+  """Writes the manifest (last) and the sample grid; returns the summary for the report."""
+  shards, agree, bn_initial, bn_final, confidence, labels_seen = [], [], [], [], [], []
+  for i in range(num_batches):
+    path = synthetic_data.shard_path(out_dir, i)
+    data = path.read_bytes()
+    arrays = fileio.read_npz_bytes(data)
+    shards.append({'file': path.name, 'num_images': int(len(arrays['labels'])),
+                   'sha256': hashlib.sha256(data).hexdigest()})
+    agree.append(np.argmax(arrays['soft_labels'], -1) == arrays['labels'])
+    confidence.append(arrays['confidence'])
+    bn_initial.append(float(arrays['bn_loss_initial']))
+    bn_final.append(float(arrays['bn_loss_final']))
+    labels_seen.append(arrays['labels'])
+  problem = inputs.problem
+  num_images = sum(s['num_images'] for s in shards)
+  manifest = {
+      'format': synthetic_data.FORMAT,
+      'num_images': num_images,
+      'images_per_class': cfg.images_per_class,
+      'num_classes': problem.num_classes,
+      'class_names': inputs.teacher_manifest['class_names'],
+      'image_shape': list(problem.image_shape),
+      'mean': list(problem.mean), 'std': list(problem.std),
+      'teacher_sha256': inputs.teacher_manifest['variables_sha256'],
+      'teacher_model': inputs.teacher_manifest['model'],
+      'statistics_sha256': inputs.stats_manifest['statistics_sha256'],
+      'stats_kind': inputs.stats_manifest['kind'],
+      'soft_label_temperature': cfg.soft_label_temperature,
+      'seed': seed,
+      'synthesis_config': json.loads(cfg.to_json_best_effort()),
+      'shards': shards,
+  }
+  seconds = sum(t['seconds'] for t in timings.values())
+  loop_seconds = sum(t['loop_seconds'] for t in timings.values())
+  image_iterations = sum(t['loop_image_iterations'] for t in timings.values())
+  summary = {
+      'num_images': num_images,
+      'iterations': cfg.multires_iterations + cfg.iterations,
+      'stats_kind': inputs.stats_manifest['kind'],
+      'bn_loss_initial': float(np.mean(bn_initial)),
+      'bn_loss_final': float(np.mean(bn_final)),
+      'teacher_agreement': float(np.mean(np.concatenate(agree))),
+      'mean_confidence': float(np.mean(np.concatenate(confidence))),
+      'seconds': seconds,
+      'image_iterations_per_second': image_iterations / loop_seconds if loop_seconds else None,
+      'dtype': cfg.dtype, 'stats_scope': cfg.stats_scope,
+  }
+  if parallel.is_main_process():
+    ds_images = [fileio.read_npz(synthetic_data.shard_path(out_dir, i))['images']
+                 for i in range(num_batches)]
+    report.write_class_grid(out_dir / 'samples.png', np.concatenate(ds_images),
+                                np.concatenate(labels_seen), problem.num_classes, per_class=10)
+    fileio.atomic_write_json(out_dir / 'metrics.json', summary)
+    fileio.atomic_write_json(out_dir / 'manifest.json', manifest)
+    inflight = out_dir / 'inflight'
+    if inflight.exists():
+      inflight.rmtree()
+  parallel.sync('synthesis-finish')
+  return summary
+
+
+# ----------------------------------------------------------------------------
+# The stage (no private data: it reads the teacher and statistics artifacts only)
+
+
+def validate(config) -> None:
+  cfg = config.synthesis
+  checks = [('augment', AUGMENTS), ('stats_scope', SCOPES), ('bn_norm', NORMS),
+            ('dtype', ('float32', 'bfloat16'))]
+  for key, allowed in checks:
+    if cfg[key] not in allowed:
+      raise UserError(f'unknown synthesis.{key} {cfg[key]!r}: use one of {", ".join(allowed)}')
+  parallel.check_batch(cfg.batch_size, 'synthesis.batch_size')
+  if cfg.images_per_class < 1 or cfg.iterations < 1:
+    raise UserError('synthesis.images_per_class and synthesis.iterations must be >= 1')
+
+
+def run(config, workdir) -> dict:
+  cfg = config.synthesis
+  teacher_dir = cfg.teacher_dir or pipeline.stage_dir(workdir, 'teacher')
+  stats_dir = cfg.stats_dir or pipeline.stage_dir(workdir, 'stats')
+  inputs = load_inputs(cfg, teacher_dir, stats_dir)
+  num_images = cfg.images_per_class * inputs.problem.num_classes
+  if num_images % cfg.batch_size:
+    raise UserError(f'synthesis.batch_size={cfg.batch_size} does not divide the '
+                    f'{num_images} images ({cfg.images_per_class} per class x '
+                    f'{inputs.problem.num_classes} classes): choose a divisor')
+  if cfg.multires_iterations and any(s % 2 for s in inputs.problem.image_shape[:2]):
+    raise UserError('synthesis.multires_iterations needs even image sizes: set it to 0')
+  writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / 'synthesis')
+  summary = generate(inputs, cfg, pipeline.stage_dir(workdir, 'synthesize'), config.seed,
+                     writer)
+  writer.close()
+  report.update(workdir, {'synthesis': summary})
+  print(f"synthesis: {summary['num_images']} images, BN loss {summary['bn_loss_initial']:.4f} "
+        f"-> {summary['bn_loss_final']:.4f}, teacher agreement "
+        f"{summary['teacher_agreement']:.4f}, "
+        f"{summary['image_iterations_per_second'] or float('nan'):.1f} image-iterations/s",
+        flush=True)
+  return summary
+
+
+pipeline.register(pipeline.Stage('synthesize', run, validate))

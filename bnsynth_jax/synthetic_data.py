@@ -1,0 +1,136 @@
+"""The on-disk synthetic dataset: format, loader, tf.data source, PNG export.
+
+Format (WORKDIR/synthetic/, "bnsynth-synthetic-v1"):
+  shards/shard-NNNNN.npz   one per synthesis batch, written atomically, reproducible bytes:
+      images        uint8  [B, H, W, C]   de-normalised pixels
+      labels        int32  [B]            target class
+      loss          float32[B]            teacher cross-entropy on the released (uint8) image
+      confidence    float32[B]            teacher probability of the target class
+      soft_labels   float32[B, K]         teacher softmax at manifest['soft_label_temperature']
+      bn_loss_initial, bn_loss_final  float32 scalars (the batch's BN loss on noise / result)
+  manifest.json            format, counts, classes, image shape, normalisation, teacher and
+                           statistics sha256, the synthesis config, each shard's sha256.
+                           Written last: its presence means the dataset is complete.
+  samples.png              a grid of samples per class.
+Timings live apart (timings.json, report.json) so that the dataset itself is
+byte-identical however often the run was interrupted.
+
+Command line: python -m bnsynth_jax.synthetic_data --synthetic_dir=W/synthetic \
+                  --export_to=OUT   (lossless PNG folder OUT/train/<class>/NNNNNN.png)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import sys
+from typing import Any
+
+import numpy as np
+
+from bnsynth_jax import fileio
+from bnsynth_jax.errors import UserError
+
+FORMAT = 'bnsynth-synthetic-v1'
+ARRAY_FIELDS = ('images', 'labels', 'loss', 'confidence', 'soft_labels')
+
+
+def shard_path(directory, index: int):
+  return fileio.path(directory) / 'shards' / f'shard-{index:05d}.npz'
+
+
+def write_shard(directory, index: int, arrays: dict[str, np.ndarray]) -> str:
+  return fileio.atomic_write_npz(shard_path(directory, index), **arrays)
+
+
+@dataclasses.dataclass
+class SyntheticDataset:
+  images: np.ndarray          # uint8 [N, H, W, C]
+  labels: np.ndarray          # int32 [N]
+  soft_labels: np.ndarray     # float32 [N, K]
+  loss: np.ndarray
+  confidence: np.ndarray
+  manifest: dict[str, Any]
+
+  def __len__(self):
+    return len(self.labels)
+
+  @property
+  def class_names(self) -> list[str]:
+    return self.manifest['class_names']
+
+
+def load_synthetic(directory, verify: bool = True) -> SyntheticDataset:
+  """Reads a finished synthetic dataset into host arrays (checks shard hashes)."""
+  directory = fileio.path(directory)
+  manifest_path = directory / 'manifest.json'
+  if not manifest_path.exists():
+    raise UserError(f'{directory} holds no finished synthetic dataset (manifest.json is '
+                    'missing): run or finish the synthesize stage first')
+  manifest = fileio.read_json(manifest_path)
+  if manifest.get('format') != FORMAT:
+    raise UserError(f'{directory} has format {manifest.get("format")!r}, expected {FORMAT}')
+  fields: dict[str, list[np.ndarray]] = {k: [] for k in ARRAY_FIELDS}
+  for shard in manifest['shards']:
+    path = directory / 'shards' / shard['file']
+    data = path.read_bytes()
+    if verify and hashlib.sha256(data).hexdigest() != shard['sha256']:
+      raise UserError(f'{path} does not match the manifest (sha256): the dataset was altered or '
+                      'half-copied; copy it again or re-run the synthesize stage')
+    arrays = fileio.read_npz_bytes(data)
+    for k in ARRAY_FIELDS:
+      fields[k].append(arrays[k])
+  cat = {k: np.concatenate(v) for k, v in fields.items()}
+  return SyntheticDataset(manifest=manifest, **cat)
+
+
+def as_tf_dataset(directory):
+  """The dataset as a tf.data.Dataset of dicts (imports TensorFlow only here)."""
+  import tensorflow as tf
+  ds = load_synthetic(directory)
+  return tf.data.Dataset.from_tensor_slices(
+      {k: getattr(ds, k) for k in ('images', 'labels', 'soft_labels')})
+
+
+def export_image_folder(directory, out_root, split: str = 'train') -> int:
+  """Writes OUT_ROOT/<split>/<class>/NNNNNN.png (lossless); returns the image count.
+
+  The folder is built under a temporary name and renamed into place, so an
+  interrupted export leaves nothing half-written. tfds.ImageFolder reads it.
+  """
+  from PIL import Image
+  ds = load_synthetic(directory)
+  out_root = fileio.path(out_root)
+  final = out_root / split
+  if final.exists():
+    raise UserError(f'{final} exists already: choose another --export_to or remove it')
+  tmp = out_root / f'.{split}.partial'
+  if tmp.exists():
+    shutil.rmtree(str(tmp))
+  for name in ds.class_names:
+    (tmp / name).mkdir(parents=True, exist_ok=True)
+  for i, (image, label) in enumerate(zip(ds.images, ds.labels)):
+    arr = image[..., 0] if image.shape[-1] == 1 else image
+    Image.fromarray(arr).save(str(tmp / ds.class_names[label] / f'{i:06d}.png'))
+  tmp.rename(final)
+  return len(ds)
+
+
+def main(argv=None) -> int:
+  import argparse
+  parser = argparse.ArgumentParser(description='Export a bnsynth synthetic dataset.')
+  parser.add_argument('--synthetic_dir', required=True, help='WORKDIR/synthetic')
+  parser.add_argument('--export_to', required=True, help='output root for the PNG folder')
+  args = parser.parse_args(argv)
+  try:
+    n = export_image_folder(args.synthetic_dir, args.export_to)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(f'exported {n} images to {args.export_to}/train/<class>/')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

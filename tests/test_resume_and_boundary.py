@@ -1,0 +1,113 @@
+"""Whole-stage behaviour through the command line: kill -9 + resume, and the data boundary."""
+
+import filecmp
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, run_main, write_image_folder
+
+SYNTH = ('--config.synthesis.images_per_class=8', '--config.synthesis.batch_size=16',
+         '--config.synthesis.iterations=30', '--config.synthesis.checkpoint_every_iterations=7',
+         '--config.synthesis.log_every_iterations=10')
+
+
+@pytest.fixture(scope='module')
+def digits_stats_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('digits') / 'w'
+  result = run_main('--config=configs/digits.py', f'--workdir={workdir}',
+                    '--stages=teacher,stats', '--config.teacher.num_steps=40')
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def dataset_files(synthetic_dir):
+  files = sorted(p.relative_to(synthetic_dir) for p in synthetic_dir.rglob('*') if p.is_file())
+  return [f for f in files if f.name not in ('timings.json', 'metrics.json', 'run_info.json')]
+
+
+def test_kill9_and_resume_is_byte_identical(digits_stats_workdir, tmp_path):
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  shutil.copytree(digits_stats_workdir, straight)
+  shutil.copytree(digits_stats_workdir, killed)
+  args = ('--config=configs/digits.py', '--stages=synthesize', *SYNTH)
+  assert run_main(*args, f'--workdir={straight}').returncode == 0
+
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  triggers = [killed / 'synthetic' / 'inflight' / 'batch-00001',     # mid-batch
+              killed / 'synthetic' / 'shards' / 'shard-00003.npz']   # between batches
+  for trigger in triggers:
+    proc = subprocess.Popen([sys.executable, '-m', 'bnsynth_jax.main', *args,
+                             f'--workdir={killed}'], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not trigger.exists() and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.02)
+    assert proc.poll() is None, 'the run finished before it could be killed'
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+  assert not (killed / 'synthetic' / 'manifest.json').exists()
+  resumed = run_main(*args, f'--workdir={killed}')
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resum' in resumed.stderr
+  a, b = straight / 'synthetic', killed / 'synthetic'
+  assert dataset_files(a) == dataset_files(b)
+  assert any(str(f).startswith('shards') for f in dataset_files(a))
+  for f in dataset_files(a):
+    assert filecmp.cmp(a / f, b / f, shallow=False), f'{f} differs after kill -9 + resume'
+
+
+def test_synthesis_needs_no_private_data(tmp_path):
+  images = write_image_folder(tmp_path / 'private', per_class=8)
+  workdir = tmp_path / 'w'
+  common = ('--config=configs/imagefolder.py', f'--config.data.root={images}',
+            '--config.data.image_size=12', '--config.model.name=resnet_tiny',
+            '--config.teacher.num_steps=4', '--config.teacher.batch_size=8',
+            '--config.teacher.eval_batch_size=8', '--config.stats.batch_size=8',
+            '--config.synthesis.images_per_class=8', '--config.synthesis.batch_size=8',
+            '--config.synthesis.iterations=4')
+  assert run_main(*common, f'--workdir={workdir}', '--stages=teacher,stats').returncode == 0
+  shutil.rmtree(images)                      # the private images are gone
+  result = run_main(*common, f'--workdir={workdir}', '--stages=stats,synthesize')
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((workdir / 'report.json').read_text())
+  assert report['synthesis']['num_images'] == 24 and report['stats']['kind'] == 'classwise'
+
+  # A third party holding only the two artifacts synthesises in a workdir of its own.
+  received = tmp_path / 'received'
+  shutil.copytree(workdir / 'teacher', received / 'teacher',
+                  ignore=shutil.ignore_patterns('checkpoints'))
+  shutil.copytree(workdir / 'stats', received / 'stats')
+  third = run_main(*common, f'--workdir={tmp_path / "third"}', '--stages=synthesize',
+                   f'--config.synthesis.teacher_dir={received / "teacher"}',
+                   f'--config.synthesis.stats_dir={received / "stats"}')
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert (tmp_path / 'third' / 'synthetic' / 'manifest.json').exists()
+
+  # Global statistics come from the teacher alone: the stats stage needs no images either.
+  glob = run_main(*common, f'--workdir={tmp_path / "g"}', '--stages=stats,synthesize',
+                  '--config.stats.kind=global',
+                  f'--config.synthesis.teacher_dir={received / "teacher"}')
+  # (the global run has no teacher stage of its own: it must fail cleanly, naming the fix)
+  assert glob.returncode == 2 and 'teacher' in glob.stderr.splitlines()[-1]
+  shutil.copytree(received / 'teacher', tmp_path / 'g' / 'teacher')
+  glob = run_main(*common, f'--workdir={tmp_path / "g"}', '--stages=stats,synthesize',
+                  '--config.stats.kind=global')
+  assert glob.returncode == 0, glob.stderr[-3000:]
+
+
+def test_statistics_of_another_teacher_are_refused(tmp_path, digits_stats_workdir):
+  other = tmp_path / 'other'
+  assert run_main('--config=configs/digits.py', f'--workdir={other}', '--stages=teacher',
+                  '--config.teacher.num_steps=3', '--config.seed=5').returncode == 0
+  result = run_main('--config=configs/digits.py', f'--workdir={tmp_path / "x"}',
+                    '--stages=synthesize', f'--config.synthesis.teacher_dir={other / "teacher"}',
+                    f'--config.synthesis.stats_dir={digits_stats_workdir / "stats"}', *SYNTH)
+  assert result.returncode == 2
+  assert 'teacher sha256' in result.stderr.splitlines()[-1]
