@@ -26,11 +26,12 @@ def save_model(directory, *, model_config, variables, class_names, image_shape, 
   """Writes the artifact (process 0 only) and returns its manifest."""
   directory = fileio.path(directory)
   manifest = {
+      **(extra or {}),      # first, so that the keys below always mean what they say
       'model': {'name': model_config.name, 'stem': model_config.stem,
                 'dtype': model_config.dtype},
       'num_classes': len(class_names), 'class_names': list(class_names),
       'image_shape': list(image_shape), 'mean': list(map(float, mean)),
-      'std': list(map(float, std)), **(extra or {}),
+      'std': list(map(float, std)),
   }
   if jax.process_index() == 0:
     manifest['variables_sha256'] = checkpointing.save_variables(

@@ -101,6 +101,33 @@ def default_config() -> ml_collections.ConfigDict:
   s.teacher_dir = ''            # '' = WORKDIR/teacher; a third party points at the files it got
   s.stats_dir = ''              # '' = WORKDIR/stats
 
+  # --- student (reads only the synthetic dataset)
+  c.student = train_config(epochs=100.0, eval_every_epochs=0.0, warmup_epochs=2.0)
+  c.student.model = ml_collections.ConfigDict()
+  c.student.model.name = 'resnet20'
+  c.student.model.stem = 'cifar'
+  c.student.model.dtype = 'float32'
+  c.student.labels = 'hard'     # hard (target labels) | soft (teacher soft labels, distillation)
+
+  # --- evaluate (the data owner's side: real test split, and the fair baseline)
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.real_subset = True  # baseline: same recipe on as many real images per class
+  c.evaluate.full_real = False   # also a student on the whole real train split
+
+  # --- audit (the data owner's side: what the synthetic set reveals)
+  a = c.audit = ml_collections.ConfigDict()
+  a.k = 5                        # neighbours per synthetic image, per metric
+  a.block_size = 256             # synthetic images per top-k block
+  a.num_pictures = 16            # pairs in most_similar.png and random_pairs.png
+  a.holdout_examples = 0         # real test images for the DCR reference (0 = all)
+  a.mia_examples = 1000          # members and as many non-members
+  a.bootstrap = 200              # resamples for the 95% intervals
+  a.reference_models = 0         # offline-LiRA reference models (0 = loss threshold only)
+  a.reference_epochs = 10.0      # their recipe is the teacher's, with this many epochs
+  a.reference_train_fraction = 0.5   # of the training images outside the audited sample
+  a.synthetic_dir = ''           # '' = WORKDIR/synthetic; audit another synthetic dataset
+  a.student_dir = ''             # '' = WORKDIR/student/synthetic
+
   return c
 
 
@@ -108,7 +135,7 @@ def default_config() -> ml_collections.ConfigDict:
 # other values of these.
 VOLATILE_KEYS = frozenset({
     'data.root', 'data.data_dir', 'data.decode_threads', 'stats.batch_size',
-    'synthesis.teacher_dir', 'synthesis.stats_dir',
+    'synthesis.teacher_dir', 'synthesis.stats_dir', 'audit.block_size',
     'log_every_steps', 'checkpoint_every_steps', 'eval_batch_size', 'eval_every_epochs',
     'log_every_iterations', 'checkpoint_every_iterations',
 })

@@ -425,3 +425,38 @@ def eval_batches(partitions: Sequence[Partition], split_size: int, num_partition
       x = np.concatenate([x, np.zeros((pad, *images.shape[1:]), images.dtype)])
       y = np.concatenate([y, np.zeros((pad,), labels.dtype)])
     yield {'images': x, 'labels': y, 'mask': mask}
+
+
+def balanced_subset(partitions: Sequence[Partition], split_size: int, num_partitions: int,
+                    per_class: int, num_classes: int, seed: int):
+  """A class-balanced random subset of a split, re-partitioned; the same on any process count.
+
+  Returns (this process's partitions of the subset, subset size).
+  """
+  from bnsynth_jax import parallel
+  local_idx = np.concatenate([partition_members(split_size, num_partitions, p.index)
+                              for p in partitions])
+  local_labels = np.concatenate([p.labels for p in partitions])
+  all_idx = parallel.allgather_rows(local_idx)
+  all_labels = parallel.allgather_rows(local_labels)
+  labels = np.full(split_size, -1, np.int64)
+  labels[all_idx] = all_labels
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for c in range(num_classes):
+    members = np.flatnonzero(labels == c)
+    if len(members) < per_class:
+      raise UserError(f'class {c} has only {len(members)} training images, fewer than the '
+                      f'{per_class} per class asked for: lower synthesis.images_per_class')
+    chosen.append(rng.permutation(members)[:per_class])
+  chosen = np.sort(np.concatenate(chosen))
+  local_images = np.concatenate([p.images for p in partitions])
+  keep = np.isin(local_idx, chosen)
+  idx = parallel.allgather_rows(local_idx[keep])
+  images = parallel.allgather_rows(local_images[keep])
+  order = np.argsort(idx)
+  images, subset_labels = images[order], labels[idx[order]].astype(np.int32)
+  n = len(chosen)
+  parts = [Partition(p.index, images[m], subset_labels[m])
+           for p in partitions for m in [partition_members(n, num_partitions, p.index)]]
+  return parts, n

@@ -145,3 +145,16 @@ def describe_devices() -> str:
   return (f'{jax.device_count()} x {d.device_kind} ({d.platform}), '
           f'{jax.process_count()} process(es), jax {jax.__version__}, '
           f'host {os.uname().nodename}')
+
+
+def allgather_rows(x: np.ndarray) -> np.ndarray:
+  """Concatenates a host array's rows over processes (rows may differ in number)."""
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(x)], np.int32)))
+  counts = counts.reshape(-1)
+  padded = np.zeros((int(counts.max()), *x.shape[1:]), x.dtype)
+  padded[:len(x)] = x
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return np.concatenate([gathered[p, :counts[p]] for p in range(len(counts))])

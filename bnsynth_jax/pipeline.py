@@ -42,6 +42,12 @@ STAGE_SECTIONS = {
 PRIVATE_STAGES = frozenset({'teacher', 'stats', 'evaluate', 'audit'})
 STAGE_DIRS = {'teacher': 'teacher', 'stats': 'stats', 'synthesize': 'synthetic',
               'student': 'student', 'evaluate': 'evaluate', 'audit': 'audit'}
+# The report.json keys (dot-paths) each stage writes, removed when the stage is replaced.
+REPORT_KEYS = {'teacher': ['teacher'], 'stats': ['stats'], 'synthesize': ['synthesis'],
+               'student': ['student'],
+               'evaluate': ['student.synthetic.test_accuracy', 'student.real_subset',
+                            'student.full_real', 'student.ratio'],
+               'audit': ['audit']}
 
 
 # ----------------------------------------------------------------------------
@@ -150,7 +156,7 @@ def clear_stage(workdir, stage: str) -> None:
   d = stage_dir(workdir, stage)
   if parallel.is_main_process() and d.exists():
     shutil.rmtree(str(d)) if not str(d).startswith('gs://') else d.rmtree()
-  report.remove_keys(workdir, [stage if stage != 'synthesize' else 'synthesis'])
+  report.remove_keys(workdir, REPORT_KEYS[stage] + [f'timings.{stage}_seconds'])
   parallel.sync(f'clear-{stage}')
 
 
@@ -246,6 +252,7 @@ def run(config, workdir: str, stages: str = 'all', overwrite: bool = False) -> d
   check_workdir_writable(workdir)
   data = PrivateData(config.data)
   logging.info('devices: %s', parallel.describe_devices())
+  report.update(workdir, {'environment': report.environment()})
   for name in selected:
     stage = _REGISTRY[name]
     claim_stage(config, workdir, name, overwrite)
@@ -256,8 +263,14 @@ def run(config, workdir: str, stages: str = 'all', overwrite: bool = False) -> d
     logging.info('stage %s: starting', name)
     t0 = time.perf_counter()
     args = (config, workdir, data) if name in PRIVATE_STAGES else (config, workdir)
-    values = stage.run(*args)
-    values = dict(values or {})
+    stage.run(*args)
     report.update(workdir, {'timings': {f'{name}_seconds': time.perf_counter() - t0}})
     logging.info('stage %s: finished in %.1fs', name, time.perf_counter() - t0)
-  return report.load(workdir)
+  final = report.load(workdir)
+  report.write_markdown(workdir)
+  if parallel.is_main_process() and ('student' in final or 'audit' in final):
+    print('\n' + report.utility_table(final), flush=True)
+    if 'audit' in final:
+      print('\n' + report.audit_table(final), flush=True)
+    print(f'\nreport: {fileio.path(workdir) / "report.md"}', flush=True)
+  return final

@@ -37,11 +37,17 @@ def update(workdir, values: Mapping[str, Any]) -> dict:
   return report
 
 
-def remove_keys(workdir, top_level: list[str]) -> None:
+def remove_keys(workdir, dotted_keys: list[str]) -> None:
+  """Removes keys given as dot-paths (e.g. 'student.ratio') from report.json."""
   report = load(workdir)
-  if any(k in report for k in top_level) and jax.process_index() == 0:
-    for k in top_level:
-      report.pop(k, None)
+  changed = False
+  for dotted in dotted_keys:
+    *parents, leaf = dotted.split('.')
+    node = get(report, '.'.join(parents)) if parents else report
+    if isinstance(node, dict) and leaf in node:
+      del node[leaf]
+      changed = True
+  if changed and jax.process_index() == 0:
     fileio.atomic_write_json(fileio.path(workdir) / 'report.json', report)
 
 
@@ -87,3 +93,116 @@ def write_class_grid(target, images: np.ndarray, labels: np.ndarray, num_classes
     cells[c * per_class:c * per_class + len(idx)] = images[idx]
   scale = max(1, 64 // h)   # small images (8x8 digits) are enlarged to be visible
   write_png(target, image_grid(cells, num_classes, per_class, scale=scale))
+
+
+def _pct(x) -> str:
+  return '—' if x is None else f'{100 * x:.2f}%'
+
+
+def _num(x, fmt='{:.4g}') -> str:
+  return '—' if x is None else fmt.format(x)
+
+
+def utility_table(r: Mapping[str, Any]) -> str:
+  """The paper's table: teacher / real-subset student / synthetic student."""
+  rows = ['| model | trained on | images | test accuracy | ratio to real subset |',
+          '|---|---|---|---|---|']
+  if 'teacher' in r:
+    rows.append(f"| teacher | private train split | {get(r, 'teacher.train_examples', '—')} | "
+                f"{_pct(get(r, 'teacher.test_accuracy'))} | |")
+  real = get(r, 'student.real_subset')
+  if real:
+    rows.append(f"| student ({real.get('model')}) | real subset, "
+                f"{real.get('images_per_class')} per class | {real.get('num_images')} | "
+                f"{_pct(real.get('test_accuracy'))} | 1.000 |")
+  synth = get(r, 'student.synthetic')
+  if synth and 'test_accuracy' in synth:
+    kind = get(r, 'synthesis.stats_kind', '')
+    rows.append(f"| student ({synth.get('model')}) | synthetic ({kind} statistics, "
+                f"{synth.get('labels')} labels) | {synth.get('num_images')} | "
+                f"{_pct(synth.get('test_accuracy'))} | {_num(get(r, 'student.ratio'), '{:.3f}')} |")
+  full = get(r, 'student.full_real')
+  if full:
+    rows.append(f"| student ({full.get('model')}) | whole real train split | "
+                f"{full.get('num_images')} | {_pct(full.get('test_accuracy'))} | |")
+  return '\n'.join(rows)
+
+
+def audit_table(r: Mapping[str, Any]) -> str:
+  a = r.get('audit')
+  if not a:
+    return ''
+  rows = ['| attack target | AUC | TPR @ 1% FPR | TPR @ 0.1% FPR |', '|---|---|---|---|']
+  for who in ('teacher', 'student', 'real_subset'):
+    m = get(a, f'mia.{who}')
+    if m:
+      ci = m.get('auc_ci95')
+      auc = _num(m.get('auc'), '{:.3f}') + (f' [{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '')
+      rows.append(f"| {who} | {auc} | {_pct(m.get('tpr_at_1pct_fpr'))} | "
+                  f"{_pct(m.get('tpr_at_0p1pct_fpr'))} |")
+  return '\n'.join(rows)
+
+
+def markdown(r: Mapping[str, Any]) -> str:
+  out = ['# bnsynth report', '']
+  if any(k in r for k in ('teacher', 'student')):
+    out += ['## Utility (real test split)', '', utility_table(r), '']
+  s = r.get('synthesis')
+  if s:
+    out += ['## Synthesis', '',
+            f"- {s['num_images']} images, {s['iterations']} iterations per batch, "
+            f"{s.get('stats_kind')} statistics, scope {s.get('stats_scope')}, {s.get('dtype')}",
+            f"- BN loss {s['bn_loss_initial']:.4f} (noise) -> {s['bn_loss_final']:.4f} (released "
+            'uint8 images)',
+            f"- teacher agreement {_pct(s['teacher_agreement'])}, mean teacher confidence "
+            f"{_pct(s.get('mean_confidence'))}",
+            f"- {_num(s.get('image_iterations_per_second'), '{:.1f}')} image-iterations/s",
+            '', '![synthetic samples, one row per class](synthetic/samples.png)', '']
+  a = r.get('audit')
+  if a:
+    out += ['## Privacy audit', '']
+    ssim = a.get('nn_ssim', {})
+    dcr = a.get('dcr', {})
+    out += [f"- SSIM to the nearest private image: max {_num(ssim.get('max'), '{:.3f}')}, "
+            f"p99 {_num(ssim.get('p99'), '{:.3f}')}, median {_num(ssim.get('p50'), '{:.3f}')}",
+            f"- distance to closest record, 1st percentile: synthetic "
+            f"{_num(dcr.get('synthetic_p01'))}, real holdout {_num(dcr.get('holdout_p01'))}; "
+            f"synthetic images closer than that holdout percentile: "
+            f"{a.get('synthetic_closer_than_holdout_p01', '—')}", '',
+            audit_table(r), '']
+    for picture, caption in (('audit/most_similar.png', 'most similar synthetic/private pairs'),
+                             ('audit/random_pairs.png', 'random synthetic images and their '
+                              'nearest private image'), ('audit/roc.png', 'ROC curves')):
+      out += [f'![{caption}]({picture})', '']
+  t = r.get('timings')
+  if t:
+    out += ['## Timings (seconds, last run of each stage)', '', '| stage | seconds |', '|---|---|']
+    out += [f'| {k.replace("_seconds", "")} | {v:.1f} |' for k, v in t.items()]
+    out += ['']
+  env = r.get('environment')
+  if env:
+    out += ['## Environment', '', '```', fileio.to_json(env).strip(), '```', '']
+  return '\n'.join(out)
+
+
+def write_markdown(workdir) -> str:
+  text = markdown(load(workdir))
+  if jax.process_index() == 0:
+    fileio.atomic_write_text(fileio.path(workdir) / 'report.md', text)
+  return text
+
+
+def environment() -> dict[str, Any]:
+  import platform
+  from importlib import metadata
+  versions = {}
+  for pkg in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'ml-collections',
+              'tensorflow', 'tensorflow-cpu', 'tensorflow-datasets'):
+    try:
+      versions[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      pass
+  d = jax.devices()[0]
+  return {'python': platform.python_version(), 'packages': versions,
+          'device_kind': d.device_kind, 'platform': d.platform,
+          'device_count': jax.device_count(), 'process_count': jax.process_count()}

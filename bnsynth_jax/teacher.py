@@ -49,7 +49,7 @@ def _import_pretrained(config, workdir, data: pipeline.PrivateData) -> dict:
                        extra={**extra, 'test_accuracy': result['accuracy'],
                               'imported_from': str(source_dir)})
   return {'test_accuracy': result['accuracy'], 'train_seconds': manifest.get('train_seconds'),
-          'pretrained': str(source_dir)}
+          'train_examples': data.split_size('train'), 'pretrained': str(source_dir)}
 
 
 def run(config, workdir, data: pipeline.PrivateData) -> dict:
@@ -82,7 +82,8 @@ def run(config, workdir, data: pipeline.PrivateData) -> dict:
                                 'epochs': summary['epochs'],
                                 'train_examples': data.split_size('train')})
     values = {'test_accuracy': summary['test_accuracy'],
-              'train_seconds': summary['train_seconds']}
+              'train_seconds': summary['train_seconds'],
+              'train_examples': data.split_size('train')}
   report.update(workdir, {'teacher': values})
   print(f'teacher test accuracy: {values["test_accuracy"]:.4f}', flush=True)
   return values

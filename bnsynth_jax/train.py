@@ -148,7 +148,9 @@ def batch_targets(batch: Mapping[str, jax.Array], num_classes: int, label_smooth
 
 
 def train_step(state: TrainState, batch, rng, *, cfg, mean, std, num_classes: int,
-               use_soft_labels: bool = False):
+               use_soft_labels: bool = False, soft_temperature: float = 1.0):
+  """One SGD step. With soft labels (teacher softmax at temperature T), the loss is the
+  distillation loss T^2 * CE(softmax(targets), log_softmax(logits / T))."""
   aug_rng, mix_rng = jax.random.split(rng)
   x = batch['images'].astype(jnp.float32) / 255.0
   x = random_crop_flip(aug_rng, x, cfg.crop_padding, cfg.flip)
@@ -159,7 +161,11 @@ def train_step(state: TrainState, batch, rng, *, cfg, mean, std, num_classes: in
   def loss_fn(params):
     logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
                                      x, train=True, mutable=['batch_stats'])
-    loss = jnp.mean(cross_entropy(logits, targets))
+    if use_soft_labels:
+      t = soft_temperature
+      loss = t * t * jnp.mean(cross_entropy(logits / t, targets))
+    else:
+      loss = jnp.mean(cross_entropy(logits, targets))
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -213,6 +219,7 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
         image_shape: Sequence[int], num_classes: int, mean, std, workdir, seed: int,
         test: tuple[Sequence[Partition], int, int] | None = None,
         writer: metrics.Writer | None = None, use_soft_labels: bool = False,
+        soft_temperature: float = 1.0,
         on_step: Callable[[int], None] | None = None) -> tuple[dict, dict[str, Any]]:
   """Trains `model` from scratch (or resumes) and returns (variables, summary).
 
@@ -244,7 +251,7 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
   step_fn = jax.jit(
       functools.partial(train_step, cfg=cfg, mean=tuple(map(float, mean)),
                         std=tuple(map(float, std)), num_classes=num_classes,
-                        use_soft_labels=use_soft_labels),
+                        use_soft_labels=use_soft_labels, soft_temperature=soft_temperature),
       in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
                     parallel.replicated(mesh)),
       out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),

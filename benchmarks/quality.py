@@ -1,0 +1,210 @@
+"""Quality benchmark: the whole pipeline, synthetic-trained student vs the real-subset student.
+
+Each (suite, variant) runs teacher -> stats -> synthesize -> student -> evaluate
+(-> audit with --audit) in its own workdir, sharing the suite's teacher, writes a
+results JSON and appends a row, with the exact command, to benchmarks/RESULTS.md.
+
+  python benchmarks/quality.py --suite=digits --variant=default
+  python benchmarks/quality.py --suite=cifar10_cpu --variant=classwise_hard
+  python benchmarks/quality.py --suite=digits --list
+  python benchmarks/quality.py --suite=digits --variant=default --set=synthesis.iterations=800
+
+CIFAR-10 suites read the image folder given by --cifar_root (default
+~/.cache/bnsynth/cifar10; unpack ../shared/data/cifar10/cifar10-jpeg.tar.gz there)
+and import the committed teacher pretrained/cifar10_resnet20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'benchmarks'))
+
+SUITES = {
+    'digits': {'config': 'configs/digits.py', 'overrides': {}},
+    'cifar10_cpu': {
+        'config': 'configs/cifar10.py:cpu',
+        'overrides': {'teacher.pretrained': str(REPO / 'pretrained' / 'cifar10_resnet20')},
+    },
+}
+
+# Variants: named override sets. Keep old names stable: RESULTS.md rows cite them.
+VARIANTS = {
+    'digits': {
+        'default': {},
+        'global': {'stats.kind': 'global'},
+        'soft': {'student.labels': 'soft', 'synthesis.soft_label_temperature': 3.0},
+    },
+    'cifar10_cpu': {
+        'classwise_hard': {},
+        'global_hard': {'stats.kind': 'global'},
+        'classwise_soft': {'student.labels': 'soft', 'synthesis.soft_label_temperature': 3.0},
+    },
+}
+
+
+def load_config(spec: str):
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('bench_config', REPO / path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def apply_overrides(config, overrides: dict[str, object]) -> None:
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise SystemExit(f'error: unknown config key {dotted}')
+    current = node[leaf]
+    if isinstance(value, str) and not isinstance(current, str):
+      if isinstance(current, bool):
+        value = value.lower() in ('1', 'true', 'yes')
+      elif isinstance(current, tuple):
+        value = tuple(float(v) for v in value.strip('()').split(',') if v)
+      else:
+        value = type(current)(value)
+    node[leaf] = value
+
+
+def share_teacher(base: pathlib.Path, workdir: pathlib.Path) -> None:
+  """Copies the suite's finished teacher (without its training checkpoints) into workdir."""
+  src, dst = base / 'teacher', workdir / 'teacher'
+  if (src / 'manifest.json').exists() and not dst.exists():
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns('checkpoints'))
+    report = base / 'report.json'
+    if report.exists():
+      teacher = json.loads(report.read_text()).get('teacher', {})
+      workdir.mkdir(parents=True, exist_ok=True)
+      (workdir / 'report.json').write_text(json.dumps({'teacher': teacher}, indent=2))
+
+
+def summarise(report: dict) -> dict:
+  g = lambda path, default=None: _get(report, path, default)
+  return {
+      'teacher_accuracy': g('teacher.test_accuracy'),
+      'stats_kind': g('stats.kind'),
+      'num_images': g('synthesis.num_images'),
+      'iterations': g('synthesis.iterations'),
+      'bn_loss_initial': g('synthesis.bn_loss_initial'),
+      'bn_loss_final': g('synthesis.bn_loss_final'),
+      'teacher_agreement': g('synthesis.teacher_agreement'),
+      'image_iterations_per_second': g('synthesis.image_iterations_per_second'),
+      'labels': g('student.synthetic.labels'),
+      'synthetic_accuracy': g('student.synthetic.test_accuracy'),
+      'real_subset_accuracy': g('student.real_subset.test_accuracy'),
+      'ratio': g('student.ratio'),
+      'synthesis_seconds': g('synthesis.seconds'),
+      'audit': report.get('audit'),
+  }
+
+
+def _get(d, path, default=None):
+  for part in path.split('.'):
+    if not isinstance(d, dict) or part not in d:
+      return default
+    d = d[part]
+  return d
+
+
+def fmt(x, spec='{:.4f}'):
+  return '—' if x is None else spec.format(x)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--suite', required=True, choices=sorted(SUITES))
+  parser.add_argument('--variant', default='default', help='comma-separated variant names')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='extra config overrides (recorded in the command)')
+  parser.add_argument('--root', default=str(REPO / 'benchmarks' / 'results' / 'workdirs'))
+  parser.add_argument('--cifar_root', default='~/.cache/bnsynth/cifar10')
+  parser.add_argument('--audit', action='store_true', help='also run the audit stage')
+  parser.add_argument('--list', action='store_true')
+  parser.add_argument('--no_results_md', action='store_true', help='do not touch RESULTS.md')
+  args = parser.parse_args(argv)
+  if args.list:
+    for name, overrides in VARIANTS[args.suite].items():
+      print(f'{name}: {overrides}')
+    return 0
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from absl import logging
+  logging.set_verbosity(logging.INFO)
+  from bnsynth_jax import pipeline
+  from results_md import append_row
+
+  command = 'python benchmarks/quality.py ' + ' '.join(
+      shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+  suite = SUITES[args.suite]
+  root = pathlib.Path(args.root) / args.suite
+  extra = dict(kv.split('=', 1) for kv in args.set)
+  for variant in args.variant.split(','):
+    if variant not in VARIANTS[args.suite]:
+      raise SystemExit(f'error: unknown variant {variant!r} for {args.suite}: '
+                       f'{", ".join(VARIANTS[args.suite])}')
+    config = load_config(suite['config'])
+    if args.suite.startswith('cifar10'):
+      config.data.root = os.path.expanduser(args.cifar_root)
+    apply_overrides(config, {**suite['overrides'], **VARIANTS[args.suite][variant], **extra})
+    tag = variant + ''.join(f'+{k}={v}' for k, v in sorted(extra.items()))
+    workdir = root / tag.replace('/', '_')
+    share_teacher(root / '_teacher', workdir)
+    stages = 'teacher,stats,synthesize,student,evaluate' + (',audit' if args.audit else '')
+    t0 = time.time()
+    report = pipeline.run(config, str(workdir), stages)
+    if not (root / '_teacher' / 'teacher' / 'manifest.json').exists():
+      (root / '_teacher').mkdir(parents=True, exist_ok=True)
+      shutil.copytree(workdir / 'teacher', root / '_teacher' / 'teacher',
+                      ignore=shutil.ignore_patterns('checkpoints'))
+      (root / '_teacher' / 'report.json').write_text(
+          json.dumps({'teacher': report.get('teacher')}, indent=2))
+    result = {'suite': args.suite, 'variant': tag, 'command': command,
+              'overrides': {**VARIANTS[args.suite][variant], **extra},
+              'wall_seconds': time.time() - t0, **summarise(report)}
+    out = pathlib.Path(args.root).parent / f'quality-{args.suite}-{tag}.json'
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps({k: v for k, v in result.items() if k != 'audit'}, indent=2, default=str))
+    if not args.no_results_md:
+      append_row(f'quality-{args.suite}', f'Quality: {args.suite}', [
+          'variant', 'stats', 'images', 'iterations', 'labels', 'BN loss start -> end',
+          'teacher agreement', 'teacher acc', 'real-subset student', 'synthetic student',
+          'ratio', 'command'], [
+          tag, result['stats_kind'], result['num_images'], result['iterations'],
+          result['labels'],
+          f"{fmt(result['bn_loss_initial'], '{:.2f}')} -> {fmt(result['bn_loss_final'], '{:.2f}')}",
+          fmt(result['teacher_agreement'], '{:.3f}'), fmt(result['teacher_accuracy']),
+          fmt(result['real_subset_accuracy']), fmt(result['synthetic_accuracy']),
+          fmt(result['ratio'], '{:.3f}'), f'`{command}`'])
+      audit = result.get('audit')
+      if audit:
+        g = lambda p: _get(audit, p)
+        append_row(f'audit-{args.suite}', f'Privacy audit: {args.suite}', [
+            'variant', 'NN SSIM max / p99 / p50', 'DCR p01 synthetic / holdout',
+            'closer than holdout p01', 'MIA student AUC', 'student TPR@1%', 'MIA teacher AUC',
+            'teacher TPR@1%', 'command'], [
+            tag, f"{fmt(g('nn_ssim.max'), '{:.3f}')} / {fmt(g('nn_ssim.p99'), '{:.3f}')} / "
+                 f"{fmt(g('nn_ssim.p50'), '{:.3f}')}",
+            f"{fmt(g('dcr.synthetic_p01'), '{:.3f}')} / {fmt(g('dcr.holdout_p01'), '{:.3f}')}",
+            g('synthetic_closer_than_holdout_p01'),
+            fmt(g('mia.student.auc'), '{:.3f}'), fmt(g('mia.student.tpr_at_1pct_fpr'), '{:.3f}'),
+            fmt(g('mia.teacher.auc'), '{:.3f}'), fmt(g('mia.teacher.tpr_at_1pct_fpr'), '{:.3f}'),
+            f'`{command}`'])
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,75 @@
+"""The evaluate stage: every model on the real test split, with a fair baseline.
+
+Runs on the data owner's side. The baseline student is trained with the
+identical recipe (student config: model, optimiser, epochs, augmentation) on a
+class-balanced random subset of the real training split holding as many images
+per class as the synthetic dataset, so the synthetic student's accuracy has its
+fair comparison: student.ratio = synthetic / real_subset.
+"""
+
+from __future__ import annotations
+
+from absl import logging
+
+from bnsynth_jax import (artifacts, fileio, input_pipeline, metrics, models, parallel, pipeline,
+                         report, synthetic_data, train)
+
+
+def _train_real_student(config, workdir, data, name, parts, size, teacher_manifest):
+  cfg = config.student
+  model = models.create_model(cfg.model.name, teacher_manifest['num_classes'],
+                              stem=cfg.model.stem, dtype=cfg.model.dtype)
+  batches = input_pipeline.PartitionedBatches(parts, data.num_partitions, size, cfg.batch_size,
+                                              seed=config.seed)
+  out = pipeline.stage_dir(workdir, 'evaluate') / name
+  writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / name)
+  variables, summary = train.fit(
+      name=name, model=model, cfg=cfg, batches=batches,
+      image_shape=teacher_manifest['image_shape'], num_classes=teacher_manifest['num_classes'],
+      mean=teacher_manifest['mean'], std=teacher_manifest['std'], workdir=out,
+      seed=config.seed + 1,
+      test=(data.split('test'), data.split_size('test'), data.num_partitions), writer=writer)
+  writer.close()
+  values = {'test_accuracy': summary['test_accuracy'], 'train_seconds': summary['train_seconds'],
+            'num_images': size, 'labels': 'hard', 'model': cfg.model.name,
+            'epochs': summary['epochs'], 'steps': summary['steps']}
+  artifacts.save_model(out, model_config=cfg.model, variables=variables,
+                       class_names=teacher_manifest['class_names'],
+                       image_shape=teacher_manifest['image_shape'], mean=teacher_manifest['mean'],
+                       std=teacher_manifest['std'], extra={'trained_on': name, **values})
+  return values
+
+
+def run(config, workdir, data: pipeline.PrivateData) -> dict:
+  mesh = parallel.make_mesh()
+  teacher_manifest = artifacts.load_model(pipeline.stage_dir(workdir, 'teacher'))[2]
+  test = (data.split('test'), data.split_size('test'), data.num_partitions)
+  model, variables, student_manifest = artifacts.load_model(
+      pipeline.stage_dir(workdir, 'student') / 'synthetic')
+  result = train.evaluate(model.apply, parallel.replicate(mesh, variables), *test,
+                          student_manifest['mean'], student_manifest['std'],
+                          config.student.eval_batch_size, mesh)
+  values = {'synthetic': {'test_accuracy': result['accuracy']}}
+  logging.info('synthetic-trained student: test accuracy %.4f', result['accuracy'])
+  synth_manifest = synthetic_data.load_synthetic(
+      pipeline.stage_dir(workdir, 'synthesize'), verify=False).manifest
+  per_class = synth_manifest['images_per_class']
+  if config.evaluate.real_subset:
+    parts, size = input_pipeline.balanced_subset(
+        data.split('train'), data.split_size('train'), data.num_partitions, per_class,
+        teacher_manifest['num_classes'], seed=config.seed)
+    values['real_subset'] = _train_real_student(config, workdir, data, 'real_subset', parts,
+                                                size, teacher_manifest)
+    values['real_subset']['images_per_class'] = per_class
+    values['ratio'] = result['accuracy'] / max(values['real_subset']['test_accuracy'], 1e-12)
+  if config.evaluate.full_real:
+    values['full_real'] = _train_real_student(config, workdir, data, 'full_real',
+                                              data.split('train'), data.split_size('train'),
+                                              teacher_manifest)
+  if parallel.is_main_process():
+    fileio.atomic_write_json(pipeline.stage_dir(workdir, 'evaluate') / 'manifest.json', values)
+  report.update(workdir, {'student': values})
+  return values
+
+
+pipeline.register(pipeline.Stage('evaluate', run))
