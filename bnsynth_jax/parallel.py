@@ -110,9 +110,25 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
       tree)
 
 
+def broadcast_from_main(value: Any) -> Any:
+  """Process 0's value (a small picklable Python object) on every process."""
+  if jax.process_count() == 1:
+    return value
+  import pickle
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(pickle.dumps(value), np.uint8) if is_main_process() else np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int64)))
+  buf = np.zeros(size, np.uint8)
+  buf[:len(data)] = data
+  buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+  return pickle.loads(buf.astype(np.uint8).tobytes())
+
+
 def to_host(tree: Any) -> Any:
   """Global arrays -> numpy on every process (fully replicated or gathered)."""
   def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
       from jax.experimental import multihost_utils
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))

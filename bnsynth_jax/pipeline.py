@@ -117,7 +117,8 @@ def stage_dir(workdir, stage: str):
 
 
 def is_done(workdir, stage: str) -> bool:
-  return (stage_dir(workdir, stage) / 'manifest.json').exists()
+  """Process 0 looks; every process gets the same answer."""
+  return parallel.broadcast_from_main((stage_dir(workdir, stage) / 'manifest.json').exists())
 
 
 def _flatten(cfg: Any, prefix: str = '') -> dict[str, Any]:
@@ -165,8 +166,9 @@ def claim_stage(config, workdir, stage: str, overwrite: bool) -> None:
   d = stage_dir(workdir, stage)
   record = d / 'stage_config.json'
   current = stage_config(config, stage)
-  if record.exists():
-    stored = fileio.read_json(record)
+  # Process 0 reads the record; every process acts on what it found.
+  stored = parallel.broadcast_from_main(fileio.read_json(record) if record.exists() else None)
+  if stored is not None:
     diffs = _config_differences(stored, current)
     if diffs:
       if not overwrite:
@@ -264,6 +266,7 @@ def run(config, workdir: str, stages: str = 'all', overwrite: bool = False) -> d
     t0 = time.perf_counter()
     args = (config, workdir, data) if name in PRIVATE_STAGES else (config, workdir)
     stage.run(*args)
+    parallel.sync(f'stage-{name}-done')
     report.update(workdir, {'timings': {f'{name}_seconds': time.perf_counter() - t0}})
     logging.info('stage %s: finished in %.1fs', name, time.perf_counter() - t0)
   final = report.load(workdir)

@@ -251,23 +251,33 @@ def state_shardings(state, mesh, batch_shape):
                       state)
 
 
-def make_init(problem: Problem, tx, mesh, batch_size: int):
+def batch_keys(seed: int, batch_index):
+  """(noise key, iteration key) of batch `batch_index`: fold_in(seed, i), split in two."""
+  return jax.random.split(jax.random.fold_in(jax.random.key(seed), batch_index))
+
+
+def make_init(problem: Problem, tx, mesh, batch_size: int, seed: int):
+  """init(batch_index) -> SynthState: clipped N(0, 1) noise from batch i's key."""
   shape = (batch_size, *problem.image_shape)
   lo, hi = problem.bounds
 
-  def init(noise_key):
+  def init(batch_index):
+    noise_key = batch_keys(seed, batch_index)[0]
     x = jnp.clip(jax.random.normal(noise_key, shape, jnp.float32), lo, hi)
     return SynthState(x=x, opt_state=tx.init(x), best_x=x,
                       best_loss=jnp.asarray(jnp.inf, jnp.float32),
                       iteration=jnp.asarray(0, jnp.int32))
 
-  abstract = jax.eval_shape(init, jax.random.key(0))
+  abstract = jax.eval_shape(init, np.int32(0))
   shardings = state_shardings(abstract, mesh, shape)
-  return jax.jit(init, out_shardings=shardings), shardings
+  return jax.jit(init, in_shardings=parallel.replicated(mesh), out_shardings=shardings), shardings
 
 
-def make_step(problem: Problem, cfg, tx, mesh, state_sharding, lowres: bool = False):
-  """The jitted synthesis step: (state, labels, key, teacher, targets, student) -> (state, terms)."""
+def make_step(problem: Problem, cfg, tx, mesh, state_sharding, seed: int, lowres: bool = False):
+  """The jitted step: (state, labels, batch_index, teacher, targets, student) -> (state, terms).
+
+  Iteration t of batch i augments with fold_in(iteration key of batch i, t).
+  """
   value_and_grad = jax.value_and_grad(make_loss_fn(problem, cfg, lowres), has_aux=True)
   grad_fn = value_and_grad
   if cfg.stats_scope == 'per_device':
@@ -286,8 +296,8 @@ def make_step(problem: Problem, cfg, tx, mesh, state_sharding, lowres: bool = Fa
                             out_specs=((P(), P()), P(axis)))
   lo, hi = problem.bounds
 
-  def step(state: SynthState, labels, iter_key, teacher_vars, targets, student_vars):
-    rng = jax.random.fold_in(iter_key, state.iteration)
+  def step(state: SynthState, labels, batch_index, teacher_vars, targets, student_vars):
+    rng = jax.random.fold_in(batch_keys(seed, batch_index)[1], state.iteration)
     (loss, terms), grad = grad_fn(state.x, labels, rng, teacher_vars, targets, student_vars)
     updates, opt_state = tx.update(grad, state.opt_state, state.x)
     x = jnp.clip(optax.apply_updates(state.x, updates), lo, hi)
@@ -419,9 +429,9 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
     fileio.atomic_write_json(info_path, run_info)
 
   tx = create_optimizer(cfg, total_iterations)
-  init_fn, sharding = make_init(problem, tx, mesh, batch)
-  step_fn = make_step(problem, cfg, tx, mesh, sharding)
-  lowres_fn = (make_step(problem, cfg, tx, mesh, sharding, lowres=True)
+  init_fn, sharding = make_init(problem, tx, mesh, batch, seed)
+  step_fn = make_step(problem, cfg, tx, mesh, sharding, seed)
+  lowres_fn = (make_step(problem, cfg, tx, mesh, sharding, seed, lowres=True)
                if cfg.multires_iterations else None)
   finalize_fn = make_finalize(problem, cfg, mesh)
   teacher_vars = parallel.replicate(mesh, inputs.teacher_vars)
@@ -430,9 +440,9 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
                   if inputs.student_vars is not None else None)
   timings_path = out_dir / 'timings.json'
   timings = fileio.read_json(timings_path) if timings_path.exists() else {}
-  root_key = jax.random.key(seed)
-  todo = [i for i in range(num_batches)
-          if not synthetic_data.shard_path(out_dir, i).exists()]
+  # Process 0 decides what is left to do (hosts may see the filesystem at different times).
+  todo = parallel.broadcast_from_main(
+      [i for i in range(num_batches) if not synthetic_data.shard_path(out_dir, i).exists()])
   if len(todo) < num_batches:
     logging.info('synthesize: %d of %d batches done already, resuming', num_batches - len(todo),
                  num_batches)
@@ -444,9 +454,8 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
     t_batch = time.perf_counter()
     labels_host = labels_all[i * batch:(i + 1) * batch]
     labels = parallel.to_global(mesh, labels_host[_process_slice(batch)])
-    noise_key, iter_key = jax.random.split(jax.random.fold_in(root_key, i))
-    iter_key = parallel.replicate(mesh, iter_key)
-    state = init_fn(noise_key)
+    batch_index = np.int32(i)
+    state = init_fn(batch_index)
     _, bn_initial = finalize_fn(state.x, labels, teacher_vars, targets)
     ckpt_dir = out_dir / 'inflight' / f'batch-{i:05d}'
     state, start = checkpointing.restore_or_init(ckpt_dir, state)
@@ -455,7 +464,7 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
     pending = []
     for it in range(start, total_iterations):
       fn = lowres_fn if it < cfg.multires_iterations else step_fn
-      state, terms = fn(state, labels, iter_key, teacher_vars, targets, student_vars)
+      state, terms = fn(state, labels, batch_index, teacher_vars, targets, student_vars)
       pending.append(terms)
       done = it + 1
       if it == start:   # the first iteration compiles: time the loop from here on
@@ -605,11 +614,12 @@ def run(config, workdir) -> dict:
                      writer)
   writer.close()
   report.update(workdir, {'synthesis': summary})
-  print(f"synthesis: {summary['num_images']} images, BN loss {summary['bn_loss_initial']:.4f} "
-        f"-> {summary['bn_loss_final']:.4f}, teacher agreement "
-        f"{summary['teacher_agreement']:.4f}, "
-        f"{summary['image_iterations_per_second'] or float('nan'):.1f} image-iterations/s",
-        flush=True)
+  if parallel.is_main_process():
+    print(f"synthesis: {summary['num_images']} images, BN loss {summary['bn_loss_initial']:.4f} "
+          f"-> {summary['bn_loss_final']:.4f}, teacher agreement "
+          f"{summary['teacher_agreement']:.4f}, "
+          f"{summary['image_iterations_per_second'] or float('nan'):.1f} image-iterations/s",
+          flush=True)
   return summary
 
 

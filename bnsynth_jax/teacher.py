@@ -85,7 +85,8 @@ def run(config, workdir, data: pipeline.PrivateData) -> dict:
               'train_seconds': summary['train_seconds'],
               'train_examples': data.split_size('train')}
   report.update(workdir, {'teacher': values})
-  print(f'teacher test accuracy: {values["test_accuracy"]:.4f}', flush=True)
+  if parallel.is_main_process():
+    print(f'teacher test accuracy: {values["test_accuracy"]:.4f}', flush=True)
   return values
 
 

@@ -147,11 +147,14 @@ def batch_targets(batch: Mapping[str, jax.Array], num_classes: int, label_smooth
   return optax.smooth_labels(one_hot, label_smoothing) if label_smoothing else one_hot
 
 
-def train_step(state: TrainState, batch, rng, *, cfg, mean, std, num_classes: int,
+def train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std, num_classes: int,
                use_soft_labels: bool = False, soft_temperature: float = 1.0):
-  """One SGD step. With soft labels (teacher softmax at temperature T), the loss is the
-  distillation loss T^2 * CE(softmax(targets), log_softmax(logits / T))."""
-  aug_rng, mix_rng = jax.random.split(rng)
+  """One SGD step; its augmentation key is fold_in(base_key, step).
+
+  With soft labels (teacher softmax at temperature T), the loss is the distillation
+  loss T^2 * CE(softmax(targets), log_softmax(logits / T)).
+  """
+  aug_rng, mix_rng = jax.random.split(jax.random.fold_in(base_key, step))
   x = batch['images'].astype(jnp.float32) / 255.0
   x = random_crop_flip(aug_rng, x, cfg.crop_padding, cfg.flip)
   targets = batch_targets(batch, num_classes, cfg.label_smoothing, use_soft_labels)
@@ -249,7 +252,7 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
     logging.info('%s: resuming from step %d of %d', name, start_step, total_steps)
 
   step_fn = jax.jit(
-      functools.partial(train_step, cfg=cfg, mean=tuple(map(float, mean)),
+      functools.partial(train_step, base_key=step_key, cfg=cfg, mean=tuple(map(float, mean)),
                         std=tuple(map(float, std)), num_classes=num_classes,
                         use_soft_labels=use_soft_labels, soft_temperature=soft_temperature),
       in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
@@ -285,7 +288,7 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
 
   for step in range(start_step, total_steps):
     batch = parallel.to_global(mesh, batches.get(step))
-    state, step_metrics = step_fn(state, batch, jax.random.fold_in(step_key, step))
+    state, step_metrics = step_fn(state, batch, np.int32(step))
     pending.append(step_metrics)
     done = step + 1
     if step == start_step:

@@ -125,14 +125,13 @@ def run_steps(inputs, cfg, n_steps, batch_index=0):
   problem = inputs.problem
   mesh = parallel.make_mesh()
   tx = synthesis.create_optimizer(cfg, n_steps)
-  init_fn, sharding = synthesis.make_init(problem, tx, mesh, cfg.batch_size)
-  step_fn = synthesis.make_step(problem, cfg, tx, mesh, sharding)
+  init_fn, sharding = synthesis.make_init(problem, tx, mesh, cfg.batch_size, seed=0)
+  step_fn = synthesis.make_step(problem, cfg, tx, mesh, sharding, seed=0)
   labels = parallel.to_global(mesh, synthesis.target_labels(cfg.batch_size, problem.num_classes))
-  noise_key, iter_key = jax.random.split(jax.random.fold_in(jax.random.key(0), batch_index))
-  state = init_fn(noise_key)
+  state = init_fn(np.int32(batch_index))
   rep = lambda t: parallel.replicate(mesh, t)
   for _ in range(n_steps):
-    state, terms = step_fn(state, labels, rep(iter_key), rep(inputs.teacher_vars),
+    state, terms = step_fn(state, labels, np.int32(batch_index), rep(inputs.teacher_vars),
                            rep(inputs.targets), None)
   return np.asarray(state.x), {k: float(v) for k, v in terms.items()}
 
