@@ -44,6 +44,8 @@ VARIANTS = {
         'default': {},
         'global': {'stats.kind': 'global'},
         'soft': {'student.labels': 'soft', 'synthesis.soft_label_temperature': 3.0},
+        'views': {'synthesis.view_epochs': 100, 'synthesis.view_crop_padding': 1,
+                  'synthesis.view_flip': False, 'student.labels': 'views'},
     },
     'cifar10_cpu': {
         'classwise_hard': {},
@@ -90,6 +92,72 @@ def share_teacher(base: pathlib.Path, workdir: pathlib.Path) -> None:
       teacher = json.loads(report.read_text()).get('teacher', {})
       workdir.mkdir(parents=True, exist_ok=True)
       (workdir / 'report.json').write_text(json.dumps({'teacher': teacher}, indent=2))
+
+
+def _same(a: dict, b: dict) -> bool:
+  return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def real_subset_fingerprint(config) -> dict:
+  """What the real-subset baseline depends on (not the synthetic labels or synthesis)."""
+  from bnsynth_jax import pipeline
+  keep = ('seed', 'data.', 'model.', 'teacher.', 'student.', 'synthesis.images_per_class')
+  flat = pipeline.stage_config(config, 'evaluate')
+  return {k: v for k, v in flat.items()
+          if k.startswith(keep) and k != 'student.labels'}
+
+
+def reuse_finished_stages(root: pathlib.Path, workdir: pathlib.Path, config) -> None:
+  """Copies, from sibling workdirs of the suite, every finished stage whose recorded
+  configuration equals this variant's (and its report keys), so that e.g. a variant
+  that only changes the student's labels reuses the synthetic dataset."""
+  from bnsynth_jax import pipeline
+  siblings = [d for d in root.iterdir() if d.is_dir() and d != workdir] if root.exists() else []
+  report_path = workdir / 'report.json'
+  for stage in pipeline.STAGES:
+    target = pipeline.stage_dir(workdir, stage)
+    if (target / 'manifest.json').exists():
+      continue
+    want = pipeline.stage_config(config, stage)
+    for sib in siblings:
+      src = pipeline.stage_dir(sib, stage)
+      record = src / 'stage_config.json'
+      if (src / 'manifest.json').exists() and record.exists() and _same(
+          json.loads(record.read_text()), want):
+        if target.exists():
+          shutil.rmtree(target)
+        shutil.copytree(src, target, ignore=shutil.ignore_patterns('checkpoints', 'inflight'))
+        report = json.loads(report_path.read_text()) if report_path.exists() else {}
+        sib_report = json.loads((sib / 'report.json').read_text())
+        for dotted in pipeline.REPORT_KEYS[stage]:
+          value = _get(sib_report, dotted)
+          if value is not None:
+            *parents, leaf = dotted.split('.')
+            node = report
+            for part in parents:
+              node = node.setdefault(part, {})
+            node[leaf] = value
+        workdir.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report, indent=2))
+        print(f'reusing {stage} from {sib.name}', flush=True)
+        break
+    else:
+      break   # a later stage cannot be reused if this one is not
+  # The real-subset baseline: the same recipe gives the same model; resume it at its end.
+  fp = real_subset_fingerprint(config)
+  target = pipeline.stage_dir(workdir, 'evaluate') / 'real_subset'
+  if not (target / 'checkpoints').exists():
+    for sib in siblings:
+      src = pipeline.stage_dir(sib, 'evaluate') / 'real_subset'
+      fp_file = sib / 'real_subset_fingerprint.json'
+      if (src / 'manifest.json').exists() and fp_file.exists() and _same(
+          json.loads(fp_file.read_text()), fp):
+        shutil.copytree(src / 'checkpoints', target / 'checkpoints')
+        shutil.copy(src / 'progress.json', target / 'progress.json')
+        print(f'reusing the real-subset baseline from {sib.name}', flush=True)
+        break
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'real_subset_fingerprint.json').write_text(json.dumps(fp, indent=2, default=str))
 
 
 def summarise(report: dict) -> dict:
@@ -162,6 +230,7 @@ def main(argv=None) -> int:
     tag = variant + ''.join(f'+{k}={v}' for k, v in sorted(extra.items()))
     workdir = root / tag.replace('/', '_')
     share_teacher(root / '_teacher', workdir)
+    reuse_finished_stages(root, workdir, config)
     stages = 'teacher,stats,synthesize,student,evaluate' + (',audit' if args.audit else '')
     t0 = time.time()
     report = pipeline.run(config, str(workdir), stages)

@@ -96,6 +96,12 @@ def default_config() -> ml_collections.ConfigDict:
   s.stats_scope = 'global'      # global (exact over the global batch) | per_device
   s.dtype = 'float32'           # teacher forward/backward dtype (images, moments float32)
   s.soft_label_temperature = 1.0   # teacher soft labels stored with the dataset
+  # Per-view soft labels (SRe2L-style relabelling, done here so the teacher is never
+  # released): the teacher's labels of each image's crop+flip in each of view_epochs
+  # student epochs. Use with student.labels=views and the same crop_padding / flip.
+  s.view_epochs = 0             # 0 = off
+  s.view_crop_padding = 4
+  s.view_flip = True
   s.log_every_iterations = 50
   s.checkpoint_every_iterations = 100   # mid-batch checkpoints (0 = only whole batches)
   s.teacher_dir = ''            # '' = WORKDIR/teacher; a third party points at the files it got
@@ -107,7 +113,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.student.model.name = 'resnet20'
   c.student.model.stem = 'cifar'
   c.student.model.dtype = 'float32'
-  c.student.labels = 'hard'     # hard (target labels) | soft (teacher soft labels, distillation)
+  c.student.labels = 'hard'     # hard | soft (teacher soft labels) | views (per-view soft labels)
 
   # --- evaluate (the data owner's side: real test split, and the fair baseline)
   c.evaluate = ml_collections.ConfigDict()

@@ -10,20 +10,42 @@ by the evaluate stage, on the data owner's side.
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from bnsynth_jax import (artifacts, fileio, input_pipeline, metrics, models, parallel, pipeline,
                          report, synthetic_data, train)
 from bnsynth_jax.errors import UserError
 
-LABELS = ('hard', 'soft')
+LABELS = ('hard', 'soft', 'views')
 
 
 def synthetic_partitions(ds: synthetic_data.SyntheticDataset, num_partitions: int,
-                         partition_ids) -> list[input_pipeline.Partition]:
+                         partition_ids, with_views: bool = False) -> list[input_pipeline.Partition]:
   n = len(ds)
-  return [input_pipeline.Partition(p, ds.images[m], ds.labels[m],
-                                   extras={'soft_labels': ds.soft_labels[m]})
-          for p in partition_ids for m in [input_pipeline.partition_members(n, num_partitions, p)]]
+  parts = []
+  for p in partition_ids:
+    m = input_pipeline.partition_members(n, num_partitions, p)
+    extras = {'soft_labels': ds.soft_labels[m], 'index': m.astype(np.int32)}
+    if with_views:
+      extras['view_soft_labels'] = ds.view_soft_labels[m]
+    parts.append(input_pipeline.Partition(p, ds.images[m], ds.labels[m], extras=extras))
+  return parts
+
+
+def check_views(cfg, manifest) -> dict:
+  """The student must replay exactly the views the teacher labelled."""
+  views = manifest.get('views')
+  if not views:
+    raise UserError('student.labels=views needs per-view soft labels: synthesise with '
+                    'synthesis.view_epochs > 0 (e.g. the student\'s epochs)')
+  if (cfg.crop_padding, bool(cfg.flip)) != (views['crop_padding'], bool(views['flip'])):
+    raise UserError(f'student.crop_padding/flip ({cfg.crop_padding}, {cfg.flip}) differ from the '
+                    f'views the teacher labelled ({views["crop_padding"]}, {views["flip"]}): set '
+                    'them equal to synthesis.view_crop_padding / view_flip')
+  if cfg.mixup_alpha or cfg.cutmix_alpha:
+    raise UserError('student.labels=views cannot be combined with mixup or cutmix (the teacher '
+                    'labelled unmixed views): set student.mixup_alpha=0 and cutmix_alpha=0')
+  return views
 
 
 def validate(config) -> None:
@@ -41,20 +63,21 @@ def run(config, workdir) -> dict:
   num_partitions = input_pipeline.resolve_num_partitions(config.data, jax.process_count())
   partition_ids = input_pipeline.partition_ids_for_process(
       num_partitions, jax.process_index(), jax.process_count())
-  parts = synthetic_partitions(ds, num_partitions, partition_ids)
+  views = check_views(cfg, manifest) if cfg.labels == 'views' else None
+  parts = synthetic_partitions(ds, num_partitions, partition_ids, with_views=views is not None)
   batches = input_pipeline.PartitionedBatches(parts, num_partitions, len(ds), cfg.batch_size,
                                               seed=config.seed)
   model = models.create_model(cfg.model.name, manifest['num_classes'], stem=cfg.model.stem,
                               dtype=cfg.model.dtype)
   out = pipeline.stage_dir(workdir, 'student') / 'synthetic'
   writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / 'student')
-  use_soft = cfg.labels == 'soft'
   variables, summary = train.fit(
       name='student', model=model, cfg=cfg, batches=batches,
       image_shape=manifest['image_shape'], num_classes=manifest['num_classes'],
       mean=manifest['mean'], std=manifest['std'], workdir=out, seed=config.seed + 1,
-      writer=writer, use_soft_labels=use_soft,
-      soft_temperature=manifest['soft_label_temperature'])
+      writer=writer, labels=cfg.labels, soft_temperature=manifest['soft_label_temperature'],
+      views=None if views is None else {'key': jax.random.key(views['seed']),
+                                        'epochs': views['epochs']})
   writer.close()
   values = {'train_seconds': summary['train_seconds'], 'labels': cfg.labels,
             'num_images': len(ds), 'model': cfg.model.name, 'epochs': summary['epochs'],

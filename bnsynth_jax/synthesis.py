@@ -343,6 +343,27 @@ def make_finalize(problem: Problem, cfg, mesh):
                  out_shardings=(data, repl))
 
 
+def make_view_labeler(problem: Problem, cfg, mesh, seed: int):
+  """labeler(images_u8, indices, epoch, teacher) -> teacher softmax(logits / T) of the view
+  train.view_crop_flip(key(seed), epoch, indices) of each image (the student replays it)."""
+  from bnsynth_jax import train
+  view_key = jax.random.key(seed)
+
+  def labeler(images, indices, epoch, teacher_vars):
+    x = train.view_crop_flip(view_key, epoch, indices, images.astype(jnp.float32) / 255.0,
+                             cfg.view_crop_padding, cfg.view_flip)
+    x = (x - jnp.asarray(problem.mean)) / jnp.asarray(problem.std)
+    logits = problem.eval_model.apply(teacher_vars, x, train=False).astype(jnp.float32)
+    return jax.nn.softmax(logits / cfg.soft_label_temperature)
+
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(labeler, in_shardings=(data, data, repl, repl), out_shardings=data)
+
+
+def view_seed(seed: int) -> int:
+  return seed + 1_000_003
+
+
 # ----------------------------------------------------------------------------
 # Inputs: the teacher artifact and the statistics artifact (no private data)
 
@@ -417,7 +438,7 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
   run_info = {'teacher_sha256': inputs.teacher_manifest['variables_sha256'],
               'statistics_sha256': inputs.stats_manifest['statistics_sha256'],
               'num_images': num_images, 'batch_size': batch, 'seed': seed,
-              'total_iterations': total_iterations}
+              'total_iterations': total_iterations, 'view_epochs': cfg.view_epochs}
   info_path = out_dir / 'run_info.json'
   if info_path.exists():
     stored = fileio.read_json(info_path)
@@ -434,6 +455,7 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
   lowres_fn = (make_step(problem, cfg, tx, mesh, sharding, seed, lowres=True)
                if cfg.multires_iterations else None)
   finalize_fn = make_finalize(problem, cfg, mesh)
+  labeler = make_view_labeler(problem, cfg, mesh, view_seed(seed)) if cfg.view_epochs else None
   teacher_vars = parallel.replicate(mesh, inputs.teacher_vars)
   targets = parallel.replicate(mesh, inputs.targets)
   student_vars = (parallel.replicate(mesh, inputs.student_vars)
@@ -503,10 +525,17 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
     if not (np.all(np.isfinite(host['loss'])) and np.all(np.isfinite(bn_values))):
       raise UserError(f'synthesis batch {i} ended with a non-finite loss: lower '
                       'synthesis.learning_rate; nothing of this batch was written')
+    views = {}
+    if labeler is not None:   # per-view soft labels: [B, epochs, K], float16 to keep it small
+      indices = parallel.to_global(mesh, np.arange(i * batch, (i + 1) * batch, dtype=np.int32)[
+          _process_slice(batch)])
+      per_epoch = [parallel.to_host(labeler(per_image['images'], indices, np.int32(e),
+                                            teacher_vars)) for e in range(cfg.view_epochs)]
+      views['view_soft_labels'] = np.stack(per_epoch, axis=1).astype(np.float16)
     checkpointing.close(ckpt_dir)
     if parallel.is_main_process():
       synthetic_data.write_shard(out_dir, i, {
-          **{k: np.asarray(v) for k, v in host.items()},
+          **{k: np.asarray(v) for k, v in host.items()}, **views,
           'bn_loss_initial': bn_values[0], 'bn_loss_final': bn_values[1]})
       # Steady-state rate: the first (compiling) iteration of each batch is not timed.
       timings[str(i)] = {'seconds': time.perf_counter() - t_batch,
@@ -548,6 +577,9 @@ def finish(inputs: Inputs, cfg, out_dir, seed: int, num_batches: int, timings: d
       'statistics_sha256': inputs.stats_manifest['statistics_sha256'],
       'stats_kind': inputs.stats_manifest['kind'],
       'soft_label_temperature': cfg.soft_label_temperature,
+      'views': ({'epochs': cfg.view_epochs, 'crop_padding': cfg.view_crop_padding,
+                 'flip': cfg.view_flip, 'seed': view_seed(seed),
+                 'temperature': cfg.soft_label_temperature} if cfg.view_epochs else None),
       'seed': seed,
       'synthesis_config': json.loads(cfg.to_json_best_effort()),
       'shards': shards,

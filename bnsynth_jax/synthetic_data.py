@@ -7,6 +7,8 @@ Format (WORKDIR/synthetic/, "bnsynth-synthetic-v1"):
       loss          float32[B]            teacher cross-entropy on the released (uint8) image
       confidence    float32[B]            teacher probability of the target class
       soft_labels   float32[B, K]         teacher softmax at manifest['soft_label_temperature']
+      view_soft_labels float16[B, E, K]   (if manifest['views']) teacher softmax of each image's
+                                          crop+flip in each of E student epochs
       bn_loss_initial, bn_loss_final  float32 scalars (the batch's BN loss on noise / result)
   manifest.json            format, counts, classes, image shape, normalisation, teacher and
                            statistics sha256, the synthesis config, each shard's sha256.
@@ -52,6 +54,7 @@ class SyntheticDataset:
   loss: np.ndarray
   confidence: np.ndarray
   manifest: dict[str, Any]
+  view_soft_labels: np.ndarray | None = None   # float16 [N, epochs, K] if relabelled
 
   def __len__(self):
     return len(self.labels)
@@ -72,6 +75,7 @@ def load_synthetic(directory, verify: bool = True) -> SyntheticDataset:
   if manifest.get('format') != FORMAT:
     raise UserError(f'{directory} has format {manifest.get("format")!r}, expected {FORMAT}')
   fields: dict[str, list[np.ndarray]] = {k: [] for k in ARRAY_FIELDS}
+  views: list[np.ndarray] = []
   for shard in manifest['shards']:
     path = directory / 'shards' / shard['file']
     data = path.read_bytes()
@@ -81,8 +85,11 @@ def load_synthetic(directory, verify: bool = True) -> SyntheticDataset:
     arrays = fileio.read_npz_bytes(data)
     for k in ARRAY_FIELDS:
       fields[k].append(arrays[k])
+    if 'view_soft_labels' in arrays:
+      views.append(arrays['view_soft_labels'])
   cat = {k: np.concatenate(v) for k, v in fields.items()}
-  return SyntheticDataset(manifest=manifest, **cat)
+  return SyntheticDataset(manifest=manifest, **cat,
+                          view_soft_labels=np.concatenate(views) if views else None)
 
 
 def as_tf_dataset(directory):

@@ -42,20 +42,36 @@ def normalise(images_u8: jax.Array, mean, std) -> jax.Array:
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def random_crop_flip(rng: jax.Array, x: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
-  """torchvision RandomCrop(padding=p, zero fill) + RandomHorizontalFlip on [0,1] images."""
-  b, h, w, _ = x.shape
-  crop_rng, flip_rng = jax.random.split(rng)
+def crop_flip_one(key: jax.Array, img: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
+  """torchvision RandomCrop(padding=p, zero fill) + RandomHorizontalFlip of one [0,1] image."""
+  h, w, c = img.shape
+  crop_key, flip_key = jax.random.split(key)
   if crop_padding:
     p = crop_padding
-    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    offsets = jax.random.randint(crop_rng, (b, 2), 0, 2 * p + 1)
-    x = jax.vmap(lambda img, o: jax.lax.dynamic_slice(
-        img, (o[0], o[1], 0), (h, w, img.shape[-1])))(padded, offsets)
+    offset = jax.random.randint(crop_key, (2,), 0, 2 * p + 1)
+    img = jax.lax.dynamic_slice(jnp.pad(img, ((p, p), (p, p), (0, 0))),
+                                (offset[0], offset[1], 0), (h, w, c))
   if flip:
-    do_flip = jax.random.bernoulli(flip_rng, 0.5, (b, 1, 1, 1))
-    x = jnp.where(do_flip, x[:, :, ::-1, :], x)
-  return x
+    img = jnp.where(jax.random.bernoulli(flip_key), img[:, ::-1, :], img)
+  return img
+
+
+def random_crop_flip(rng: jax.Array, x: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
+  """Crop + flip of a batch, an independent key per example."""
+  keys = jax.random.split(rng, x.shape[0])
+  return jax.vmap(lambda k, img: crop_flip_one(k, img, crop_padding, flip))(keys, x)
+
+
+def view_crop_flip(view_key: jax.Array, epoch, indices: jax.Array, x: jax.Array,
+                   crop_padding: int, flip: bool) -> jax.Array:
+  """The crop + flip of example `indices[n]` in `epoch`: a pure function of those two.
+
+  The synthesis stage labels these exact views with the teacher (per-view soft labels);
+  the student replays them, so the teacher itself never has to be released.
+  """
+  epoch_key = jax.random.fold_in(view_key, epoch)
+  keys = jax.vmap(lambda i: jax.random.fold_in(epoch_key, i))(indices)
+  return jax.vmap(lambda k, img: crop_flip_one(k, img, crop_padding, flip))(keys, x)
 
 
 def mix(rng: jax.Array, x: jax.Array, targets: jax.Array, mixup_alpha: float,
@@ -148,23 +164,32 @@ def batch_targets(batch: Mapping[str, jax.Array], num_classes: int, label_smooth
 
 
 def train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std, num_classes: int,
-               use_soft_labels: bool = False, soft_temperature: float = 1.0):
+               labels: str = 'hard', soft_temperature: float = 1.0, views: dict | None = None):
   """One SGD step; its augmentation key is fold_in(base_key, step).
 
-  With soft labels (teacher softmax at temperature T), the loss is the distillation
-  loss T^2 * CE(softmax(targets), log_softmax(logits / T)).
+  labels: 'hard' (one-hot, optional smoothing), 'soft' (batch['soft_labels']) or
+  'views' (batch['view_soft_labels'][:, epoch]: teacher labels of this epoch's exact
+  crop of each image; `views` = {'key', 'steps_per_epoch', 'epochs'}). Soft targets
+  use the distillation loss T^2 * CE(targets, log_softmax(logits / T)).
   """
   aug_rng, mix_rng = jax.random.split(jax.random.fold_in(base_key, step))
   x = batch['images'].astype(jnp.float32) / 255.0
-  x = random_crop_flip(aug_rng, x, cfg.crop_padding, cfg.flip)
-  targets = batch_targets(batch, num_classes, cfg.label_smoothing, use_soft_labels)
+  if labels == 'views':
+    epoch = step // views['steps_per_epoch']
+    x = view_crop_flip(views['key'], epoch % views['epochs'], batch['index'], x,
+                       cfg.crop_padding, cfg.flip)
+    targets = jnp.take(batch['view_soft_labels'].astype(jnp.float32), epoch % views['epochs'],
+                       axis=1)
+  else:
+    x = random_crop_flip(aug_rng, x, cfg.crop_padding, cfg.flip)
+    targets = batch_targets(batch, num_classes, cfg.label_smoothing, labels == 'soft')
   x, targets = mix(mix_rng, x, targets, cfg.mixup_alpha, cfg.cutmix_alpha)
   x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
   def loss_fn(params):
     logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
                                      x, train=True, mutable=['batch_stats'])
-    if use_soft_labels:
+    if labels != 'hard':
       t = soft_temperature
       loss = t * t * jnp.mean(cross_entropy(logits / t, targets))
     else:
@@ -221,8 +246,8 @@ def num_train_steps(cfg, steps_per_epoch: int) -> int:
 def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
         image_shape: Sequence[int], num_classes: int, mean, std, workdir, seed: int,
         test: tuple[Sequence[Partition], int, int] | None = None,
-        writer: metrics.Writer | None = None, use_soft_labels: bool = False,
-        soft_temperature: float = 1.0,
+        writer: metrics.Writer | None = None, labels: str = 'hard',
+        soft_temperature: float = 1.0, views: dict | None = None,
         on_step: Callable[[int], None] | None = None) -> tuple[dict, dict[str, Any]]:
   """Trains `model` from scratch (or resumes) and returns (variables, summary).
 
@@ -254,7 +279,9 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
   step_fn = jax.jit(
       functools.partial(train_step, base_key=step_key, cfg=cfg, mean=tuple(map(float, mean)),
                         std=tuple(map(float, std)), num_classes=num_classes,
-                        use_soft_labels=use_soft_labels, soft_temperature=soft_temperature),
+                        labels=labels, soft_temperature=soft_temperature,
+                        views=None if views is None else {**views,
+                                                          'steps_per_epoch': steps_per_epoch}),
       in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
                     parallel.replicated(mesh)),
       out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),

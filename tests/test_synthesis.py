@@ -209,3 +209,26 @@ def test_altered_shard_is_refused(tmp_path):
   shard.write_bytes(bytes(data))
   with pytest.raises(UserError, match='altered'):
     synthetic_data.load_synthetic(tmp_path / 'synthetic')
+
+
+def test_per_view_soft_labels_are_the_teachers_labels_of_the_replayed_views(tmp_path):
+  from bnsynth_jax import train
+  teacher_dir, stats_dir = make_artifacts(tmp_path, 'global')
+  cfg = synth_config(iterations=2, view_epochs=3, view_crop_padding=1, view_flip=True,
+                     soft_label_temperature=2.0)
+  inputs = synthesis.load_inputs(cfg, teacher_dir, stats_dir)
+  synthesis.generate(inputs, cfg, tmp_path / 'synthetic', seed=5)
+  ds = synthetic_data.load_synthetic(tmp_path / 'synthetic')
+  views = ds.manifest['views']
+  assert ds.view_soft_labels.shape == (16, 3, 4) and views['epochs'] == 3
+  # What the student step does for epoch 2 on images 3, 7, 11 (any batch composition):
+  idx = np.array([3, 7, 11], np.int32)
+  x = train.view_crop_flip(jax.random.key(views['seed']), 2, idx,
+                           ds.images[idx].astype(np.float32) / 255.0, 1, True)
+  problem = inputs.problem
+  logits = problem.eval_model.apply(inputs.teacher_vars,
+                                    (x - np.asarray(problem.mean)) / np.asarray(problem.std))
+  want = jax.nn.softmax(logits / 2.0)
+  np.testing.assert_allclose(ds.view_soft_labels[idx, 2].astype(np.float32), want, atol=2e-3)
+  # Views differ between epochs (different crops), and are not the plain soft labels.
+  assert not np.allclose(ds.view_soft_labels[:, 0], ds.view_soft_labels[:, 1], atol=1e-3)

@@ -1,0 +1,351 @@
+"""Throughput: the synthesis step (image-iterations/s) and the training step (images/s).
+
+Measures the project's own jitted steps (synthesis.make_step, train.train_step) for
+each model x dtype x batch size, the FLOPs per step from XLA's compiled cost
+analysis, the achieved FLOP/s and its fraction of the device's peak, and, with
+--torch, the same synthesis step written in PyTorch eager (a BN-input forward
+hook per layer, Adam on the input), in the same process on the same machine.
+Appends a table to benchmarks/RESULTS.md with the command.
+
+  python benchmarks/throughput.py --models=resnet20 --batch_sizes=128 --torch
+  python benchmarks/throughput.py --models=resnet18,resnet50 --dtypes=float32,bfloat16
+
+The synthesis step matches global BN statistics with per-image random roll and
+flip in both frameworks, as DeepInversion does (class-wise: --stats_kind=classwise,
+JAX only). Peak FLOP/s: a table for known accelerators; on CPU, a measured
+float32 matrix-multiply rate (stated as such), or --peak_tflops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shlex
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'benchmarks'))
+
+# Dense peak TFLOP/s by device kind (substring match) for (float32, bfloat16).
+PEAKS = {
+    'H100': (67.0, 989.0), 'H200': (67.0, 989.0), 'A100': (19.5, 312.0),
+    'TPU v4': (275.0, 275.0), 'TPU v5 lite': (197.0, 197.0), 'TPU v5': (459.0, 459.0),
+}
+IMAGE_SIZE = {'resnet20': 32, 'resnet32': 32, 'resnet56': 32, 'resnet18': 32, 'resnet50': 224}
+
+
+def time_steps(run_one, warmup: int, steps: int, repeats: int) -> float:
+  """Median seconds per step over `repeats` timed runs of `steps` steps."""
+  for _ in range(warmup):
+    run_one()
+  per_step = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      run_one()
+    per_step.append((time.perf_counter() - t0) / steps)
+  return statistics.median(per_step)
+
+
+def compiled_flops(jitted, *args) -> float | None:
+  try:
+    cost = jitted.lower(*args).compile().cost_analysis()
+  except Exception:  # noqa: BLE001 - cost analysis is best effort on some backends
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float(cost.get('flops', 0.0)) or None if cost else None
+
+
+def peak_flops(dtype: str, override_tflops: float | None):
+  import jax
+  import jax.numpy as jnp
+  if override_tflops:
+    return override_tflops * 1e12, 'given'
+  kind = jax.devices()[0].device_kind
+  for key, (f32, bf16) in PEAKS.items():
+    if key.lower() in kind.lower():
+      return (bf16 if dtype == 'bfloat16' else f32) * 1e12, f'{key} datasheet'
+  # CPU: a measured float32 GEMM rate is the practical peak.
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
+  mm = jax.jit(lambda a: a @ a)
+  mm(a).block_until_ready()
+  t = time_steps(lambda: mm(a).block_until_ready(), 2, 10, 3)
+  return 2 * n ** 3 / t, 'measured f32 GEMM'
+
+
+# ----------------------------------------------------------------------------
+# JAX
+
+
+def jax_synthesis(model_name, batch, dtype, image_size, stats_kind, args):
+  import jax
+  import numpy as np
+  from bnsynth_jax import config_lib, models, parallel, stats as stats_lib, synthesis
+  cfg = config_lib.default_config().synthesis
+  cfg.dtype = dtype
+  num_classes = 10
+  model = models.create_model(model_name, num_classes, dtype=dtype)
+  eval_model = models.create_model(model_name, num_classes)
+  shape = (image_size, image_size, 3)
+  variables = models.init_variables(model, jax.random.key(0), shape)
+  glob = stats_lib.global_statistics(variables)
+  if stats_kind == 'classwise':
+    glob = {k: {n: np.repeat(v[None], num_classes, 0) for n, v in d.items()}
+            for k, d in glob.items()}
+  layers = stats_lib.layer_order(model, variables, shape)
+  weights = {'/'.join(p): (cfg.first_bn_multiplier if i == 0 else 1.0)
+             for i, p in enumerate(layers)}
+  problem = synthesis.Problem(model=model, eval_model=eval_model, num_classes=num_classes,
+                              image_shape=shape, classwise=stats_kind == 'classwise',
+                              layer_weights=weights, mean=(0.5, 0.5, 0.5), std=(0.25,) * 3)
+  mesh = parallel.make_mesh()
+  tx = synthesis.create_optimizer(cfg, 1000)
+  init_fn, sharding = synthesis.make_init(problem, tx, mesh, batch, seed=0)
+  step_fn = synthesis.make_step(problem, cfg, tx, mesh, sharding, seed=0)
+  labels = parallel.to_global(mesh, synthesis.target_labels(batch, num_classes))
+  targets = parallel.replicate(mesh, jax.tree.map(lambda a: np.asarray(a, np.float32), glob))
+  teacher = parallel.replicate(mesh, variables)
+  state = [init_fn(np.int32(0))]
+  flops = compiled_flops(step_fn, state[0], labels, np.int32(0), teacher, targets, None)
+
+  def one():
+    state[0], terms = step_fn(state[0], labels, np.int32(0), teacher, targets, None)
+    jax.block_until_ready(terms['loss'])
+  seconds = time_steps(one, args.warmup, args.steps, args.repeats)
+  return seconds, flops
+
+
+def jax_train(model_name, batch, dtype, image_size, args):
+  import functools
+  import jax
+  import numpy as np
+  from bnsynth_jax import config_lib, models, parallel, train
+  cfg = config_lib.train_config()
+  model = models.create_model(model_name, 10, dtype=dtype)
+  mesh = parallel.make_mesh()
+  shape = (image_size, image_size, 3)
+  tx = train.create_optimizer(cfg, train.create_learning_rate(cfg, 100, 1000))
+  state = [train.create_train_state(jax.random.key(0), model, shape, tx, mesh)]
+  step_fn = jax.jit(functools.partial(train.train_step, base_key=jax.random.key(1), cfg=cfg,
+                                      mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10),
+                    in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
+                                  parallel.replicated(mesh)),
+                    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+                    donate_argnums=0)
+  rng = np.random.default_rng(0)
+  batch_data = parallel.to_global(mesh, {
+      'images': rng.integers(0, 256, (batch, *shape), dtype=np.uint8),
+      'labels': rng.integers(0, 10, batch).astype(np.int32)})
+  flops = compiled_flops(step_fn, state[0], batch_data, np.int32(0))
+
+  def one():
+    state[0], m = step_fn(state[0], batch_data, np.int32(0))
+    jax.block_until_ready(m['loss'])
+  seconds = time_steps(one, args.warmup, args.steps, args.repeats)
+  return seconds, flops
+
+
+# ----------------------------------------------------------------------------
+# PyTorch eager (optional dependency)
+
+
+def torch_resnet(model_name: str, num_classes: int = 10):
+  """The same architectures as bnsynth_jax.models, in PyTorch (NCHW)."""
+  import torch.nn as tnn
+
+  class Basic(tnn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = tnn.BatchNorm2d(cout)
+      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = tnn.BatchNorm2d(cout)
+      self.proj = None
+      if stride != 1 or cin != cout:
+        self.proj = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False),
+                                   tnn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      y = self.bn2(self.conv2(tnn.functional.relu(self.bn1(self.conv1(x)))))
+      return tnn.functional.relu(y + (self.proj(x) if self.proj is not None else x))
+
+  class Bottleneck(tnn.Module):
+    def __init__(self, cin, width, stride):
+      super().__init__()
+      cout = width * 4
+      self.c1, self.b1 = tnn.Conv2d(cin, width, 1, bias=False), tnn.BatchNorm2d(width)
+      self.c2 = tnn.Conv2d(width, width, 3, stride, 1, bias=False)
+      self.b2 = tnn.BatchNorm2d(width)
+      self.c3, self.b3 = tnn.Conv2d(width, cout, 1, bias=False), tnn.BatchNorm2d(cout)
+      self.proj = None
+      if stride != 1 or cin != cout:
+        self.proj = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False),
+                                   tnn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      r = tnn.functional.relu
+      y = self.b3(self.c3(r(self.b2(self.c2(r(self.b1(self.c1(x))))))))
+      return r(y + (self.proj(x) if self.proj is not None else x))
+
+  if model_name.startswith('resnet') and model_name[6:].isdigit() and int(model_name[6:]) % 6 == 2:
+    n = (int(model_name[6:]) - 2) // 6
+    stages, widths, block, stem, stem_w = [n] * 3, [16, 32, 64], Basic, 'cifar', 16
+  elif model_name == 'resnet18':
+    stages, widths, block, stem, stem_w = [2, 2, 2, 2], [64, 128, 256, 512], Basic, 'cifar', 64
+  elif model_name == 'resnet50':
+    stages, widths, block, stem, stem_w = [3, 4, 6, 3], [64, 128, 256, 512], Bottleneck, \
+        'imagenet', 64
+  else:
+    raise SystemExit(f'no PyTorch twin for {model_name}')
+  layers = []
+  if stem == 'cifar':
+    layers += [tnn.Conv2d(3, stem_w, 3, 1, 1, bias=False), tnn.BatchNorm2d(stem_w), tnn.ReLU()]
+  else:
+    layers += [tnn.Conv2d(3, stem_w, 7, 2, 3, bias=False), tnn.BatchNorm2d(stem_w), tnn.ReLU(),
+               tnn.MaxPool2d(3, 2, 1)]
+  cin = stem_w
+  for i, (nb, w) in enumerate(zip(stages, widths)):
+    for j in range(nb):
+      layers.append(block(cin, w, 2 if i > 0 and j == 0 else 1))
+      cin = w * (4 if block is Bottleneck else 1)
+  layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, num_classes)]
+  return tnn.Sequential(*layers)
+
+
+def torch_synthesis(model_name, batch, dtype, image_size, args):
+  import torch
+  import torch.nn as tnn
+  torch.manual_seed(0)
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  model = torch_resnet(model_name).to(device).eval()
+  for p in model.parameters():
+    p.requires_grad_(False)
+  terms = []
+
+  def hook(module, inputs, _):
+    a = inputs[0].float()
+    mu = a.mean(dim=(0, 2, 3))
+    var = a.permute(1, 0, 2, 3).reshape(a.shape[1], -1).var(1, unbiased=False)
+    terms.append(torch.norm(mu - module.running_mean, 2) +
+                 torch.norm(var - module.running_var, 2))
+
+  bns = [m for m in model.modules() if isinstance(m, tnn.BatchNorm2d)]
+  for m in bns:
+    m.register_forward_hook(hook)
+  weights = [10.0] + [1.0] * (len(bns) - 1)
+  x = torch.randn(batch, 3, image_size, image_size, device=device, requires_grad=True)
+  labels = torch.arange(batch, device=device) % 10
+  opt = torch.optim.Adam([x], lr=0.1, betas=(0.5, 0.99))
+  ar = torch.arange(image_size, device=device)
+  autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16)
+              if dtype == 'bfloat16' else torch.autocast(device_type=device, enabled=False))
+
+  def one():
+    terms.clear()
+    opt.zero_grad(set_to_none=True)
+    # Per-image random roll (+-2 px) and flip, as the JAX step does.
+    shift = torch.randint(-2, 3, (batch, 2), device=device)
+    ih = (ar[None, :] - shift[:, :1]) % image_size
+    iw = (ar[None, :] - shift[:, 1:]) % image_size
+    flip = torch.rand(batch, device=device) < 0.5
+    iw = torch.where(flip[:, None], iw.flip(1), iw)
+    xa = x[torch.arange(batch, device=device)[:, None, None], :, ih[:, :, None], iw[:, None, :]]
+    xa = xa.permute(0, 3, 1, 2)
+    with autocast:
+      logits = model(xa)
+    bn = sum(w * t for w, t in zip(weights, terms))
+    diff1 = x[:, :, :, :-1] - x[:, :, :, 1:]
+    diff2 = x[:, :, :-1, :] - x[:, :, 1:, :]
+    diff3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    diff4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    tv = torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
+    loss = 10.0 * bn + tnn.functional.cross_entropy(logits.float(), labels) + 2.5e-5 * tv
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+      x.clamp_(-2.0, 2.0)
+    if device == 'cuda':
+      torch.cuda.synchronize()
+  return time_steps(one, args.warmup, args.steps, args.repeats)
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--models', default='resnet20')
+  parser.add_argument('--batch_sizes', default='128')
+  parser.add_argument('--dtypes', default='float32')
+  parser.add_argument('--kinds', default='synthesis,train')
+  parser.add_argument('--stats_kind', default='global', choices=['global', 'classwise'])
+  parser.add_argument('--torch', action='store_true', help='also time the PyTorch eager step')
+  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--peak_tflops', type=float, default=None)
+  parser.add_argument('--note', default='', help='a note for the RESULTS.md rows')
+  parser.add_argument('--out', default=str(REPO / 'benchmarks' / 'results' / 'throughput.json'))
+  parser.add_argument('--no_results_md', action='store_true')
+  args = parser.parse_args(argv)
+  command = 'python benchmarks/throughput.py ' + ' '.join(
+      shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import jax
+  from results_md import append_row
+  device = jax.devices()[0]
+  device_desc = f'{jax.device_count()} x {device.device_kind}'
+  rows = []
+  for model_name in args.models.split(','):
+    size = IMAGE_SIZE.get(model_name, 32)
+    for dtype in args.dtypes.split(','):
+      peak, peak_source = peak_flops(dtype, args.peak_tflops)
+      for batch in map(int, args.batch_sizes.split(',')):
+        for kind in args.kinds.split(','):
+          if kind == 'synthesis':
+            seconds, flops = jax_synthesis(model_name, batch, dtype, size, args.stats_kind, args)
+          else:
+            seconds, flops = jax_train(model_name, batch, dtype, size, args)
+          row = {'model': model_name, 'image_size': size, 'dtype': dtype, 'batch': batch,
+                 'kind': kind, 'framework': 'jax', 'seconds_per_step': seconds,
+                 'per_second': batch / seconds, 'flops_per_step': flops,
+                 'achieved_tflops': flops / seconds / 1e12 if flops else None,
+                 'utilisation': flops / seconds / peak if flops else None,
+                 'peak_tflops': peak / 1e12, 'peak_source': peak_source,
+                 'device': device_desc, 'jax': jax.__version__}
+          if kind == 'synthesis' and args.torch:
+            import torch
+            t_seconds = torch_synthesis(model_name, batch, dtype, size, args)
+            row['torch_per_second'] = batch / t_seconds
+            row['jax_over_torch'] = t_seconds / seconds
+            row['torch'] = torch.__version__
+          rows.append(row)
+          print(json.dumps(row), flush=True)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({'command': command, 'rows': rows}, indent=2))
+  if not args.no_results_md:
+    for r in rows:
+      unit = 'image-it/s' if r['kind'] == 'synthesis' else 'img/s'
+      append_row('throughput', 'Throughput', [
+          'device', 'step', 'model', 'dtype', 'batch', 'JAX', 'PyTorch eager', 'JAX / PyTorch',
+          'TFLOP/s (XLA cost)', 'utilisation', 'note', 'command'], [
+          r['device'], r['kind'], f"{r['model']} {r['image_size']}px", r['dtype'], r['batch'],
+          f"{r['per_second']:.1f} {unit}",
+          f"{r['torch_per_second']:.1f} {unit}" if 'torch_per_second' in r else '—',
+          f"{r['jax_over_torch']:.2f}x" if 'jax_over_torch' in r else '—',
+          f"{r['achieved_tflops']:.3f}" if r['achieved_tflops'] else '—',
+          (f"{100 * r['utilisation']:.1f}% of {r['peak_tflops']:.3g} ({r['peak_source']})"
+           if r['utilisation'] else '—'), args.note, f'`{command}`'])
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
