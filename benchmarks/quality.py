@@ -49,8 +49,10 @@ VARIANTS = {
     },
     'cifar10_cpu': {
         'classwise_hard': {},
+        'classwise_soft': {'student.labels': 'soft'},
+        'classwise_views': {'student.labels': 'views'},
         'global_hard': {'stats.kind': 'global'},
-        'classwise_soft': {'student.labels': 'soft', 'synthesis.soft_label_temperature': 3.0},
+        'global_views': {'stats.kind': 'global', 'student.labels': 'views'},
     },
 }
 

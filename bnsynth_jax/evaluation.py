@@ -51,8 +51,7 @@ def run(config, workdir, data: pipeline.PrivateData) -> dict:
                           config.student.eval_batch_size, mesh)
   values = {'synthetic': {'test_accuracy': result['accuracy']}}
   logging.info('synthetic-trained student: test accuracy %.4f', result['accuracy'])
-  synth_manifest = synthetic_data.load_synthetic(
-      pipeline.stage_dir(workdir, 'synthesize'), verify=False).manifest
+  synth_manifest = synthetic_data.read_manifest(pipeline.stage_dir(workdir, 'synthesize'))
   per_class = synth_manifest['images_per_class']
   if config.evaluate.real_subset:
     parts, size = input_pipeline.balanced_subset(

@@ -64,8 +64,8 @@ class SyntheticDataset:
     return self.manifest['class_names']
 
 
-def load_synthetic(directory, verify: bool = True) -> SyntheticDataset:
-  """Reads a finished synthetic dataset into host arrays (checks shard hashes)."""
+def read_manifest(directory) -> dict[str, Any]:
+  """The manifest of a finished synthetic dataset (UserError if unfinished or foreign)."""
   directory = fileio.path(directory)
   manifest_path = directory / 'manifest.json'
   if not manifest_path.exists():
@@ -74,6 +74,13 @@ def load_synthetic(directory, verify: bool = True) -> SyntheticDataset:
   manifest = fileio.read_json(manifest_path)
   if manifest.get('format') != FORMAT:
     raise UserError(f'{directory} has format {manifest.get("format")!r}, expected {FORMAT}')
+  return manifest
+
+
+def load_synthetic(directory, verify: bool = True) -> SyntheticDataset:
+  """Reads a finished synthetic dataset into host arrays (checks shard hashes)."""
+  directory = fileio.path(directory)
+  manifest = read_manifest(directory)
   fields: dict[str, list[np.ndarray]] = {k: [] for k in ARRAY_FIELDS}
   views: list[np.ndarray] = []
   for shard in manifest['shards']:

@@ -1,12 +1,16 @@
 """CIFAR-10. Two variants:
 
-GPU / TPU (the design-card run: ResNet-18 teacher, TFDS cifar10):
+GPU / TPU (the design-card run: ResNet-18 teacher, TFDS cifar10, 10,000 synthetic images):
   python -m bnsynth_jax.main --config=configs/cifar10.py --workdir=DIR \
       --config.data.data_dir=~/tensorflow_datasets
 
-This 2-core CPU (ResNet-20 on the CIFAR-10 image folder, see ../shared/data/cifar10):
-  python -m bnsynth_jax.main --config=configs/cifar10.py:cpu --workdir=DIR \
-      --config.data.root=~/.cache/bnsynth/cifar10
+This 2-core CPU (ResNet-20 on the CIFAR-10 image folder, 2,000 synthetic images; unpack
+../shared/data/cifar10/cifar10-jpeg.tar.gz into ~/.cache/bnsynth/cifar10 first):
+  python -m bnsynth_jax.main --config=configs/cifar10.py:cpu --workdir=DIR
+
+The CPU variant's teacher is committed: add
+  --config.teacher.pretrained=pretrained/cifar10_resnet20
+to import it instead of training it (about 2 hours here).
 """
 
 from bnsynth_jax import config_lib
@@ -14,6 +18,7 @@ from bnsynth_jax import config_lib
 
 def get_config(variant: str = 'gpu'):
   c = config_lib.default_config()
+  s, st = c.synthesis, c.student
   if variant == 'gpu':
     c.data.source = 'tfds'
     c.data.name = 'cifar10'
@@ -22,9 +27,16 @@ def get_config(variant: str = 'gpu'):
     c.teacher.batch_size = 256
     c.teacher.epochs = 200
     c.teacher.learning_rate = 0.2
-    c.teacher.weight_decay = 5e-4
     c.teacher.eval_every_epochs = 10
     c.teacher.checkpoint_every_steps = 1000
+    c.stats.batch_size = 1000
+    s.images_per_class = 1000     # 10,000 images
+    s.batch_size = 500
+    s.iterations = 1000
+    st.model.name = 'resnet18'
+    st.batch_size = 256
+    st.epochs = 200
+    st.learning_rate = 0.2
   elif variant == 'cpu':
     c.data.source = 'imagefolder'
     c.data.root = '~/.cache/bnsynth/cifar10'
@@ -32,9 +44,26 @@ def get_config(variant: str = 'gpu'):
     c.teacher.batch_size = 128
     c.teacher.epochs = 30
     c.teacher.learning_rate = 0.1
-    c.teacher.weight_decay = 5e-4
     c.teacher.eval_every_epochs = 5
     c.teacher.checkpoint_every_steps = 200
+    s.images_per_class = 200      # 2,000 images
+    s.batch_size = 200
+    s.iterations = 500
+    st.model.name = 'resnet20'
+    st.batch_size = 128
+    st.epochs = 100
+    st.checkpoint_every_steps = 300
   else:
     raise ValueError(f'unknown cifar10 config variant {variant!r}: use gpu or cpu')
+  # Common to both: class-wise statistics, DeepInversion's CIFAR settings, teacher soft
+  # labels at T=3 stored with the dataset, and per-view labels for every student epoch
+  # (student.labels = hard | soft | views picks which the student uses).
+  c.stats.kind = 'classwise'
+  s.learning_rate = 0.1
+  s.jitter = 2
+  s.flip = True
+  s.soft_label_temperature = 3.0
+  s.view_epochs = int(st.epochs)
+  s.view_crop_padding = st.crop_padding
+  s.view_flip = st.flip
   return c

@@ -32,6 +32,9 @@ def get_config():
   s.flip = False
   s.bn_weight = 1.0
 
+  c.audit.reference_models = 4   # offline-LiRA references: cheap at this size
+  c.audit.reference_epochs = 30
+
   st = c.student
   st.model.name = 'resnet8'
   st.batch_size = 64

@@ -232,3 +232,45 @@ def test_per_view_soft_labels_are_the_teachers_labels_of_the_replayed_views(tmp_
   np.testing.assert_allclose(ds.view_soft_labels[idx, 2].astype(np.float32), want, atol=2e-3)
   # Views differ between epochs (different crops), and are not the plain soft labels.
   assert not np.allclose(ds.view_soft_labels[:, 0], ds.view_soft_labels[:, 1], atol=1e-3)
+
+
+def test_student_trains_on_per_view_labels_and_refuses_mismatched_views(tmp_path):
+  from bnsynth_jax import student, train
+  teacher_dir, stats_dir = make_artifacts(tmp_path, 'global')
+  cfg = synth_config(iterations=2, view_epochs=2, view_crop_padding=1, view_flip=False)
+  synthesis.generate(synthesis.load_inputs(cfg, teacher_dir, stats_dir), cfg,
+                     tmp_path / 'synthetic', seed=0)
+  ds = synthetic_data.load_synthetic(tmp_path / 'synthetic')
+  recipe = config_lib.train_config(batch_size=8, epochs=4, crop_padding=1, flip=False,
+                                   eval_every_epochs=0, log_every_steps=1,
+                                   checkpoint_every_steps=100)
+  views = student.check_views(recipe, ds.manifest)
+  parts = student.synthetic_partitions(ds, 1, [0], with_views=True)
+  batches = input_pipeline.PartitionedBatches(parts, 1, len(ds), 8, seed=0)
+  variables, summary = train.fit(
+      name='student', model=models.create_model('resnet_tiny', 4), cfg=recipe, batches=batches,
+      image_shape=(8, 8, 1), num_classes=4, mean=[0.3], std=[0.35], workdir=tmp_path / 's',
+      seed=0, labels='views', soft_temperature=1.0,
+      views={'key': jax.random.key(views['seed']), 'epochs': views['epochs']})
+  assert summary['steps'] == 8 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+  for bad, match in (({'crop_padding': 4}, 'differ from the views'),
+                     ({'mixup_alpha': 0.2}, 'mixup')):
+    wrong = recipe.copy_and_resolve_references()
+    wrong.update(bad)
+    with pytest.raises(UserError, match=match):
+      student.check_views(wrong, ds.manifest)
+  no_views = dict(ds.manifest, views=None)
+  with pytest.raises(UserError, match='view_epochs'):
+    student.check_views(recipe, no_views)
+
+
+def test_bfloat16_synthesis_keeps_float32_images_and_tracks_float32(tmp_path):
+  teacher_dir, stats_dir = make_artifacts(tmp_path, 'classwise')
+  f32 = synthesis.load_inputs(synth_config(), teacher_dir, stats_dir)
+  bf16 = synthesis.load_inputs(synth_config(dtype='bfloat16'), teacher_dir, stats_dir)
+  with parallel.restrict_devices(1):
+    x32, t32 = run_steps(f32, synth_config(), 1)
+    x16, t16 = run_steps(bf16, synth_config(dtype='bfloat16'), 1)
+  assert x16.dtype == np.float32
+  np.testing.assert_allclose(t16['bn'], t32['bn'], rtol=0.05)
+  np.testing.assert_allclose(t16['ce'], t32['ce'], rtol=0.05)
