@@ -1,13 +1,15 @@
 """Quality benchmark: the whole pipeline, synthetic-trained student vs the real-subset student.
 
 Each (suite, variant) runs teacher -> stats -> synthesize -> student -> evaluate
-(-> audit with --audit) in its own workdir, sharing the suite's teacher, writes a
-results JSON and appends a row, with the exact command, to benchmarks/RESULTS.md.
+(-> audit with --audit) in its own workdir, writes a results JSON and appends a row,
+with the exact command, to benchmarks/RESULTS.md. Finished stages of sibling
+workdirs whose recorded configuration is identical are reused (copied), so that a
+variant that changes only the student does not synthesise again.
 
-  python benchmarks/quality.py --suite=digits --variant=default
-  python benchmarks/quality.py --suite=cifar10_cpu --variant=classwise_hard
+  python benchmarks/quality.py --suite=digits --variant=views,hard,soft,global_hard
+  python benchmarks/quality.py --suite=cifar10_cpu --variant=classwise_views --audit
   python benchmarks/quality.py --suite=digits --list
-  python benchmarks/quality.py --suite=digits --variant=default --set=synthesis.iterations=800
+  python benchmarks/quality.py --suite=digits --variant=hard --set=synthesis.iterations=800
 
 CIFAR-10 suites read the image folder given by --cifar_root (default
 ~/.cache/bnsynth/cifar10; unpack ../shared/data/cifar10/cifar10-jpeg.tar.gz there)
@@ -41,17 +43,17 @@ SUITES = {
 # Variants: named override sets. Keep old names stable: RESULTS.md rows cite them.
 VARIANTS = {
     'digits': {
-        'default': {},
-        'global': {'stats.kind': 'global'},
-        'soft': {'student.labels': 'soft', 'synthesis.soft_label_temperature': 3.0},
-        'views': {'synthesis.view_epochs': 100, 'synthesis.view_crop_padding': 1,
-                  'synthesis.view_flip': False, 'student.labels': 'views'},
+        'views': {'student.labels': 'views'},
+        'hard': {'student.labels': 'hard'},
+        'soft': {'student.labels': 'soft'},
+        'global_hard': {'stats.kind': 'global', 'student.labels': 'hard'},
+        'global_views': {'stats.kind': 'global', 'student.labels': 'views'},
     },
     'cifar10_cpu': {
-        'classwise_hard': {},
-        'classwise_soft': {'student.labels': 'soft'},
         'classwise_views': {'student.labels': 'views'},
-        'global_hard': {'stats.kind': 'global'},
+        'classwise_hard': {'student.labels': 'hard'},
+        'classwise_soft': {'student.labels': 'soft'},
+        'global_hard': {'stats.kind': 'global', 'student.labels': 'hard'},
         'global_views': {'stats.kind': 'global', 'student.labels': 'views'},
     },
 }
@@ -82,18 +84,6 @@ def apply_overrides(config, overrides: dict[str, object]) -> None:
       else:
         value = type(current)(value)
     node[leaf] = value
-
-
-def share_teacher(base: pathlib.Path, workdir: pathlib.Path) -> None:
-  """Copies the suite's finished teacher (without its training checkpoints) into workdir."""
-  src, dst = base / 'teacher', workdir / 'teacher'
-  if (src / 'manifest.json').exists() and not dst.exists():
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns('checkpoints'))
-    report = base / 'report.json'
-    if report.exists():
-      teacher = json.loads(report.read_text()).get('teacher', {})
-      workdir.mkdir(parents=True, exist_ok=True)
-      (workdir / 'report.json').write_text(json.dumps({'teacher': teacher}, indent=2))
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -197,7 +187,7 @@ def fmt(x, spec='{:.4f}'):
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--suite', required=True, choices=sorted(SUITES))
-  parser.add_argument('--variant', default='default', help='comma-separated variant names')
+  parser.add_argument('--variant', required=True, help='comma-separated variant names (--list)')
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                       help='extra config overrides (recorded in the command)')
   parser.add_argument('--root', default=str(REPO / 'benchmarks' / 'results' / 'workdirs'))
@@ -231,17 +221,10 @@ def main(argv=None) -> int:
     apply_overrides(config, {**suite['overrides'], **VARIANTS[args.suite][variant], **extra})
     tag = variant + ''.join(f'+{k}={v}' for k, v in sorted(extra.items()))
     workdir = root / tag.replace('/', '_')
-    share_teacher(root / '_teacher', workdir)
     reuse_finished_stages(root, workdir, config)
     stages = 'teacher,stats,synthesize,student,evaluate' + (',audit' if args.audit else '')
     t0 = time.time()
     report = pipeline.run(config, str(workdir), stages)
-    if not (root / '_teacher' / 'teacher' / 'manifest.json').exists():
-      (root / '_teacher').mkdir(parents=True, exist_ok=True)
-      shutil.copytree(workdir / 'teacher', root / '_teacher' / 'teacher',
-                      ignore=shutil.ignore_patterns('checkpoints'))
-      (root / '_teacher' / 'report.json').write_text(
-          json.dumps({'teacher': report.get('teacher')}, indent=2))
     result = {'suite': args.suite, 'variant': tag, 'command': command,
               'overrides': {**VARIANTS[args.suite][variant], **extra},
               'wall_seconds': time.time() - t0, **summarise(report)}

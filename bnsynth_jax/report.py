@@ -132,13 +132,14 @@ def audit_table(r: Mapping[str, Any]) -> str:
   a = r.get('audit')
   if not a:
     return ''
-  rows = ['| attack target | AUC | TPR @ 1% FPR | TPR @ 0.1% FPR |', '|---|---|---|---|']
+  rows = ['| attack target | strongest attack | AUC [95% CI] | TPR @ 1% FPR | TPR @ 0.1% FPR |',
+          '|---|---|---|---|---|']
   for who in ('teacher', 'student', 'real_subset'):
     m = get(a, f'mia.{who}')
     if m:
       ci = m.get('auc_ci95')
       auc = _num(m.get('auc'), '{:.3f}') + (f' [{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '')
-      rows.append(f"| {who} | {auc} | {_pct(m.get('tpr_at_1pct_fpr'))} | "
+      rows.append(f"| {who} | {m.get('attack', '—')} | {auc} | {_pct(m.get('tpr_at_1pct_fpr'))} | "
                   f"{_pct(m.get('tpr_at_0p1pct_fpr'))} |")
   return '\n'.join(rows)
 

@@ -57,7 +57,7 @@ def get_config(variant: str = 'gpu'):
     raise ValueError(f'unknown cifar10 config variant {variant!r}: use gpu or cpu')
   # Common to both: class-wise statistics, DeepInversion's CIFAR settings, teacher soft
   # labels at T=3 stored with the dataset, and per-view labels for every student epoch
-  # (student.labels = hard | soft | views picks which the student uses).
+  # (student.labels = hard | soft | views picks which the student uses; views by default).
   c.stats.kind = 'classwise'
   s.learning_rate = 0.1
   s.jitter = 2
@@ -66,4 +66,5 @@ def get_config(variant: str = 'gpu'):
   s.view_epochs = int(st.epochs)
   s.view_crop_padding = st.crop_padding
   s.view_flip = st.flip
+  st.labels = 'views'
   return c

@@ -31,6 +31,10 @@ def get_config():
   s.jitter = 1                    # 8x8 images: one pixel is 12%
   s.flip = False
   s.bn_weight = 1.0
+  s.soft_label_temperature = 3.0
+  s.view_epochs = 100             # per-view labels for every student epoch
+  s.view_crop_padding = 1
+  s.view_flip = False
 
   c.audit.reference_models = 4   # offline-LiRA references: cheap at this size
   c.audit.reference_epochs = 30
@@ -44,4 +48,7 @@ def get_config():
   st.flip = False
   st.eval_batch_size = 128
   st.log_every_steps = 100
+  # The teacher's labels of each crop the student sees (benchmarks/RESULTS.md compares
+  # hard and soft labels): 'hard' is the seed paper's protocol.
+  st.labels = 'views'
   return c

@@ -52,10 +52,14 @@ def test_two_processes_match_one(tmp_path):
   b, _ = checkpointing.load_variables(tmp_path / 'two' / 'teacher' / 'variables.msgpack')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  # The written synthetic dataset: identical images and labels, soft labels to float error.
+  # The written synthetic dataset: the same labels; the same images up to uint8 rounding
+  # (float reductions run in another order, so a value at a .5 boundary may round the
+  # other way: at most one grey level, in a tiny fraction of pixels); soft labels to float error.
   da = synthetic_data.load_synthetic(tmp_path / 'one' / 'synthetic')
   db = synthetic_data.load_synthetic(tmp_path / 'two' / 'synthetic')
-  np.testing.assert_array_equal(da.images, db.images)
+  pixel_diff = np.abs(da.images.astype(int) - db.images.astype(int))
+  assert pixel_diff.max() <= 1 and np.mean(pixel_diff > 0) < 1e-3, (pixel_diff.max(),
+                                                                     np.mean(pixel_diff > 0))
   np.testing.assert_array_equal(da.labels, db.labels)
   np.testing.assert_allclose(da.soft_labels, db.soft_labels, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(da.loss, db.loss, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,72 @@
+"""Copies a finished teacher artifact into pretrained/NAME with a README stating the command
+that trained it, its config and its measured accuracy (read from the artifact's manifest and
+the workdir's report.json, never typed in).
+
+  python benchmarks/export_pretrained.py --workdir=runs/cifar10 --name=cifar10_resnet20 \
+      --command="python -m bnsynth_jax.main --config=configs/cifar10.py:cpu --workdir=runs/cifar10 --stages=teacher"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--name', required=True)
+  parser.add_argument('--command', required=True, help='the exact command that trained it')
+  args = parser.parse_args(argv)
+  src = pathlib.Path(args.workdir) / 'teacher'
+  manifest = json.loads((src / 'manifest.json').read_text())
+  stage_config = json.loads((src / 'stage_config.json').read_text())
+  dst = REPO / 'pretrained' / args.name
+  dst.mkdir(parents=True, exist_ok=True)
+  for f in ('variables.msgpack', 'manifest.json', 'stage_config.json'):
+    shutil.copy(src / f, dst / f)
+  metrics = json.loads((src / 'metrics.json').read_text()) if (src / 'metrics.json').exists() else {}
+  history = '\n'.join(f"| {h['epoch']:.0f} | {100 * h['test_accuracy']:.2f}% |"
+                      for h in metrics.get('history', []))
+  size = (dst / 'variables.msgpack').stat().st_size
+  m = manifest['model']
+  (dst / 'README.md').write_text(f"""# {args.name}
+
+A {m['name']} teacher ({m['stem']} stem, {m['dtype']}) for {manifest['num_classes']} classes at
+{'x'.join(map(str, manifest['image_shape']))}, trained by this project's own command:
+
+```bash
+{args.command}
+```
+
+- test accuracy: **{100 * manifest['test_accuracy']:.2f}%** on the whole test split, measured
+  by that command's teacher stage (`manifest.json` holds the exact value)
+- training: {manifest.get('epochs', 0):.0f} epochs, {manifest.get('train_seconds', 0) / 3600:.2f} hours
+  on the machine in `stage_config.json`'s run (2-core CPU)
+- files: `variables.msgpack` ({size / 1e6:.2f} MB, sha256 `{manifest['variables_sha256']}`),
+  `manifest.json` (classes, normalisation, accuracy), `stage_config.json` (the full teacher config)
+
+Test accuracy during training:
+
+| epoch | test accuracy |
+|---|---|
+{history}
+
+Re-evaluate it (imports it as the teacher stage and prints the accuracy):
+
+```bash
+python -m bnsynth_jax.main --config=configs/cifar10.py:cpu --workdir=/tmp/c10_eval \\
+    --stages=teacher --config.teacher.pretrained=pretrained/{args.name}
+```
+""")
+  print(f'exported {src} -> {dst} (test accuracy {manifest["test_accuracy"]:.4f})')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
