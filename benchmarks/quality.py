@@ -203,7 +203,8 @@ def main(argv=None) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from absl import logging
   logging.set_verbosity(logging.INFO)
-  from bnsynth_jax import pipeline
+  from bnsynth_jax import metrics, pipeline
+  metrics.quiet_library_logs()
   from results_md import append_row
 
   command = 'python benchmarks/quality.py ' + ' '.join(

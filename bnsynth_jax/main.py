@@ -58,15 +58,9 @@ def parse_flags(argv):
           '(config keys are listed in bnsynth_jax/config_lib.py; flags in --helpfull)')
 
 
-class _QuietLibraries:
-  """Drops INFO/DEBUG records of orbax (it logs every save step by step)."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or '/orbax/' not in record.pathname
-
-
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from bnsynth_jax import metrics
+  metrics.quiet_library_logs()
   if len(argv) > 1:
     _fail(f'unexpected arguments {" ".join(argv[1:])}: flags are written --name=value')
   try:

@@ -47,6 +47,25 @@ class Writer:
       self._tb = None
 
 
+class _QuietLibraries:
+  """Drops INFO/DEBUG records of orbax (it logs every save step by step)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or '/orbax/' not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Keeps the log readable: orbax's INFO chatter is filtered out (warnings stay)."""
+  import logging as py_logging
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+  root = py_logging.getLogger()
+  for h in root.handlers:
+    if not any(isinstance(f, _QuietLibraries) for f in h.filters):
+      h.addFilter(_QuietLibraries())
+
+
 def format_seconds(seconds: float) -> str:
   seconds = max(0, int(seconds))
   h, rem = divmod(seconds, 3600)

@@ -97,18 +97,27 @@ def bn_matching_loss(captured: Mapping[tuple[str, ...], jax.Array], targets, lay
     name = '/'.join(path)
     a = a.astype(jnp.promote_types(a.dtype, jnp.float32))   # bf16 -> f32; f64 stays
     m, v = targets['mean'][name], targets['var'][name]
+    # One pass over the activations: sums of d = a - m and d^2, shifted by the (constant)
+    # target mean m so that E[d^2] - E[d]^2 does not cancel. XLA fuses both sums into one
+    # reduction; a two-pass variance would write a full-size (a - mu) tensor per layer,
+    # in the forward and again in the backward pass (benchmarks/profile_synthesis.py).
+    shift = jax.lax.stop_gradient(m).astype(a.dtype)
     if labels is None:
-      mu = jnp.mean(a, axis=(0, 1, 2))
-      s2 = jnp.mean(jnp.square(a - mu), axis=(0, 1, 2))          # two-pass, biased
+      d = a - shift
+      s1 = jnp.mean(d, axis=(0, 1, 2))
+      s2 = jnp.mean(jnp.square(d), axis=(0, 1, 2)) - jnp.square(s1)   # biased
+      mu = s1 + shift
       layer = _distance(mu, m, norm) + _distance(s2, v, norm)
     else:
       w = jax.nn.one_hot(labels, num_classes, dtype=a.dtype)       # [N, C]
       hw = a.shape[1] * a.shape[2]
       n = jnp.sum(w, axis=0) * hw                                   # [C]
       safe_n = jnp.maximum(n, 1.0)[:, None]
-      mu = jnp.einsum('nc,nk->ck', w, jnp.sum(a, axis=(1, 2))) / safe_n
-      centred = a - mu[labels][:, None, None, :]
-      s2 = jnp.einsum('nc,nk->ck', w, jnp.sum(jnp.square(centred), axis=(1, 2))) / safe_n
+      d = a - shift[labels][:, None, None, :]                       # each image: its class's m
+      s1 = jnp.einsum('nc,nk->ck', w, jnp.sum(d, axis=(1, 2))) / safe_n
+      s2 = (jnp.einsum('nc,nk->ck', w, jnp.sum(jnp.square(d), axis=(1, 2))) / safe_n -
+            jnp.square(s1))
+      mu = s1 + shift
       present = (n > 0).astype(a.dtype)
       per_class = _distance(mu, m, norm) + _distance(s2, v, norm)    # [C]
       layer = jnp.sum(per_class * present) / jnp.maximum(jnp.sum(present), 1.0)
