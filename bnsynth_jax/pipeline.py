@@ -18,6 +18,7 @@ stats stage no code path of theirs can read a private image.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from typing import Any, Callable
@@ -254,7 +255,8 @@ def run(config, workdir: str, stages: str = 'all', overwrite: bool = False) -> d
   check_workdir_writable(workdir)
   data = PrivateData(config.data)
   logging.info('devices: %s', parallel.describe_devices())
-  report.update(workdir, {'environment': report.environment()})
+  report.update(workdir, {'environment': report.environment(),
+                          'config': json.loads(config.to_json_best_effort())})
   for name in selected:
     stage = _REGISTRY[name]
     claim_stage(config, workdir, name, overwrite)
