@@ -221,7 +221,8 @@ def main(argv=None) -> int:
       config.data.root = os.path.expanduser(args.cifar_root)
     apply_overrides(config, {**suite['overrides'], **VARIANTS[args.suite][variant], **extra})
     tag = variant + ''.join(f'+{k}={v}' for k, v in sorted(extra.items()))
-    workdir = root / tag.replace('/', '_')
+    safe_tag = tag.replace('/', '_')     # a path in an override must not nest folders
+    workdir = root / safe_tag
     reuse_finished_stages(root, workdir, config)
     stages = 'teacher,stats,synthesize,student,evaluate' + (',audit' if args.audit else '')
     t0 = time.time()
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
     result = {'suite': args.suite, 'variant': tag, 'command': command,
               'overrides': {**VARIANTS[args.suite][variant], **extra},
               'wall_seconds': time.time() - t0, **summarise(report)}
-    out = pathlib.Path(args.root).parent / f'quality-{args.suite}-{tag}.json'
+    out = pathlib.Path(args.root).parent / f'quality-{args.suite}-{safe_tag}.json'
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: v for k, v in result.items() if k != 'audit'}, indent=2, default=str))
