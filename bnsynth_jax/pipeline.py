@@ -11,8 +11,9 @@ the differing keys, unless --overwrite is given, which deletes that stage and
 every later one.
 
 The private-data boundary: only the stages in PRIVATE_STAGES are handed a
-`PrivateData`. `synthesize` and `student` are called without one, so after the
-stats stage no code path of theirs can read a private image.
+`PrivateData`. `synthesize` and `student` are called without one, and with a
+config whose data section holds only the partition count (`public_config`), so
+no code path of theirs can find, let alone read, a private image.
 """
 
 from __future__ import annotations
@@ -107,6 +108,14 @@ class PrivateData:
     sums = parallel.sum_across_processes(input_pipeline.channel_sums(self.split('train')))
     mean, std = input_pipeline.moments_from_sums(sums)
     return mean.tolist(), std.tolist()
+
+
+def public_config(config) -> ml_collections.ConfigDict:
+  """The config handed to stages outside PRIVATE_STAGES: the data section keeps only the
+  partition count, so those stages do not even know where the private data is."""
+  public = ml_collections.ConfigDict(config.to_dict())
+  public.data = ml_collections.ConfigDict({'num_partitions': config.data.num_partitions})
+  return public
 
 
 # ----------------------------------------------------------------------------
@@ -266,7 +275,8 @@ def run(config, workdir: str, stages: str = 'all', overwrite: bool = False) -> d
       continue
     logging.info('stage %s: starting', name)
     t0 = time.perf_counter()
-    args = (config, workdir, data) if name in PRIVATE_STAGES else (config, workdir)
+    args = ((config, workdir, data) if name in PRIVATE_STAGES
+            else (public_config(config), workdir))
     stage.run(*args)
     parallel.sync(f'stage-{name}-done')
     report.update(workdir, {'timings': {f'{name}_seconds': time.perf_counter() - t0}})

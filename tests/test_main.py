@@ -115,3 +115,45 @@ def test_unwritable_workdir(tmp_path):
   blocker.write_text('a file, not a folder')
   assert_user_error(run_main('--config=configs/digits.py', f'--workdir={blocker}/w'),
                     'not writable')
+
+
+def test_every_stage_end_to_end_on_digits(tmp_path):
+  workdir = tmp_path / 'w'
+  result = run_main(
+      '--config=configs/digits.py', f'--workdir={workdir}',
+      '--config.teacher.num_steps=60', '--config.synthesis.images_per_class=8',
+      '--config.synthesis.batch_size=40', '--config.synthesis.iterations=20',
+      '--config.synthesis.view_epochs=3', '--config.student.epochs=3',
+      '--config.student.batch_size=16', '--config.audit.reference_models=1',
+      '--config.audit.reference_epochs=2', '--config.audit.bootstrap=10',
+      env=block_tensorflow(tmp_path))
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((workdir / 'report.json').read_text())
+  for key in ('teacher.test_accuracy', 'stats.kind', 'synthesis.teacher_agreement',
+              'synthesis.bn_loss_final', 'student.synthetic.test_accuracy',
+              'student.real_subset.test_accuracy', 'student.ratio', 'audit.nn_ssim.p99',
+              'audit.dcr.holdout_p01', 'audit.mia.student.auc', 'audit.mia.teacher.auc',
+              'audit.mia.teacher.tpr_at_0p1pct_fpr', 'timings.audit_seconds',
+              'environment.packages.jax', 'config.synthesis.iterations'):
+    node = report
+    for part in key.split('.'):
+      node = node[part]
+    assert node is not None, key
+  assert 0 <= report['student']['synthetic']['test_accuracy'] <= 1
+  assert report['student']['synthetic']['labels'] == 'views'
+  md = (workdir / 'report.md').read_text()
+  assert 'ratio to real subset' in md and 'synthetic/samples.png' in md
+  for picture in ('synthetic/samples.png', 'audit/most_similar.png', 'audit/random_pairs.png',
+                  'audit/roc.png'):
+    assert (workdir / picture).stat().st_size > 0, picture
+  assert 'ratio to real subset' in result.stdout      # the table is printed at the end
+
+
+def test_stages_after_stats_do_not_see_the_private_data_location():
+  from bnsynth_jax import config_lib, pipeline
+  config = config_lib.default_config()
+  config.data.root = '/secret/private/images'
+  public = pipeline.public_config(config)
+  assert set(public.data.keys()) == {'num_partitions'}
+  assert '/secret' not in public.to_json()
+  assert public.synthesis.iterations == config.synthesis.iterations
