@@ -61,6 +61,8 @@ VARIANTS = {
                         'synthesis.batch_size': 100},
         'hard_mixup': {'student.labels': 'hard', 'student.mixup_alpha': 0.4},
         'hard_cutmix': {'student.labels': 'hard', 'student.cutmix_alpha': 1.0},
+        'hard_ce0_mixup': {'student.labels': 'hard', 'synthesis.ce_weight': 0.0,
+                           'student.mixup_alpha': 0.4},
     },
     'cifar10_cpu': {
         'classwise_views': {'student.labels': 'views'},
