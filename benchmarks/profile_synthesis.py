@@ -2,18 +2,20 @@
 
   python benchmarks/profile_synthesis.py --model=resnet20 --batch=128 [--top=25]
 
-Prints the operations that take the most device time per step, grouped by HLO op
-category and by op, so that an optimisation targets what the profile shows.
+Prints the XLA operations (fusions, convolutions, thunks) that take the most time per
+step, grouped by op family, so that an optimisation targets what the profile shows.
 Needs the optional `xprof` package (pip install xprof) to read the trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import os
 import pathlib
+import re
 import sys
 import tempfile
 
@@ -31,7 +33,6 @@ def main(argv=None) -> int:
   parser.add_argument('--top', type=int, default=25)
   args = parser.parse_args(argv)
   import jax
-  import numpy as np
   import throughput
   ns = argparse.Namespace(warmup=2, steps=1, repeats=1)
   logdir = tempfile.mkdtemp(prefix='bnsynth_profile_')
@@ -52,26 +53,28 @@ def main(argv=None) -> int:
       holder['run']()
   from xprof.convert import raw_to_tool_data
   paths = glob.glob(os.path.join(logdir, '**', '*.xplane.pb'), recursive=True)
-  data, _ = raw_to_tool_data.xspace_to_tool_data(paths, 'framework_op_stats', {})
-  table = json.loads(data)
-  table = table[0] if isinstance(table, list) else table
-  cols = [c['id'] if 'id' in c else c['label'] for c in table['cols']]
-  rows = [[c['v'] if isinstance(c, dict) else c for c in r['c']] for r in table['rows']]
-  idx = {c: i for i, c in enumerate(cols)}
-  time_col = next(c for c in ('total_self_time', 'total_self_time_in_us') if c in idx)
-  rows = [r for r in rows if r[idx.get('host_or_device', 0)] != 'Host'] or rows
-  total = sum(float(r[idx[time_col]]) for r in rows)
-  by_type = {}
-  for r in rows:
-    by_type[r[idx['type']]] = by_type.get(r[idx['type']], 0.0) + float(r[idx[time_col]])
+  # The trace viewer's events carry every XLA thunk / fused kernel with its duration on
+  # CPU as well as on GPU/TPU (the op_stats tools come back empty for the CPU backend).
+  data, _ = raw_to_tool_data.xspace_to_tool_data(paths, 'trace_viewer', {})
+  trace = json.loads(data)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  skip = ('ThreadpoolListener', 'ThunkExecutor', '$', 'PjitFunction', 'CommonPjRt',
+          'Handle inputs', 'TfrtCpu', 'PjRt')
+  time_by_op, count_by_op = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get('ph') == 'X' and 'dur' in e and not str(e.get('name', '')).startswith(skip):
+      family = re.sub(r'[._]\d+$', '', e['name'])  # loop_fusion.12 -> loop_fusion
+      time_by_op[family] += float(e['dur'])
+      count_by_op[family] += 1
+  total = sum(time_by_op.values())
+  if not total:
+    print('error: the trace holds no op events; install xprof matching this jax version')
+    return 1
   print(f'profile of {args.steps} steps, {args.model} batch {args.batch} {args.dtype}: '
-        f'{total / 1e3 / args.steps:.1f} ms/step of op self-time')
-  for t, v in sorted(by_type.items(), key=lambda kv: -kv[1])[:12]:
-    print(f'  {100 * v / total:5.1f}%  {t}')
-  print('top ops:')
-  for r in sorted(rows, key=lambda r: -float(r[idx[time_col]]))[:args.top]:
-    print(f"  {100 * float(r[idx[time_col]]) / total:5.1f}%  {r[idx['type']]:<22} "
-          f"{str(r[idx['operation']])[:90]}")
+        f'{total / 1e3 / args.steps:.1f} ms/step of op time (summed over threads)')
+  for name, us in time_by_op.most_common(args.top):
+    print(f'  {100 * us / total:5.1f}%  {us / 1e3 / args.steps:8.1f} ms/step  '
+          f'{count_by_op[name] // args.steps:4d}x  {name[:80]}')
   return 0
 
 
