@@ -271,8 +271,11 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
   state, start_step = checkpointing.restore_or_init(ckpt_dir, state)
   progress_file = fileio.path(workdir) / 'progress.json'
   elapsed_before = 0.0
+  history: list[dict[str, float]] = []  # evaluations so far, kept across resumes
   if start_step and progress_file.exists():
-    elapsed_before = float(fileio.read_json(progress_file).get('train_seconds', 0.0))
+    previous = fileio.read_json(progress_file)
+    elapsed_before = float(previous.get('train_seconds', 0.0))
+    history = [h for h in previous.get('history', []) if h['step'] <= start_step]
   if start_step:
     logging.info('%s: resuming from step %d of %d', name, start_step, total_steps)
 
@@ -290,7 +293,6 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
   eval_every = max(1, int(round(cfg.eval_every_epochs * steps_per_epoch))) \
       if cfg.eval_every_epochs else 0
   progress = metrics.Progress(name, total_steps, start_step, global_batch, 'img')
-  history: list[dict[str, float]] = []
   pending: list[dict[str, jax.Array]] = []
   t_run = time.perf_counter()
 
@@ -338,7 +340,8 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
     if done % cfg.checkpoint_every_steps == 0 or done == total_steps:
       checkpointing.save(ckpt_dir, done, state)
       if parallel.is_main_process():
-        fileio.atomic_write_json(progress_file, {'step': done, 'train_seconds': train_seconds()})
+        fileio.atomic_write_json(progress_file, {'step': done, 'train_seconds': train_seconds(),
+                                                  'history': history})
     if on_step is not None:
       on_step(done)
 

@@ -43,19 +43,25 @@ class Killed(Exception):
 
 def test_interrupted_run_resumes_exactly(tmp_path):
   cfg, batches, model = tiny_setup(num_steps=6)
-  straight, summary = fit(tmp_path / 'straight', cfg, batches, model)
+  cfg.eval_every_epochs = 2 / batches.steps_per_epoch   # evaluate at steps 2, 4 (and 6)
+  src = input_pipeline.create_source(config_lib.default_config().data)
+  test = (src.load('test', [0], 1), src.info().num_examples['test'], 1)
+  straight, summary = fit(tmp_path / 'straight', cfg, batches, model, test=test)
   assert summary['steps'] == 6
 
   def kill_at_5(step):
     if step == 5:   # the checkpoint at step 4 exists; step 5's work is lost
       raise Killed()
   with pytest.raises(Killed):
-    fit(tmp_path / 'resumed', cfg, batches, model, on_step=kill_at_5)
+    fit(tmp_path / 'resumed', cfg, batches, model, test=test, on_step=kill_at_5)
   from bnsynth_jax import checkpointing
   checkpointing.wait()
-  resumed, _ = fit(tmp_path / 'resumed', cfg, batches, model)
+  resumed, resumed_summary = fit(tmp_path / 'resumed', cfg, batches, model, test=test)
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The evaluation history survives the kill: steps 2 and 4 from the first run, 6 after.
+  assert [h['step'] for h in summary['history']] == [2, 4, 6]
+  assert resumed_summary['history'] == summary['history']
 
 
 def test_augmentation_shapes_and_flip():
