@@ -37,6 +37,8 @@ PEAKS = {
     'TPU v4': (275.0, 275.0), 'TPU v5 lite': (197.0, 197.0), 'TPU v5': (459.0, 459.0),
 }
 IMAGE_SIZE = {'resnet20': 32, 'resnet32': 32, 'resnet56': 32, 'resnet18': 32, 'resnet50': 224}
+# ResNet-50 runs at 224x224 with the ImageNet stem (7x7/2 conv + max-pool), as its PyTorch twin.
+STEM = {'resnet50': 'imagenet'}
 
 
 def time_steps(run_one, warmup: int, steps: int, repeats: int) -> float:
@@ -91,8 +93,9 @@ def jax_synthesis(model_name, batch, dtype, image_size, stats_kind, args):
   cfg = config_lib.default_config().synthesis
   cfg.dtype = dtype
   num_classes = 10
-  model = models.create_model(model_name, num_classes, dtype=dtype)
-  eval_model = models.create_model(model_name, num_classes)
+  stem = STEM.get(model_name, 'cifar')
+  model = models.create_model(model_name, num_classes, stem=stem, dtype=dtype)
+  eval_model = models.create_model(model_name, num_classes, stem=stem)
   shape = (image_size, image_size, 3)
   variables = models.init_variables(model, jax.random.key(0), shape)
   glob = stats_lib.global_statistics(variables)
@@ -128,7 +131,7 @@ def jax_train(model_name, batch, dtype, image_size, args):
   import numpy as np
   from bnsynth_jax import config_lib, models, parallel, train
   cfg = config_lib.train_config()
-  model = models.create_model(model_name, 10, dtype=dtype)
+  model = models.create_model(model_name, 10, stem=STEM.get(model_name, 'cifar'), dtype=dtype)
   mesh = parallel.make_mesh()
   shape = (image_size, image_size, 3)
   tx = train.create_optimizer(cfg, train.create_learning_rate(cfg, 100, 1000))
