@@ -55,8 +55,9 @@ def main(argv=None) -> int:
   checked = 'no'
   if args.check:
     rows = np.random.default_rng(0).choice(args.queries, args.check, replace=False)
+    database64 = database.astype(np.float64)
     for r in rows:
-      d = ((database.astype(np.float64) - queries[r]) ** 2).sum(1)
+      d = ((database64 - queries[r]) ** 2).sum(1)
       assert np.array_equal(np.sort(idx[r]), np.sort(np.argsort(d, kind='stable')[:args.k])), r
     checked = f'{args.check} rows equal NumPy'
   device = f'{jax.device_count()} x {jax.devices()[0].device_kind}'

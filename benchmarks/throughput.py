@@ -37,7 +37,8 @@ PEAKS = {
     'TPU v4': (275.0, 275.0), 'TPU v5 lite': (197.0, 197.0), 'TPU v5': (459.0, 459.0),
 }
 IMAGE_SIZE = {'resnet20': 32, 'resnet32': 32, 'resnet56': 32, 'resnet18': 32, 'resnet50': 224}
-# ResNet-50 runs at 224x224 with the ImageNet stem (7x7/2 conv + max-pool), as its PyTorch twin.
+# One stem table for the JAX model and its PyTorch twin: ResNet-50 runs at 224x224 with the
+# ImageNet stem (7x7/2 conv + max-pool), the CIFAR models with the 3x3 CIFAR stem.
 STEM = {'resnet50': 'imagenet'}
 
 
@@ -199,14 +200,14 @@ def torch_resnet(model_name: str, num_classes: int = 10):
 
   if model_name.startswith('resnet') and model_name[6:].isdigit() and int(model_name[6:]) % 6 == 2:
     n = (int(model_name[6:]) - 2) // 6
-    stages, widths, block, stem, stem_w = [n] * 3, [16, 32, 64], Basic, 'cifar', 16
+    stages, widths, block, stem_w = [n] * 3, [16, 32, 64], Basic, 16
   elif model_name == 'resnet18':
-    stages, widths, block, stem, stem_w = [2, 2, 2, 2], [64, 128, 256, 512], Basic, 'cifar', 64
+    stages, widths, block, stem_w = [2, 2, 2, 2], [64, 128, 256, 512], Basic, 64
   elif model_name == 'resnet50':
-    stages, widths, block, stem, stem_w = [3, 4, 6, 3], [64, 128, 256, 512], Bottleneck, \
-        'imagenet', 64
+    stages, widths, block, stem_w = [3, 4, 6, 3], [64, 128, 256, 512], Bottleneck, 64
   else:
     raise SystemExit(f'no PyTorch twin for {model_name}')
+  stem = STEM.get(model_name, 'cifar')
   layers = []
   if stem == 'cifar':
     layers += [tnn.Conv2d(3, stem_w, 3, 1, 1, bias=False), tnn.BatchNorm2d(stem_w), tnn.ReLU()]

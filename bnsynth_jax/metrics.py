@@ -57,13 +57,9 @@ class _QuietLibraries:
 def quiet_library_logs() -> None:
   """Keeps the log readable: orbax's INFO chatter is filtered out (warnings stay)."""
   import logging as py_logging
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
-    handler.addFilter(_QuietLibraries())
-  root = py_logging.getLogger()
-  for h in root.handlers:
-    if not any(isinstance(f, _QuietLibraries) for f in h.filters):
-      h.addFilter(_QuietLibraries())
+  for handler in {logging.get_absl_handler(), *py_logging.getLogger().handlers}:
+    if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+      handler.addFilter(_QuietLibraries())
 
 
 def format_seconds(seconds: float) -> str:
