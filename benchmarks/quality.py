@@ -70,6 +70,12 @@ VARIANTS = {
         'classwise_soft': {'student.labels': 'soft'},
         'global_hard': {'stats.kind': 'global', 'student.labels': 'hard'},
         'global_views': {'stats.kind': 'global', 'student.labels': 'views'},
+        # Student mixing on per-view labels (mixed targets = lambda-mix of the views' labels);
+        # the real-subset baseline gets the same mixing (identical recipe).
+        'classwise_views_cutmix': {'student.labels': 'views', 'student.cutmix_alpha': 1.0},
+        'classwise_views_mixup': {'student.labels': 'views', 'student.mixup_alpha': 0.4},
+        # No CE term during synthesis (class-wise BN matching alone; the best digits lever).
+        'classwise_views_ce0': {'student.labels': 'views', 'synthesis.ce_weight': 0.0},
     },
 }
 

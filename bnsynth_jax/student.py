@@ -42,9 +42,8 @@ def check_views(cfg, manifest) -> dict:
     raise UserError(f'student.crop_padding/flip ({cfg.crop_padding}, {cfg.flip}) differ from the '
                     f'views the teacher labelled ({views["crop_padding"]}, {views["flip"]}): set '
                     'them equal to synthesis.view_crop_padding / view_flip')
-  if cfg.mixup_alpha or cfg.cutmix_alpha:
-    raise UserError('student.labels=views cannot be combined with mixup or cutmix (the teacher '
-                    'labelled unmixed views): set student.mixup_alpha=0 and cutmix_alpha=0')
+  # Mixup / CutMix on top of the views is allowed: a mixed image gets the lambda-mix of
+  # the two views' teacher labels, an approximation (the teacher never saw the mixture).
   return views
 
 
