@@ -50,7 +50,7 @@ def check_views(cfg, manifest) -> dict:
 def validate(config) -> None:
   cfg = config.student
   if cfg.labels not in LABELS:
-    raise UserError(f"unknown student.labels {cfg.labels!r}: use 'hard' or 'soft'")
+    raise UserError(f"unknown student.labels {cfg.labels!r}: use one of {', '.join(LABELS)}")
   parallel.check_batch(cfg.batch_size, 'student.batch_size')
   models.create_model(cfg.model.name, 2, stem=cfg.model.stem, dtype=cfg.model.dtype)
 
