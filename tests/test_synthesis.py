@@ -130,9 +130,10 @@ def run_steps(inputs, cfg, n_steps, batch_index=0):
   labels = parallel.to_global(mesh, synthesis.target_labels(cfg.batch_size, problem.num_classes))
   state = init_fn(np.int32(batch_index))
   rep = lambda t: parallel.replicate(mesh, t)
+  student_vars = None if inputs.student_vars is None else rep(inputs.student_vars)
   for _ in range(n_steps):
     state, terms = step_fn(state, labels, np.int32(batch_index), rep(inputs.teacher_vars),
-                           rep(inputs.targets), None)
+                           rep(inputs.targets), student_vars)
   return np.asarray(state.x), {k: float(v) for k, v in terms.items()}
 
 
@@ -275,3 +276,26 @@ def test_bfloat16_synthesis_keeps_float32_images_and_tracks_float32(tmp_path):
   assert x16.dtype == np.float32
   np.testing.assert_allclose(t16['bn'], t32['bn'], rtol=0.05)
   np.testing.assert_allclose(t16['ce'], t32['ce'], rtol=0.05)
+
+
+def test_adi_competition_term_against_a_student(tmp_path):
+  teacher_dir, stats_dir = make_artifacts(tmp_path, 'classwise')
+  with pytest.raises(UserError, match='adi_student'):
+    synthesis.load_inputs(synth_config(adi_weight=1.0), teacher_dir, stats_dir)
+  # The teacher as its own competitor: JS = 0, so the term is exactly 1 - 0.
+  same = synth_config(adi_weight=1.0, adi_student=str(teacher_dir))
+  _, terms = run_steps(synthesis.load_inputs(same, teacher_dir, stats_dir), same, 1)
+  np.testing.assert_allclose(terms['adi'], 1.0, atol=1e-6)
+  # A different network disagrees somewhere: the term drops below 1 and changes the images.
+  other = tmp_path / 'other'
+  model = models.create_model('resnet_tiny', 4)
+  artifacts.save_model(other, model_config=ml_collections.ConfigDict(
+      {'name': 'resnet_tiny', 'stem': 'cifar', 'dtype': 'float32'}),
+      variables=models.init_variables(model, jax.random.key(7), (8, 8, 1)),
+      class_names=[f'c{i}' for i in range(4)], image_shape=(8, 8, 1), mean=[0.3], std=[0.35])
+  adi = synth_config(adi_weight=1.0, adi_student=str(other))
+  x_adi, terms = run_steps(synthesis.load_inputs(adi, teacher_dir, stats_dir), adi, 2)
+  x_plain, _ = run_steps(synthesis.load_inputs(synth_config(), teacher_dir, stats_dir),
+                         synth_config(), 2)
+  assert 0.0 <= terms['adi'] < 1.0 and np.all(np.isfinite(x_adi))
+  assert not np.allclose(x_adi, x_plain)
