@@ -4,6 +4,8 @@ the workdir's report.json, never typed in).
 
   python benchmarks/export_pretrained.py --workdir=runs/cifar10 --name=cifar10_resnet20 \
       --command="python -m bnsynth_jax.main --config=configs/cifar10.py:cpu --workdir=runs/cifar10 --stages=teacher"
+
+A teacher fine-tuned from another (teacher.init_from) takes --command once per command, in order.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--name', required=True)
-  parser.add_argument('--command', required=True, help='the exact command that trained it')
+  parser.add_argument('--command', required=True, action='append',
+                      help='the exact command that trained it (repeat for a chain of runs)')
   args = parser.parse_args(argv)
   src = pathlib.Path(args.workdir) / 'teacher'
   manifest = json.loads((src / 'manifest.json').read_text())
@@ -35,20 +38,28 @@ def main(argv=None) -> int:
                       for h in metrics.get('history', []))
   size = (dst / 'variables.msgpack').stat().st_size
   m = manifest['model']
+  commands = '\n'.join(args.command)
+  started = ''
+  if manifest.get('init_from'):
+    started = (f"- started from `{manifest['init_from']}` "
+               f"({100 * manifest['init_from_test_accuracy']:.2f}% after "
+               f"{manifest['init_from_epochs']:.0f} epochs), then trained "
+               f"{manifest.get('epochs', 0):.0f} more epochs "
+               f"({manifest['init_from_epochs'] + manifest.get('epochs', 0):.0f} in all)\n")
   (dst / 'README.md').write_text(f"""# {args.name}
 
 A {m['name']} teacher ({m['stem']} stem, {m['dtype']}) for {manifest['num_classes']} classes at
-{'x'.join(map(str, manifest['image_shape']))}, trained by this project's own command:
+{'x'.join(map(str, manifest['image_shape']))}, trained by this project's own command{'s, in order' if len(args.command) > 1 else ''}:
 
 ```bash
-{args.command}
+{commands}
 ```
 
 - test accuracy: **{100 * manifest['test_accuracy']:.2f}%** on the whole test split, measured
   by that command's teacher stage (`manifest.json` holds the exact value)
 - training: {manifest.get('epochs', 0):.0f} epochs, {manifest.get('train_seconds', 0) / 3600:.2f} hours
   on the machine in `stage_config.json`'s run (2-core CPU)
-- files: `variables.msgpack` ({size / 1e6:.2f} MB, sha256 `{manifest['variables_sha256']}`),
+{started}- files: `variables.msgpack` ({size / 1e6:.2f} MB, sha256 `{manifest['variables_sha256']}`),
   `manifest.json` (classes, normalisation, accuracy), `stage_config.json` (the full teacher config)
 
 Test accuracy during training:

@@ -31,26 +31,20 @@ def main(argv=None) -> int:
   parser.add_argument('--dtype', default='float32')
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--top', type=int, default=25)
+  parser.add_argument('--per_op', action='store_true',
+                      help='list single XLA ops (convolution.12) instead of op families')
   args = parser.parse_args(argv)
   import jax
   import throughput
-  ns = argparse.Namespace(warmup=2, steps=1, repeats=1)
   logdir = tempfile.mkdtemp(prefix='bnsynth_profile_')
   # Build and warm up the step exactly as the benchmark does, then trace a few steps.
-  holder = {}
-
-  def capture(run_one, warmup, steps, repeats):
-    holder['run'] = run_one
-    for _ in range(warmup):
-      run_one()
-    return 0.0
-  throughput.time_steps, original = capture, throughput.time_steps
-  throughput.jax_synthesis(args.model, args.batch, args.dtype,
-                           throughput.IMAGE_SIZE.get(args.model, 32), 'global', ns)
-  throughput.time_steps = original
+  run_one, _ = throughput.jax_synthesis(args.model, args.batch, args.dtype,
+                                        throughput.IMAGE_SIZE.get(args.model, 32), 'global')
+  for _ in range(2):
+    run_one()
   with jax.profiler.trace(logdir):
     for _ in range(args.steps):
-      holder['run']()
+      run_one()
   from xprof.convert import raw_to_tool_data
   paths = glob.glob(os.path.join(logdir, '**', '*.xplane.pb'), recursive=True)
   # The trace viewer's events carry every XLA thunk / fused kernel with its duration on
@@ -63,7 +57,7 @@ def main(argv=None) -> int:
   time_by_op, count_by_op = collections.Counter(), collections.Counter()
   for e in events:
     if e.get('ph') == 'X' and 'dur' in e and not str(e.get('name', '')).startswith(skip):
-      family = re.sub(r'[._]\d+$', '', e['name'])  # loop_fusion.12 -> loop_fusion
+      family = e['name'] if args.per_op else re.sub(r'[._]\d+$', '', e['name'])  # loop_fusion
       time_by_op[family] += float(e['dur'])
       count_by_op[family] += 1
   total = sum(time_by_op.values())

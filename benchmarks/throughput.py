@@ -4,7 +4,9 @@ Measures the project's own jitted steps (synthesis.make_step, train.train_step) 
 each model x dtype x batch size, the FLOPs per step from XLA's compiled cost
 analysis, the achieved FLOP/s and its fraction of the device's peak, and, with
 --torch, the same synthesis step written in PyTorch eager (a BN-input forward
-hook per layer, Adam on the input), in the same process on the same machine.
+hook per layer, Adam on the input), in the same process on the same machine, timed in
+alternating rounds (JAX, PyTorch, JAX, ...); the ratio is the median of the per-round
+ratios, with their range.
 Appends a table to benchmarks/RESULTS.md with the command.
 
   python benchmarks/throughput.py --models=resnet20 --batch_sizes=128 --torch
@@ -55,6 +57,23 @@ def time_steps(run_one, warmup: int, steps: int, repeats: int) -> float:
   return statistics.median(per_step)
 
 
+def time_interleaved(run_ones, warmup: int, steps: int, repeats: int) -> list[list[float]]:
+  """Seconds per step of each closure: one timed run of `steps` steps each in turn, for
+  `repeats` rounds, so every framework sees the same machine conditions (a shared 2-core VM
+  drifts by ~10% within a minute, which a JAX-then-PyTorch order reads as a speed gap)."""
+  for run_one in run_ones:
+    for _ in range(warmup):
+      run_one()
+  per_step = [[] for _ in run_ones]
+  for _ in range(repeats):
+    for i, run_one in enumerate(run_ones):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        run_one()
+      per_step[i].append((time.perf_counter() - t0) / steps)
+  return per_step
+
+
 def compiled_flops(jitted, *args) -> float | None:
   try:
     cost = jitted.lower(*args).compile().cost_analysis()
@@ -87,7 +106,8 @@ def peak_flops(dtype: str, override_tflops: float | None):
 # JAX
 
 
-def jax_synthesis(model_name, batch, dtype, image_size, stats_kind, args):
+def jax_synthesis(model_name, batch, dtype, image_size, stats_kind):
+  """Builds the project's synthesis step; returns (run one step, XLA FLOPs per step)."""
   import jax
   import numpy as np
   from bnsynth_jax import config_lib, models, parallel, stats as stats_lib, synthesis
@@ -122,11 +142,11 @@ def jax_synthesis(model_name, batch, dtype, image_size, stats_kind, args):
   def one():
     state[0], terms = step_fn(state[0], labels, np.int32(0), teacher, targets, None)
     jax.block_until_ready(terms['loss'])
-  seconds = time_steps(one, args.warmup, args.steps, args.repeats)
-  return seconds, flops
+  return one, flops
 
 
-def jax_train(model_name, batch, dtype, image_size, args):
+def jax_train(model_name, batch, dtype, image_size):
+  """Builds the project's training step; returns (run one step, XLA FLOPs per step)."""
   import functools
   import jax
   import numpy as np
@@ -152,8 +172,7 @@ def jax_train(model_name, batch, dtype, image_size, args):
   def one():
     state[0], m = step_fn(state[0], batch_data, np.int32(0))
     jax.block_until_ready(m['loss'])
-  seconds = time_steps(one, args.warmup, args.steps, args.repeats)
-  return seconds, flops
+  return one, flops
 
 
 # ----------------------------------------------------------------------------
@@ -223,7 +242,8 @@ def torch_resnet(model_name: str, num_classes: int = 10):
   return tnn.Sequential(*layers)
 
 
-def torch_synthesis(model_name, batch, dtype, image_size, args):
+def torch_synthesis(model_name, batch, dtype, image_size):
+  """The same synthesis step in PyTorch eager; returns a closure that runs one step."""
   import torch
   import torch.nn as tnn
   torch.manual_seed(0)
@@ -277,10 +297,18 @@ def torch_synthesis(model_name, batch, dtype, image_size, args):
       x.clamp_(-2.0, 2.0)
     if device == 'cuda':
       torch.cuda.synchronize()
-  return time_steps(one, args.warmup, args.steps, args.repeats)
+  return one
 
 
 # ----------------------------------------------------------------------------
+
+
+def ratio_text(r: dict) -> str:
+  if 'jax_over_torch' not in r:
+    return '—'
+  low, high = r['jax_over_torch_range']
+  spread = f" ({low:.2f}-{high:.2f} over {r['rounds']} rounds)" if r['rounds'] > 1 else ''
+  return f"{r['jax_over_torch']:.2f}x{spread}"
 
 
 def main(argv=None) -> int:
@@ -314,9 +342,15 @@ def main(argv=None) -> int:
       for batch in map(int, args.batch_sizes.split(',')):
         for kind in args.kinds.split(','):
           if kind == 'synthesis':
-            seconds, flops = jax_synthesis(model_name, batch, dtype, size, args.stats_kind, args)
+            one, flops = jax_synthesis(model_name, batch, dtype, size, args.stats_kind)
           else:
-            seconds, flops = jax_train(model_name, batch, dtype, size, args)
+            one, flops = jax_train(model_name, batch, dtype, size)
+          runs = [one]
+          with_torch = kind == 'synthesis' and args.torch
+          if with_torch:
+            runs.append(torch_synthesis(model_name, batch, dtype, size))
+          times = time_interleaved(runs, args.warmup, args.steps, args.repeats)
+          seconds = statistics.median(times[0])
           row = {'model': model_name, 'image_size': size, 'dtype': dtype, 'batch': batch,
                  'kind': kind, 'framework': 'jax', 'seconds_per_step': seconds,
                  'per_second': batch / seconds, 'flops_per_step': flops,
@@ -324,11 +358,14 @@ def main(argv=None) -> int:
                  'utilisation': flops / seconds / peak if flops else None,
                  'peak_tflops': peak / 1e12, 'peak_source': peak_source,
                  'device': device_desc, 'jax': jax.__version__}
-          if kind == 'synthesis' and args.torch:
+          if with_torch:
             import torch
-            t_seconds = torch_synthesis(model_name, batch, dtype, size, args)
-            row['torch_per_second'] = batch / t_seconds
-            row['jax_over_torch'] = t_seconds / seconds
+            # The ratio of each round (JAX and PyTorch timed back to back): median and range.
+            ratios = sorted(t / j for j, t in zip(times[0], times[1]))
+            row['torch_per_second'] = batch / statistics.median(times[1])
+            row['jax_over_torch'] = statistics.median(ratios)
+            row['jax_over_torch_range'] = [ratios[0], ratios[-1]]
+            row['rounds'] = len(ratios)
             row['torch'] = torch.__version__
           rows.append(row)
           print(json.dumps(row), flush=True)
@@ -344,7 +381,7 @@ def main(argv=None) -> int:
           r['device'], r['kind'], f"{r['model']} {r['image_size']}px", r['dtype'], r['batch'],
           f"{r['per_second']:.1f} {unit}",
           f"{r['torch_per_second']:.1f} {unit}" if 'torch_per_second' in r else '—',
-          f"{r['jax_over_torch']:.2f}x" if 'jax_over_torch' in r else '—',
+          ratio_text(r),
           f"{r['achieved_tflops']:.3f}" if r['achieved_tflops'] else '—',
           (f"{100 * r['utilisation']:.1f}% of {r['peak_tflops']:.3g} ({r['peak_source']})"
            if r['utilisation'] else '—'), args.note, f'`{command}`'])

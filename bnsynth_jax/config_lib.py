@@ -61,6 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'     # float32 | bfloat16 (BN statistics stay float32)
   c.teacher = train_config()
   c.teacher.pretrained = ''     # a folder written by the teacher stage: import, do not train
+  c.teacher.init_from = ''      # a teacher folder whose weights start training (a fine-tune or
+                                # warm restart with this config's schedule); '' = random init
 
   # --- statistics (the last stage that reads private images for synthesis)
   c.stats = ml_collections.ConfigDict()

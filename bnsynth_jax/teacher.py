@@ -14,27 +14,37 @@ from bnsynth_jax.input_pipeline import PartitionedBatches
 
 
 def validate(config) -> None:
+  if config.teacher.pretrained and config.teacher.init_from:
+    raise UserError('teacher.pretrained imports a finished teacher and teacher.init_from starts '
+                    'training from one: set only one of them')
   if not config.teacher.pretrained:
     parallel.check_batch(config.teacher.batch_size, 'teacher.batch_size')
   models.create_model(config.model.name, 2, stem=config.model.stem, dtype=config.model.dtype)
 
 
-def _import_pretrained(config, workdir, data: pipeline.PrivateData) -> dict:
-  """Copies a finished teacher artifact in, after checking it fits the config and data."""
-  source_dir = config.teacher.pretrained
+def _load_matching(config, data: pipeline.PrivateData, field: str):
+  """Loads the teacher folder named by config.teacher.<field>, checked against config and data."""
+  source_dir = config.teacher[field]
   model, variables, manifest = artifacts.load_model(source_dir)
   for key in ('name', 'stem'):
     if manifest['model'][key] != config.model[key]:
-      raise UserError(f'teacher.pretrained {source_dir} holds model.{key}='
+      raise UserError(f'teacher.{field} {source_dir} holds model.{key}='
                       f'{manifest["model"][key]!r} but the config says {config.model[key]!r}: '
                       f'set --config.model.{key}={manifest["model"][key]}')
   info = data.info
   if list(info.class_names) != manifest['class_names'] or list(
       info.image_shape) != manifest['image_shape']:
-    raise UserError(f'teacher.pretrained {source_dir} was trained on classes '
+    raise UserError(f'teacher.{field} {source_dir} was trained on classes '
                     f'{manifest["class_names"]} at {manifest["image_shape"]}, but the data has '
                     f'{list(info.class_names)} at {list(info.image_shape)}: use a matching '
-                    'dataset or train a teacher (teacher.pretrained=\'\')')
+                    f'dataset or train a teacher from scratch (teacher.{field}=\'\')')
+  return model, variables, manifest
+
+
+def _import_pretrained(config, workdir, data: pipeline.PrivateData) -> dict:
+  """Copies a finished teacher artifact in, after checking it fits the config and data."""
+  source_dir = config.teacher.pretrained
+  model, variables, manifest = _load_matching(config, data, 'pretrained')
   mesh = parallel.make_mesh()
   result = train.evaluate(model.apply, parallel.replicate(mesh, variables), data.split('test'),
                           data.split_size('test'), data.num_partitions, manifest['mean'],
@@ -64,13 +74,21 @@ def run(config, workdir, data: pipeline.PrivateData) -> dict:
     batches = PartitionedBatches(data.split('train'), data.num_partitions,
                                  data.split_size('train'), config.teacher.batch_size,
                                  seed=config.seed)
+    start, extra = None, {}
+    if config.teacher.init_from:
+      _, start, source = _load_matching(config, data, 'init_from')
+      logging.info('teacher: training starts from %s (test accuracy %s, %s epochs)',
+                   config.teacher.init_from, source.get('test_accuracy'), source.get('epochs'))
+      extra = {'init_from': str(config.teacher.init_from),
+               'init_from_test_accuracy': source.get('test_accuracy'),
+               'init_from_epochs': source.get('epochs')}
     writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / 'teacher')
     variables, summary = train.fit(
         name='teacher', model=model, cfg=config.teacher, batches=batches,
         image_shape=info.image_shape, num_classes=info.num_classes, mean=mean, std=std,
         workdir=out, seed=config.seed,
         test=(data.split('test'), data.split_size('test'), data.num_partitions),
-        writer=writer)
+        writer=writer, init=start)
     writer.close()
     if parallel.is_main_process():
       fileio.atomic_write_json(out / 'metrics.json', summary)
@@ -80,7 +98,7 @@ def run(config, workdir, data: pipeline.PrivateData) -> dict:
                          extra={'test_accuracy': summary['test_accuracy'],
                                 'train_seconds': summary['train_seconds'],
                                 'epochs': summary['epochs'],
-                                'train_examples': data.split_size('train')})
+                                'train_examples': data.split_size('train'), **extra})
     values = {'test_accuracy': summary['test_accuracy'],
               'train_seconds': summary['train_seconds'],
               'train_examples': data.split_size('train')}

@@ -139,9 +139,17 @@ def create_optimizer(cfg, lr: optax.Schedule) -> optax.GradientTransformation:
 
 
 def create_train_state(rng: jax.Array, model: nn.Module, image_shape: Sequence[int],
-                       tx: optax.GradientTransformation, mesh) -> TrainState:
+                       tx: optax.GradientTransformation, mesh,
+                       init: dict | None = None) -> TrainState:
   from bnsynth_jax.models import init_variables
   variables = init_variables(model, rng, image_shape)
+  if init is not None:
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+    for col in ('params', 'batch_stats'):
+      if shapes(init[col]) != shapes(variables[col]):
+        raise UserError(f'the starting {col} do not fit the model (different layers or '
+                        'shapes): start from a checkpoint of the same model and classes')
+    variables = {col: init[col] for col in ('params', 'batch_stats')}
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                             batch_stats=variables['batch_stats'], tx=tx)
   return parallel.replicate(mesh, state)
@@ -248,7 +256,8 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
         test: tuple[Sequence[Partition], int, int] | None = None,
         writer: metrics.Writer | None = None, labels: str = 'hard',
         soft_temperature: float = 1.0, views: dict | None = None,
-        on_step: Callable[[int], None] | None = None) -> tuple[dict, dict[str, Any]]:
+        on_step: Callable[[int], None] | None = None,
+        init: dict | None = None) -> tuple[dict, dict[str, Any]]:
   """Trains `model` from scratch (or resumes) and returns (variables, summary).
 
   Args:
@@ -256,6 +265,8 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
     test: (partitions, split size, num_partitions) of the evaluation split.
     on_step: called with the step number after each step (tests use it to
       simulate a kill).
+    init: {'params', 'batch_stats'} to start from instead of a random
+      initialisation (fine-tuning); a checkpoint in workdir still wins.
   """
   mesh = parallel.make_mesh()
   global_batch = cfg.batch_size
@@ -266,7 +277,7 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
   tx = create_optimizer(cfg, lr_schedule)
   key = jax.random.key(seed)
   init_key, step_key = jax.random.split(key)
-  state = create_train_state(init_key, model, image_shape, tx, mesh)
+  state = create_train_state(init_key, model, image_shape, tx, mesh, init=init)
   ckpt_dir = fileio.path(workdir) / 'checkpoints'
   state, start_step = checkpointing.restore_or_init(ckpt_dir, state)
   progress_file = fileio.path(workdir) / 'progress.json'

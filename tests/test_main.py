@@ -110,6 +110,39 @@ def test_workdir_with_a_different_config(tmp_path):
                   '--config.teacher.log_every_steps=7').returncode == 0
 
 
+def test_teacher_init_from_starts_from_a_finished_teacher(tmp_path):
+  import numpy as np
+  import jax
+  from bnsynth_jax import artifacts
+  first = tmp_path / 'first'
+  base = ('--config=configs/digits.py', '--stages=teacher', '--config.teacher.num_steps=3')
+  assert run_main(*base, f'--workdir={first}').returncode == 0
+  # Zero learning rate: the fine-tuned weights are exactly the starting teacher's.
+  tuned = tmp_path / 'tuned'
+  result = run_main(*base, f'--workdir={tuned}', f'--config.teacher.init_from={first}/teacher',
+                    '--config.teacher.learning_rate=0', '--config.teacher.num_steps=1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  _, start, _ = artifacts.load_model(first / 'teacher')
+  _, end, manifest = artifacts.load_model(tuned / 'teacher')
+  same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), start['params'], end['params'])
+  assert all(jax.tree.leaves(same))
+  assert manifest['init_from'] == f'{first}/teacher'
+  # From scratch with the same zero learning rate the weights differ (a random init).
+  scratch = tmp_path / 'scratch'
+  assert run_main(*base, f'--workdir={scratch}', '--config.teacher.learning_rate=0',
+                  '--config.teacher.num_steps=1', '--config.seed=5').returncode == 0
+  _, fresh, _ = artifacts.load_model(scratch / 'teacher')
+  assert not np.array_equal(jax.tree.leaves(fresh['params'])[0],
+                            jax.tree.leaves(start['params'])[0])
+  # Misuse: both import and fine-tune; a different architecture.
+  assert_user_error(run_main(*base, f'--workdir={tmp_path / "a"}',
+                             f'--config.teacher.init_from={first}/teacher',
+                             f'--config.teacher.pretrained={first}/teacher'), 'set only one')
+  assert_user_error(run_main(*base, f'--workdir={tmp_path / "b"}',
+                             f'--config.teacher.init_from={first}/teacher',
+                             '--config.model.name=resnet20'), 'model.name', 'resnet8')
+
+
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('a file, not a folder')

@@ -1,4 +1,4 @@
-"""The committed CIFAR-10 teacher (pretrained/cifar10_resnet20) loads intact and still classifies.
+"""The committed CIFAR-10 teachers (pretrained/cifar10_resnet20*) load intact and still classify.
 
 The accuracy check reads real CIFAR-10 test images and skips where the image folder is absent
 (CI); the integrity checks need only the committed files.
@@ -15,6 +15,9 @@ from bnsynth_jax import artifacts, config_lib, input_pipeline, train
 from bnsynth_jax.errors import UserError
 
 PRETRAINED = pathlib.Path(__file__).resolve().parents[1] / 'pretrained' / 'cifar10_resnet20'
+# The 30-epoch teacher and the one fine-tuned 20 more epochs from it (teacher.init_from).
+TEACHERS = [PRETRAINED, PRETRAINED.with_name('cifar10_resnet20_50ep')]
+each_teacher = pytest.mark.parametrize('folder', TEACHERS, ids=lambda p: p.name)
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
                    'ship', 'truck']
 
@@ -22,8 +25,9 @@ pytestmark = pytest.mark.skipif(not (PRETRAINED / 'manifest.json').exists(),
                                 reason=f'{PRETRAINED} is not committed in this checkout')
 
 
-def test_committed_teacher_loads_with_the_structure_of_a_fresh_resnet20():
-  model, variables, manifest = artifacts.load_model(PRETRAINED)  # checks the sha256
+@each_teacher
+def test_committed_teacher_loads_with_the_structure_of_a_fresh_resnet20(folder):
+  model, variables, manifest = artifacts.load_model(folder)  # checks the sha256
   assert manifest['model']['name'] == 'resnet20'
   assert manifest['class_names'] == CIFAR10_CLASSES
   assert manifest['image_shape'] == [32, 32, 3]
@@ -45,8 +49,9 @@ def test_altered_teacher_file_is_refused(tmp_path):
     artifacts.load_model(copy)
 
 
-def test_committed_teacher_accuracy_on_real_cifar10_test_images(cifar_root):
-  model, variables, manifest = artifacts.load_model(PRETRAINED)
+@each_teacher
+def test_committed_teacher_accuracy_on_real_cifar10_test_images(cifar_root, folder):
+  model, variables, manifest = artifacts.load_model(folder)
   data = config_lib.default_config().data
   data.source, data.root, data.image_size = 'imagefolder', str(cifar_root), 32
   # Partition 0 of 10 strided partitions: every 10th test image, all classes (1,000 images).
