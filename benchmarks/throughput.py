@@ -44,19 +44,6 @@ IMAGE_SIZE = {'resnet20': 32, 'resnet32': 32, 'resnet56': 32, 'resnet18': 32, 'r
 STEM = {'resnet50': 'imagenet'}
 
 
-def time_steps(run_one, warmup: int, steps: int, repeats: int) -> float:
-  """Median seconds per step over `repeats` timed runs of `steps` steps."""
-  for _ in range(warmup):
-    run_one()
-  per_step = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      run_one()
-    per_step.append((time.perf_counter() - t0) / steps)
-  return statistics.median(per_step)
-
-
 def time_interleaved(run_ones, warmup: int, steps: int, repeats: int) -> list[list[float]]:
   """Seconds per step of each closure: one timed run of `steps` steps each in turn, for
   `repeats` rounds, so every framework sees the same machine conditions (a shared 2-core VM
@@ -72,6 +59,11 @@ def time_interleaved(run_ones, warmup: int, steps: int, repeats: int) -> list[li
         run_one()
       per_step[i].append((time.perf_counter() - t0) / steps)
   return per_step
+
+
+def time_steps(run_one, warmup: int, steps: int, repeats: int) -> float:
+  """Median seconds per step over `repeats` timed runs of `steps` steps."""
+  return statistics.median(time_interleaved([run_one], warmup, steps, repeats)[0])
 
 
 def compiled_flops(jitted, *args) -> float | None:
