@@ -19,6 +19,19 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _total_epochs(folder: str, own_epochs: float) -> float:
+  """Epochs behind a teacher folder, following its own init_from chain where it can be read."""
+  path = pathlib.Path(folder)
+  path = path if path.is_absolute() else REPO / path
+  try:
+    manifest = json.loads((path / 'manifest.json').read_text())
+  except (OSError, ValueError):
+    return own_epochs
+  if not manifest.get('init_from') or manifest.get('init_from') == folder:
+    return own_epochs
+  return own_epochs + _total_epochs(manifest['init_from'], manifest['init_from_epochs'])
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', required=True)
@@ -41,11 +54,12 @@ def main(argv=None) -> int:
   commands = '\n'.join(args.command)
   started = ''
   if manifest.get('init_from'):
+    before = _total_epochs(manifest['init_from'], manifest['init_from_epochs'])
     started = (f"- started from `{manifest['init_from']}` "
                f"({100 * manifest['init_from_test_accuracy']:.2f}% after "
-               f"{manifest['init_from_epochs']:.0f} epochs), then trained "
+               f"{before:.0f} epochs in all), then trained "
                f"{manifest.get('epochs', 0):.0f} more epochs "
-               f"({manifest['init_from_epochs'] + manifest.get('epochs', 0):.0f} in all)\n")
+               f"({before + manifest.get('epochs', 0):.0f} in all)\n")
   (dst / 'README.md').write_text(f"""# {args.name}
 
 A {m['name']} teacher ({m['stem']} stem, {m['dtype']}) for {manifest['num_classes']} classes at

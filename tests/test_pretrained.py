@@ -4,6 +4,7 @@ The accuracy check reads real CIFAR-10 test images and skips where the image fol
 (CI); the integrity checks need only the committed files.
 """
 
+import importlib.util
 import pathlib
 
 import jax
@@ -15,8 +16,10 @@ from bnsynth_jax import artifacts, config_lib, input_pipeline, train
 from bnsynth_jax.errors import UserError
 
 PRETRAINED = pathlib.Path(__file__).resolve().parents[1] / 'pretrained' / 'cifar10_resnet20'
-# The 30-epoch teacher and the one fine-tuned 20 more epochs from it (teacher.init_from).
-TEACHERS = [PRETRAINED, PRETRAINED.with_name('cifar10_resnet20_50ep')]
+# The 30-epoch teacher, the one trained 20 more epochs from it (teacher.init_from), and the one
+# trained 30 more from that (80 epochs in all).
+TEACHERS = [PRETRAINED, PRETRAINED.with_name('cifar10_resnet20_50ep'),
+            PRETRAINED.with_name('cifar10_resnet20_80ep')]
 each_teacher = pytest.mark.parametrize('folder', TEACHERS, ids=lambda p: p.name)
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
                    'ship', 'truck']
@@ -64,3 +67,16 @@ def test_committed_teacher_accuracy_on_real_cifar10_test_images(cifar_root, fold
   # The manifest records the whole-test-split accuracy; 1,000 images sit within a few points.
   assert accuracy >= manifest['test_accuracy'] - 0.04, (accuracy, manifest['test_accuracy'])
   assert accuracy >= 0.85
+
+
+def test_export_readme_counts_epochs_along_the_init_from_chain():
+  spec = importlib.util.spec_from_file_location(
+      'export_pretrained', PRETRAINED.parents[1] / 'benchmarks' / 'export_pretrained.py')
+  export = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(export)
+  epochs = {}
+  for folder in TEACHERS:
+    manifest = artifacts.load_model(folder)[2]
+    epochs[folder.name] = export._total_epochs(f'pretrained/{folder.name}', manifest['epochs'])
+  assert epochs == {'cifar10_resnet20': 30, 'cifar10_resnet20_50ep': 50, 'cifar10_resnet20_80ep': 80}
+  assert '(80 in all)' in (TEACHERS[-1] / 'README.md').read_text()
