@@ -27,7 +27,7 @@ def _total_epochs(folder: str, own_epochs: float) -> float:
     manifest = json.loads((path / 'manifest.json').read_text())
   except (OSError, ValueError):
     return own_epochs
-  if not manifest.get('init_from') or manifest.get('init_from') == folder:
+  if not manifest.get('init_from'):
     return own_epochs
   return own_epochs + _total_epochs(manifest['init_from'], manifest['init_from_epochs'])
 
