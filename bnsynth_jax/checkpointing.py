@@ -33,8 +33,13 @@ def _manager(directory) -> ocp.CheckpointManager:
 
 
 def save(directory, step: int, state: Any) -> None:
-  """Saves `state` at `step` (asynchronously; `wait()` before relying on it)."""
-  _manager(directory).save(step, args=ocp.args.StandardSave(state), force=True)
+  """Saves `state` at `step` (asynchronously; `wait()` before relying on it).
+
+  Here and in wait/close, Ctrl-C and SIGTERM take effect once orbax is done: an interrupt
+  inside orbax's own calls would leave its threads half-stopped and print their tracebacks.
+  """
+  with fileio.deferred_signals():
+    _manager(directory).save(step, args=ocp.args.StandardSave(state), force=True)
 
 
 def restore_or_init(directory, state: Any) -> tuple[Any, int]:
@@ -50,15 +55,23 @@ def restore_or_init(directory, state: Any) -> tuple[Any, int]:
 
 def wait() -> None:
   """Blocks until every pending asynchronous save has been committed."""
-  for manager in _MANAGERS.values():
-    manager.wait_until_finished()
+  with fileio.deferred_signals():
+    for manager in _MANAGERS.values():
+      manager.wait_until_finished()
+
+
+def close_all() -> None:
+  """Finishes every pending save and closes every manager (before an early exit)."""
+  for key in list(_MANAGERS):
+    close(key)
 
 
 def close(directory) -> None:
   manager = _MANAGERS.pop(str(directory), None)
   if manager is not None:
-    manager.wait_until_finished()
-    manager.close()
+    with fileio.deferred_signals():
+      manager.wait_until_finished()
+      manager.close()
 
 
 def save_variables(target, variables: Any) -> str:

@@ -12,7 +12,8 @@ import ml_collections
 def train_config(**overrides) -> ml_collections.ConfigDict:
   """The recipe of one supervised run (teacher, student or baseline)."""
   c = ml_collections.ConfigDict()
-  c.batch_size = 128            # global batch, split over all devices
+  c.batch_size = 128            # global batch, split over all devices (0 = derived: up to
+                                # 128, fitting the data, devices and partitions; logged)
   c.epochs = 30.0
   c.num_steps = 0               # > 0 overrides epochs (tests use it)
   c.optimizer = 'sgd'           # sgd | adam | adamw
@@ -47,8 +48,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.root = ''              # imagefolder: ROOT with ROOT/<split>/<class>/*.png
   c.data.train_split = 'train'
   c.data.test_split = 'test'
-  c.data.image_size = 0         # 0 = the source's native size (square images)
-  c.data.channels = 0           # 0 = the source's (1 grayscale, 3 RGB)
+  c.data.image_size = 0         # 0 = the source's native size (shorter side; image folders
+                                #     cap it at 64, logged): images are resized + centre-cropped
+  c.data.channels = 0           # 0 = the source's (1 if every class looks grayscale, else 3)
+  c.data.alpha_background = 'black'   # imagefolder: transparent pixels become black | white
+  c.data.pixel_max = 0.0        # imagefolder: the value that means white (0 = the file type's
+                                # range: 255, 65535 for 16-bit; float images must be in [0, 1])
   c.data.num_partitions = 0     # 0 = one per process; see input_pipeline
   c.data.mean = ()              # () = computed on the train split
   c.data.std = ()
@@ -71,8 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- synthesis (reads only the teacher and statistics artifacts)
   s = c.synthesis = ml_collections.ConfigDict()
-  s.images_per_class = 10
+  s.images_per_class = 10       # 0 = derived: min(100, the smallest training class)
   s.batch_size = 100            # global; a multiple of the class count keeps batches balanced
+                                # (0 = derived: the largest multiple of the class count up to
+                                # 256 that divides the images and the devices; logged)
   s.iterations = 500            # per batch, at full resolution
   s.multires_iterations = 0     # extra iterations first, the teacher seeing 2x-downsampled images
   s.optimizer = 'adam'          # adam | sgd | lion

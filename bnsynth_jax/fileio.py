@@ -7,10 +7,14 @@ may be local or remote (gs://...) through etils.epath.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import signal
+import threading
 import uuid
 import zipfile
 from typing import Any
@@ -23,19 +27,58 @@ def path(p) -> epath.Path:
   return epath.Path(os.path.expanduser(str(p)) if not str(p).startswith('gs://') else p)
 
 
+@contextlib.contextmanager
+def deferred_signals():
+  """Ctrl-C / SIGTERM arriving inside the block take effect when it ends (main thread)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  pending = []
+  previous = {}
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    previous[sig] = signal.getsignal(sig)
+    signal.signal(sig, lambda signum, frame: pending.append((signum, frame)))
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+    for signum, frame in pending[:1]:
+      handler = previous[signum]
+      if callable(handler):
+        handler(signum, frame)
+      elif handler == signal.SIG_DFL:
+        signal.raise_signal(signum)
+
+
 def atomic_write_bytes(target, data: bytes) -> None:
+  """Writes `data` to a temporary name beside `target`, then renames it into place.
+
+  An interrupt (Ctrl-C, SIGTERM) during the write is deferred until the file is in
+  place; a failed write (disk full, permission lost) removes its temporary file and
+  leaves `target` as it was.
+  """
   target = path(target)
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / f'.{target.name}.tmp-{uuid.uuid4().hex[:8]}'
-  with tmp.open('wb') as f:
-    f.write(data)
-    if hasattr(f, 'fileno'):
-      try:
-        f.flush()
-        os.fsync(f.fileno())
-      except (OSError, io.UnsupportedOperation):
-        pass
-  tmp.replace(target)   # os.replace: atomic on POSIX filesystems
+  with deferred_signals():
+    try:
+      with tmp.open('wb') as f:
+        f.write(data)
+        if hasattr(f, 'fileno'):
+          try:
+            f.flush()
+            os.fsync(f.fileno())
+          except io.UnsupportedOperation:
+            pass
+          except OSError as e:      # filesystems without fsync; ENOSPC etc. propagate
+            if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+              raise
+      tmp.replace(target)   # os.replace: atomic on POSIX filesystems
+    except BaseException:
+      with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+      raise
 
 
 def atomic_write_text(target, text: str) -> None:

@@ -24,7 +24,18 @@ import numpy as np
 
 from bnsynth_jax.errors import UserError
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+# Every extension the image-folder source lists; Pillow decodes them all.
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.gif')
+# Formats we recognise but do not decode, with how to convert them.
+CONVERT_HINTS = {
+    '.dcm': 'DICOM: convert each file to a 16-bit PNG first, e.g. with pydicom '
+            '(pip install pydicom; Image.fromarray(ds.pixel_array.astype("uint16")).save(...)) '
+            'or dcm2pnm / dcmj2pnm from DCMTK',
+    '.nii': 'NIfTI volumes: export 2-D slices as 16-bit PNGs first (e.g. with nibabel)',
+    '.gz': 'compressed files: unpack them first',
+    '.heic': 'HEIC: convert to PNG or JPEG first (e.g. with pillow-heif or ImageMagick)',
+    '.svg': 'SVG: render to PNG first (e.g. with cairosvg or rsvg-convert)',
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +43,9 @@ class DatasetInfo:
   class_names: tuple[str, ...]
   image_shape: tuple[int, int, int]          # (H, W, C)
   num_examples: dict[str, int]               # split -> count over all partitions
+  # split -> images per class, where the source knows it without decoding (None: unknown)
+  class_counts: dict[str, tuple[int, ...]] | None = None
+  native_size: tuple[int, int] | None = None  # (W, H) of the first training image
 
   @property
   def num_classes(self) -> int:
@@ -123,36 +137,119 @@ def _list_image_folder(root: str, split: str, class_names=None):
     class_dir = os.path.join(split_dir, name)
     if not os.path.isdir(class_dir):
       continue
-    names = sorted(f for f in os.listdir(class_dir)
-                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.'))
+    entries = sorted(f for f in os.listdir(class_dir) if not f.startswith('.')
+                     and os.path.isfile(os.path.join(class_dir, f)))
+    names = [f for f in entries if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not names:
-      raise UserError(f'class folder {class_dir} has no images (*.png, *.jpg, *.jpeg): add '
-                      'images or remove the folder')
+      others = sorted({os.path.splitext(f)[1].lower() or '(none)' for f in entries})
+      hints = [CONVERT_HINTS[e] for e in others if e in CONVERT_HINTS]
+      what = (f'only {", ".join(others)} files, ' if others else '')
+      fix = hints[0] if hints else ('add images (' + ', '.join(f'*{e}' for e in IMAGE_EXTENSIONS)
+                                    + ') or remove the folder')
+      raise UserError(f'class folder {class_dir} has no images ({what}none of '
+                      f'{" ".join(IMAGE_EXTENSIONS)}): {fix}')
     files.extend(os.path.join(class_dir, f) for f in names)
     labels.extend([label] * len(names))
   return files, np.asarray(labels, np.int32), tuple(class_names)
 
 
-def _decode_image(path: str, size: int, channels: int) -> np.ndarray:
+# Pillow modes that hold one channel; anything else is decoded as RGB.
+GRAY_MODES = ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')
+ALPHA_BACKGROUNDS = {'black': 0.0, 'white': 1.0}
+
+
+def _to_unit_float(im, pixel_max: float) -> np.ndarray:
+  """A high-bit-depth or float single-channel image as float32 (H, W) in [0, 1].
+
+  Integer images are divided by `pixel_max` if given, else by their type's range
+  (65535 for 16-bit data: scaled, never clipped to 255). 'I' (32-bit) images whose
+  values fit 16 bits are 16-bit data. Float images in [0, 1] are kept; other float
+  ranges need data.pixel_max (a per-image min-max would change intensities between
+  images, which carry meaning in e.g. CT).
+  """
+  arr = np.asarray(im)
+  if arr.dtype.kind == 'f':
+    top = pixel_max or 1.0
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    if not pixel_max and (lo < 0 or hi > 1):
+      raise ValueError(f'float pixels span [{lo:g}, {hi:g}], not [0, 1]: set '
+                       '--config.data.pixel_max to the value that means white')
+    return np.clip(np.nan_to_num(arr.astype(np.float32)) / top, 0, 1)
+  arr = arr.astype(np.int64)
+  if pixel_max:
+    top = float(pixel_max)
+  elif arr.min() >= 0 and arr.max() <= 65535:
+    top = 65535.0
+  else:
+    raise ValueError(f'32-bit integer pixels span [{arr.min()}, {arr.max()}]: set '
+                     '--config.data.pixel_max to the value that means white')
+  return np.clip(arr / top, 0, 1).astype(np.float32)
+
+
+def _decode_to_array(im, channels: int, alpha_background: float, pixel_max: float):
+  """A Pillow image -> uint8 (H, W, C) or float32 (H, W, C) in [0, 1]; see _decode_image."""
+  from PIL import Image, ImageOps
+  im = ImageOps.exif_transpose(im)            # camera JPEGs store rotation in EXIF
+  if im.mode == 'P':
+    im = im.convert('RGBA' if 'transparency' in im.info else 'RGB')
+  elif im.mode == 'PA':
+    im = im.convert('RGBA')
+  if im.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F'):
+    gray = _to_unit_float(im, pixel_max)[..., None]
+    return np.repeat(gray, 3, axis=-1) if channels == 3 else gray
+  if im.mode in ('LA', 'La', 'RGBA', 'RGBa'):
+    # Alpha is composited over a plain background (data.alpha_background).
+    rgba = np.asarray(im.convert('RGBA'), np.float32) / 255.0
+    alpha = rgba[..., 3:]
+    rgb = rgba[..., :3] * alpha + alpha_background * (1.0 - alpha)
+    if channels == 1:
+      rgb = rgb @ np.asarray([0.299, 0.587, 0.114], np.float32)[:, None]  # ITU-R 601, as 'L'
+    return (np.round(rgb * 255.0)).astype(np.uint8)
+  im = im.convert('L' if channels == 1 else 'RGB')   # 1, L, RGB, CMYK, YCbCr, LAB, HSV
+  arr = np.asarray(im, np.uint8)
+  return arr[..., None] if channels == 1 else arr
+
+
+def _resize_crop(arr: np.ndarray, size: int) -> np.ndarray:
+  """Resizes the shorter side to `size` (bicubic) and centre-crops: no distortion."""
+  from PIL import Image
+  h, w = arr.shape[:2]
+  if (h, w) == (size, size):
+    return arr
+  scale = size / min(w, h)
+  new = (max(size, round(w * scale)), max(size, round(h * scale)))
+  left, top = (new[0] - size) // 2, (new[1] - size) // 2
+  box = (left, top, left + size, top + size)
+  if arr.dtype == np.uint8 and arr.shape[-1] in (1, 3):
+    im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    out = np.asarray(im.resize(new, Image.BICUBIC).crop(box), np.uint8)
+    return out[..., None] if out.ndim == 2 else out
+  chans = [np.asarray(Image.fromarray(arr[..., c], 'F').resize(new, Image.BICUBIC).crop(box))
+           for c in range(arr.shape[-1])]
+  return np.stack(chans, -1)
+
+
+def _decode_image(path: str, size: int, channels: int, alpha_background: float = 0.0,
+                  pixel_max: float = 0.0) -> np.ndarray:
+  """One file -> uint8 (size, size, channels).
+
+  8-bit images keep their values; 16-bit and 32-bit integer images are scaled by their
+  true range (see _to_unit_float) and float images read as [0, 1], then all are
+  quantised to 8 bits once, after resizing. Palette images are expanded, alpha is
+  composited over data.alpha_background, CMYK is converted to RGB, EXIF rotation is
+  applied, and a GIF or multi-page TIFF gives its first frame.
+  """
   from PIL import Image
   try:
     with Image.open(path) as im:
       im.load()
-      im = im.convert('L' if channels == 1 else 'RGB')
-      if im.size != (size, size):
-        # Resize the shorter side to `size`, then centre-crop: no distortion.
-        w, h = im.size
-        scale = size / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                       Image.BICUBIC)
-        w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
-        im = im.crop((left, top, left + size, top + size))
-      arr = np.asarray(im, np.uint8)
+      arr = _resize_crop(_decode_to_array(im, channels, alpha_background, pixel_max), size)
   except (OSError, ValueError, SyntaxError) as e:
     raise UserError(f'cannot decode image {path} ({type(e).__name__}: {e}): remove or '
                     'replace the file') from None
-  return arr[..., None] if channels == 1 else arr
+  if arr.dtype != np.uint8:
+    arr = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+  return arr
 
 
 def _probe_image(path: str):
@@ -190,7 +287,9 @@ class DigitsSource(Source):
 
   def info(self):
     return DatasetInfo(tuple(str(i) for i in range(10)), (8, 8, 1),
-                       {s: int(m.sum()) for s, m in self._split.items()})
+                       {s: int(m.sum()) for s, m in self._split.items()},
+                       {s: tuple(np.bincount(self._labels[m], minlength=10).tolist())
+                        for s, m in self._split.items()}, (8, 8))
 
   def load(self, split, partition_ids, num_partitions):
     mask = self._split_mask(split)
@@ -200,7 +299,7 @@ class DigitsSource(Source):
 
 
 class ImageFolderSource(Source):
-  """ROOT/<split>/<class>/*.{png,jpg,jpeg}; any classes, RGB or grayscale."""
+  """ROOT/<split>/<class>/*.{png,jpg,jpeg,bmp,tif,tiff,webp,gif}; any classes and modes."""
 
   def __init__(self, data_config):
     root = data_config.root
@@ -213,16 +312,28 @@ class ImageFolderSource(Source):
                       'laid out as ROOT/<split>/<class>/*.png')
     if not any(os.scandir(root)):
       raise UserError(f'image folder {root} is empty: lay it out as ROOT/<split>/<class>/*.png')
+    background = data_config.get('alpha_background', 'black')
+    if background not in ALPHA_BACKGROUNDS:
+      raise UserError(f'unknown data.alpha_background {background!r}: use black or white')
+    self._background = ALPHA_BACKGROUNDS[background]
+    self._pixel_max = float(data_config.get('pixel_max', 0.0) or 0.0)
+    if self._pixel_max < 0:
+      raise UserError(f'data.pixel_max={self._pixel_max} is negative: set it to the value that '
+                      'means white (0 = the file type\'s range)')
     self._root = root
     self._config = data_config
     self._listing = {}
-    train_files, _, class_names = self._list(data_config.train_split)
+    train_files, train_labels, class_names = self._list(data_config.train_split)
     self._class_names = class_names
-    size, mode = _probe_image(train_files[0])
-    self._size = int(data_config.image_size) or size[0]
+    # The first image of each class: its size, and whether any class is in colour.
+    firsts = [train_files[int(np.argmax(train_labels == c))]
+              for c in range(len(class_names)) if np.any(train_labels == c)]
+    probes = [_probe_image(f) for f in firsts]
+    self._native = probes[0][0]
+    self._size = int(data_config.image_size) or min(self._native)
     channels = int(data_config.get('channels', 0) or 0)
     if not channels:
-      channels = 1 if mode in ('1', 'L', 'I', 'I;16', 'F') else 3
+      channels = 1 if all(mode in GRAY_MODES for _, mode in probes) else 3
     self._channels = channels
     self._threads = int(data_config.get('decode_threads', 0) or min(16, os.cpu_count() or 1))
 
@@ -233,18 +344,21 @@ class ImageFolderSource(Source):
     return self._listing[split]
 
   def info(self):
-    splits = {s: len(self._list(s)[0]) for s in
-              (self._config.train_split, self._config.test_split)}
-    return DatasetInfo(self._class_names, (self._size, self._size, self._channels), splits)
+    splits = (self._config.train_split, self._config.test_split)
+    counts = {s: tuple(np.bincount(self._list(s)[1], minlength=len(self._class_names)).tolist())
+              for s in splits}
+    return DatasetInfo(self._class_names, (self._size, self._size, self._channels),
+                       {s: len(self._list(s)[0]) for s in splits}, counts, self._native)
 
   def load(self, split, partition_ids, num_partitions):
     files, labels, _ = self._list(split)
     parts = []
+    decode = lambda i: _decode_image(files[i], self._size, self._channels, self._background,
+                                     self._pixel_max)
     with concurrent.futures.ThreadPoolExecutor(self._threads) as pool:
       for p in partition_ids:
         idx = partition_members(len(files), num_partitions, p)
-        images = list(pool.map(lambda i: _decode_image(files[i], self._size, self._channels),
-                               idx, chunksize=64))
+        images = list(pool.map(decode, idx, chunksize=64))
         shape = (0, self._size, self._size, self._channels)
         parts.append(Partition(p, np.stack(images) if images else np.zeros(shape, np.uint8),
                                labels[idx]))

@@ -6,7 +6,9 @@ starts jax.distributed, and turns bad input into a one-line error and exit 2.
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 
 # TensorFlow (used only by the TFDS source) must not grab GPU memory or log noise.
@@ -35,9 +37,62 @@ flags.DEFINE_string('cpu_collectives', '', 'CPU collectives for multi-process CP
                     '(gloo); empty = JAX default.')
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+  for line in message.splitlines() or ['']:     # a preflight may find several problems
+    print(f'error: {line}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+class Terminated(BaseException):
+  """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+def _on_sigterm(signum, frame):
+  raise Terminated()
+
+
+_DISK_FULL = ('No space left on device', 'RESOURCE_EXHAUSTED', 'ENOSPC', 'Disk quota exceeded')
+_NO_PERMISSION = ('Permission denied', 'PERMISSION_DENIED', 'Read-only file system')
+
+
+def _stop(message: str, code: int) -> None:
+  """Ends an interrupted run: lets an asynchronous checkpoint save in flight complete (a
+  second signal meanwhile exits at once), prints one line, and exits without running the
+  background threads' shutdown (an interrupted orbax or TensorBoard thread would print
+  tracebacks after the line). Atomic writes are complete by then (fileio defers signals)."""
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+  try:
+    from bnsynth_jax import checkpointing
+    checkpointing.close_all()
+  except Exception as e:  # noqa: BLE001 -- the run is ending; the next one resumes anyway
+    logging.warning('while finishing checkpoint writes: %s', e)
   print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.stdout.flush()
+  os._exit(code)
+
+
+def fault_message(e: BaseException, workdir: str) -> str | None:
+  """One line for an environment fault (disk full, permission lost), or None.
+
+  Orbax and TensorStore report them as their own error types with the OS message
+  inside, so the whole chain of causes is searched for the errno or its text.
+  """
+  resume = 'then run the same command again: finished work is kept and the run resumes'
+  chain, seen = [], e
+  while seen is not None and len(chain) < 10:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  codes = {getattr(x, 'errno', None) for x in chain}
+  text = ' '.join(str(x) for x in chain)
+  where = next((getattr(x, 'filename', None) for x in chain if getattr(x, 'filename', None)),
+               None) or workdir
+  if codes & {errno.ENOSPC, errno.EDQUOT} or any(t in text for t in _DISK_FULL):
+    return f'disk full while writing {where}: free space there (or choose another --workdir), {resume}'
+  if codes & {errno.EACCES, errno.EPERM, errno.EROFS} or any(t in text for t in _NO_PERMISSION):
+    return (f'permission denied on {where}: restore write access to the workdir (or choose '
+            f'another --workdir), {resume}')
+  return None
 
 
 def parse_flags(argv):
@@ -74,6 +129,9 @@ def main(argv):
           '--config=configs/digits.py')
   if not FLAGS.workdir:
     _fail('--workdir is required: the folder where the run writes its artifacts')
+  signal.signal(signal.SIGTERM, _on_sigterm)
+  resume = (f'run the same command again to resume (finished stages are kept; the current one '
+            'continues from its last checkpoint)')
   try:
     import jax
     from bnsynth_jax import parallel, pipeline
@@ -85,6 +143,15 @@ def main(argv):
     pipeline.run(config, FLAGS.workdir, FLAGS.stages, FLAGS.overwrite)
   except UserError as e:
     _fail(str(e))
+  except KeyboardInterrupt:
+    _stop(f'interrupted (Ctrl-C): {resume}', 130)
+  except Terminated:
+    _stop(f'terminated (SIGTERM): {resume}', 143)
+  except Exception as e:  # noqa: BLE001 -- environment faults become one line; others re-raise
+    message = fault_message(e, FLAGS.workdir)
+    if message is None:
+      raise
+    _fail(message, 1)
 
 
 def run():

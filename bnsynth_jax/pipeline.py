@@ -28,7 +28,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from bnsynth_jax import config_lib, fileio, input_pipeline, parallel, report
+from bnsynth_jax import (config_lib, fileio, input_pipeline, parallel, preflight, report,
+                         workdir_lock)
 from bnsynth_jax.errors import UserError
 
 STAGES = ('teacher', 'stats', 'synthesize', 'student', 'evaluate', 'audit')
@@ -68,6 +69,10 @@ class PrivateData:
                                                                 jax.process_count())
     self.partition_ids = input_pipeline.partition_ids_for_process(
         self.num_partitions, jax.process_index(), jax.process_count())
+
+  def reset(self) -> None:
+    """Forgets the source (after preflight changed the data config it was made from)."""
+    self._source, self._info, self._splits = None, None, {}
 
   @property
   def source(self) -> input_pipeline.Source:
@@ -255,14 +260,25 @@ def parse_stages(spec: str) -> list[str]:
   return [s for s in STAGES if s in wanted]
 
 
+def prepare(config, workdir: str, stages: str = 'all') -> tuple[list[str], PrivateData]:
+  """Selects the stages and runs the preflight: every knowable check, and the values left
+  at 0 derived into `config`, before anything is written. Raises UserError."""
+  selected = parse_stages(stages)
+  data = PrivateData(config.data)
+  preflight.run(config, workdir, selected, data,
+                {name: _REGISTRY[name].validate for name in selected})
+  return selected, data
+
+
 def run(config, workdir: str, stages: str = 'all', overwrite: bool = False) -> dict:
   """Runs the selected stages in order; returns the final report."""
-  selected = parse_stages(stages)
-  for name in selected:
-    if _REGISTRY[name].validate:
-      _REGISTRY[name].validate(config)
+  selected, data = prepare(config, workdir, stages)
   check_workdir_writable(workdir)
-  data = PrivateData(config.data)
+  with workdir_lock.hold(workdir):
+    return _run_stages(config, workdir, selected, data, overwrite)
+
+
+def _run_stages(config, workdir, selected, data, overwrite) -> dict:
   logging.info('devices: %s', parallel.describe_devices())
   report.update(workdir, {'environment': report.environment(),
                           'config': json.loads(config.to_json_best_effort())})

@@ -51,8 +51,6 @@ def validate(config) -> None:
   cfg = config.student
   if cfg.labels not in LABELS:
     raise UserError(f"unknown student.labels {cfg.labels!r}: use one of {', '.join(LABELS)}")
-  parallel.check_batch(cfg.batch_size, 'student.batch_size')
-  models.create_model(cfg.model.name, 2, stem=cfg.model.stem, dtype=cfg.model.dtype)
 
 
 def run(config, workdir) -> dict:

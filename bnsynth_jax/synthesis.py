@@ -633,9 +633,10 @@ def validate(config) -> None:
   for key, allowed in checks:
     if cfg[key] not in allowed:
       raise UserError(f'unknown synthesis.{key} {cfg[key]!r}: use one of {", ".join(allowed)}')
-  parallel.check_batch(cfg.batch_size, 'synthesis.batch_size')
-  if cfg.images_per_class < 1 or cfg.iterations < 1:
-    raise UserError('synthesis.images_per_class and synthesis.iterations must be >= 1')
+  if cfg.images_per_class < 0 or cfg.batch_size < 0 or cfg.iterations < 1:
+    raise UserError(f'synthesis.images_per_class={cfg.images_per_class}, batch_size='
+                    f'{cfg.batch_size}, iterations={cfg.iterations}: use images_per_class and '
+                    'batch_size >= 1 (0 = derived) and iterations >= 1')
 
 
 def run(config, workdir) -> dict:

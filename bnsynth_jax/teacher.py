@@ -17,9 +17,6 @@ def validate(config) -> None:
   if config.teacher.pretrained and config.teacher.init_from:
     raise UserError('teacher.pretrained imports a finished teacher and teacher.init_from starts '
                     'training from one: set only one of them')
-  if not config.teacher.pretrained:
-    parallel.check_batch(config.teacher.batch_size, 'teacher.batch_size')
-  models.create_model(config.model.name, 2, stem=config.model.stem, dtype=config.model.dtype)
 
 
 def _load_matching(config, data: pipeline.PrivateData, field: str):

@@ -5,8 +5,12 @@ import pathlib
 import subprocess
 import sys
 
+# 8 simulated devices share 2 cores, with other test processes beside them: XLA's CPU
+# collectives abort a process whose devices wait long for each other, which a busy
+# machine can reach without anything being wrong; give them longer.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+                           ' --xla_force_host_platform_device_count=8'
+                           ' --xla_cpu_collective_call_terminate_timeout_seconds=900').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 

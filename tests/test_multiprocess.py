@@ -26,7 +26,9 @@ def free_port() -> int:
 
 def launch(workdir, devices, extra=(), log=None):
   env = dict(os.environ, PYTHONPATH=str(REPO),
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+             XLA_FLAGS=os.environ['XLA_FLAGS'].replace(
+                 '--xla_force_host_platform_device_count=8',
+                 f'--xla_force_host_platform_device_count={devices}'))
   return subprocess.Popen([sys.executable, '-m', 'bnsynth_jax.main', *ARGS,
                            f'--workdir={workdir}', *extra], cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL)
