@@ -39,11 +39,11 @@ def main(argv=None) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import jax
   import numpy as np
-  from bnsynth_jax import audit, config_lib, input_pipeline, parallel
+  from bnsynth_jax import audit, config_lib, input_pipeline, parallel, sources
   from results_md import append_row
   cfg = config_lib.default_config().data
   cfg.update(source='imagefolder', root=os.path.expanduser(args.cifar_root))
-  [train] = input_pipeline.create_source(cfg).load('train', [0], 1)
+  [train] = sources.create_source(cfg).load('train', [0], 1)
   n = max(args.queries, args.database)
   flat = train.images[:n].reshape(len(train.images[:n]), -1).astype(np.float32) / 255.0
   queries, database = flat[:args.queries], flat[:args.database]

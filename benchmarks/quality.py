@@ -125,15 +125,16 @@ def reuse_finished_stages(root: pathlib.Path, workdir: pathlib.Path, config) -> 
   configuration equals this variant's (and its report keys), so that e.g. a variant
   that only changes the student's labels reuses the synthetic dataset."""
   from bnsynth_jax import pipeline
+  from bnsynth_jax.workdir import stage_dir
   siblings = [d for d in root.iterdir() if d.is_dir() and d != workdir] if root.exists() else []
   report_path = workdir / 'report.json'
-  for stage in pipeline.STAGES:
-    target = pipeline.stage_dir(workdir, stage)
+  for stage in pipeline.NAMES:
+    target = stage_dir(workdir, stage)
     if (target / 'manifest.json').exists():
       continue
-    want = pipeline.stage_config(config, stage)
+    want = pipeline.stage_config(config, stage, workdir)
     for sib in siblings:
-      src = pipeline.stage_dir(sib, stage)
+      src = stage_dir(sib, stage)
       record = src / 'stage_config.json'
       if (src / 'manifest.json').exists() and record.exists() and _same(
           json.loads(record.read_text()), want):
@@ -142,7 +143,7 @@ def reuse_finished_stages(root: pathlib.Path, workdir: pathlib.Path, config) -> 
         shutil.copytree(src, target, ignore=shutil.ignore_patterns('checkpoints', 'inflight'))
         report = json.loads(report_path.read_text()) if report_path.exists() else {}
         sib_report = json.loads((sib / 'report.json').read_text())
-        for dotted in pipeline.REPORT_KEYS[stage]:
+        for dotted in pipeline.BY_NAME[stage].report_keys:
           value = _get(sib_report, dotted)
           if value is not None:
             *parents, leaf = dotted.split('.')
@@ -158,10 +159,10 @@ def reuse_finished_stages(root: pathlib.Path, workdir: pathlib.Path, config) -> 
       break   # a later stage cannot be reused if this one is not
   # The real-subset baseline: the same recipe gives the same model; resume it at its end.
   fp = real_subset_fingerprint(config)
-  target = pipeline.stage_dir(workdir, 'evaluate') / 'real_subset'
+  target = stage_dir(workdir, 'evaluate') / 'real_subset'
   if not (target / 'checkpoints').exists():
     for sib in siblings:
-      src = pipeline.stage_dir(sib, 'evaluate') / 'real_subset'
+      src = stage_dir(sib, 'evaluate') / 'real_subset'
       fp_file = sib / 'real_subset_fingerprint.json'
       if (src / 'manifest.json').exists() and fp_file.exists() and _same(
           json.loads(fp_file.read_text()), fp):
@@ -185,9 +186,9 @@ def summarise(report: dict) -> dict:
       'teacher_agreement': g('synthesis.teacher_agreement'),
       'image_iterations_per_second': g('synthesis.image_iterations_per_second'),
       'labels': g('student.synthetic.labels'),
-      'synthetic_accuracy': g('student.synthetic.test_accuracy'),
-      'real_subset_accuracy': g('student.real_subset.test_accuracy'),
-      'ratio': g('student.ratio'),
+      'synthetic_accuracy': g('evaluate.synthetic.test_accuracy'),
+      'real_subset_accuracy': g('evaluate.real_subset.test_accuracy'),
+      'ratio': g('evaluate.ratio'),
       'synthesis_seconds': g('synthesis.seconds'),
       'audit': report.get('audit'),
   }

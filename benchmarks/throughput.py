@@ -67,13 +67,17 @@ def time_steps(run_one, warmup: int, steps: int, repeats: int) -> float:
 
 
 def compiled_flops(jitted, *args) -> float | None:
+  """FLOPs of one whole (global) step. XLA's cost analysis of an SPMD-partitioned program
+  counts one device's partition, so it is multiplied by the device count."""
+  import jax
   try:
     cost = jitted.lower(*args).compile().cost_analysis()
   except Exception:  # noqa: BLE001 - cost analysis is best effort on some backends
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return float(cost.get('flops', 0.0)) or None if cost else None
+  per_device = float(cost.get('flops', 0.0)) if cost else 0.0
+  return per_device * jax.device_count() or None
 
 
 def peak_flops(dtype: str, override_tflops: float | None):
@@ -102,7 +106,7 @@ def jax_synthesis(model_name, batch, dtype, image_size, stats_kind):
   """Builds the project's synthesis step; returns (run one step, XLA FLOPs per step)."""
   import jax
   import numpy as np
-  from bnsynth_jax import config_lib, models, parallel, stats as stats_lib, synthesis
+  from bnsynth_jax import artifacts, config_lib, models, parallel, stats as stats_lib, synthesis
   cfg = config_lib.default_config().synthesis
   cfg.dtype = dtype
   num_classes = 10
@@ -111,7 +115,7 @@ def jax_synthesis(model_name, batch, dtype, image_size, stats_kind):
   eval_model = models.create_model(model_name, num_classes, stem=stem)
   shape = (image_size, image_size, 3)
   variables = models.init_variables(model, jax.random.key(0), shape)
-  glob = stats_lib.global_statistics(variables)
+  glob = artifacts.global_statistics(variables)
   if stats_kind == 'classwise':
     glob = {k: {n: np.repeat(v[None], num_classes, 0) for n, v in d.items()}
             for k, d in glob.items()}
@@ -331,6 +335,8 @@ def main(argv=None) -> int:
     size = IMAGE_SIZE.get(model_name, 32)
     for dtype in args.dtypes.split(','):
       peak, peak_source = peak_flops(dtype, args.peak_tflops)
+      if device.platform != 'cpu':   # a datasheet peak is per chip; the step uses them all
+        peak *= jax.device_count()
       for batch in map(int, args.batch_sizes.split(',')):
         for kind in args.kinds.split(','):
           if kind == 'synthesis':

@@ -1,4 +1,6 @@
-"""Trained-model artifacts: DIR/variables.msgpack + DIR/manifest.json.
+"""The artifact formats: trained models, and the BN statistics.
+
+Trained models: DIR/variables.msgpack + DIR/manifest.json.
 
 The teacher stage, the student stage and pretrained/ all use this format. The
 manifest says everything needed to rebuild and feed the model (architecture,
@@ -10,11 +12,14 @@ its presence means the artifact is complete.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import jax
+import numpy as np
+from flax import serialization, traverse_util
 
-from bnsynth_jax import checkpointing, fileio, models
+from bnsynth_jax import checkpointing, fileio, models, parallel
 from bnsynth_jax.errors import UserError
 
 VARIABLES_FILE = 'variables.msgpack'
@@ -59,3 +64,85 @@ def load_model(directory, dtype: str | None = None):
   model = models.create_model(m['name'], manifest['num_classes'], stem=m['stem'],
                               dtype=dtype or m['dtype'])
   return model, variables, manifest
+
+
+# ----------------------------------------------------------------------------
+# BN statistics
+
+STATS_FILE = 'statistics.msgpack'
+
+
+def layer_key(path: tuple[str, ...]) -> str:
+  return '/'.join(path)
+
+
+def global_statistics(variables) -> dict[str, dict[str, np.ndarray]]:
+  """{'mean': {layer: [ch]}, 'var': {layer: [ch]}} from the teacher's batch_stats."""
+  flat = traverse_util.flatten_dict(variables['batch_stats'])
+  out = {'mean': {}, 'var': {}}
+  for path, value in flat.items():
+    out[path[-1]][layer_key(path[:-1])] = np.asarray(value, np.float64)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The statistics artifact (written by the stats stage, read by synthesis)
+
+
+def save_statistics(directory, *, kind, statistics, class_counts, teacher_manifest, layers):
+  directory = fileio.path(directory)
+  payload = {'mean': statistics['mean'], 'var': statistics['var'],
+             'class_counts': np.asarray(class_counts, np.float64)}
+  data = serialization.msgpack_serialize(
+      jax.tree.map(lambda a: np.asarray(a, np.float32) if np.ndim(a) else a, payload))
+  manifest = {
+      'kind': kind,
+      'class_names': teacher_manifest['class_names'],
+      'num_classes': teacher_manifest['num_classes'],
+      'image_shape': teacher_manifest['image_shape'],
+      'mean': teacher_manifest['mean'], 'std': teacher_manifest['std'],
+      'model': teacher_manifest['model'],
+      'teacher_sha256': teacher_manifest['variables_sha256'],
+      'layers': [layer_key(p) for p in layers],
+      'statistics_sha256': hashlib.sha256(data).hexdigest(),
+      'class_counts': np.asarray(class_counts).tolist(),
+  }
+  if parallel.is_main_process():
+    fileio.atomic_write_bytes(directory / STATS_FILE, data)
+    fileio.atomic_write_json(directory / 'manifest.json', manifest)
+  return manifest
+
+
+def load_statistics(directory, teacher_manifest=None, teacher_variables=None):
+  """Returns (statistics, manifest); refuses altered files or a different teacher."""
+  directory = fileio.path(directory)
+  if not (directory / 'manifest.json').exists():
+    raise UserError(f'{directory} holds no statistics artifact (manifest.json is missing): run '
+                    'the stats stage or point synthesis.stats_dir at its folder')
+  manifest = fileio.read_json(directory / 'manifest.json')
+  data = (directory / STATS_FILE).read_bytes()
+  if hashlib.sha256(data).hexdigest() != manifest['statistics_sha256']:
+    raise UserError(f'{directory / STATS_FILE} does not match its manifest: the file was '
+                    'altered or half-copied; copy the statistics folder again')
+  statistics = serialization.msgpack_restore(data)
+  if teacher_manifest is not None:
+    if teacher_manifest['variables_sha256'] != manifest['teacher_sha256']:
+      raise UserError(
+          f'the statistics in {directory} were computed with teacher sha256 '
+          f'{manifest["teacher_sha256"][:12]} but the teacher given has '
+          f'{teacher_manifest["variables_sha256"][:12]}: use the teacher checkpoint the '
+          'statistics came from, or recompute the statistics (stats stage)')
+    for key in ('class_names', 'image_shape', 'model'):
+      if teacher_manifest[key] != manifest[key]:
+        raise UserError(f'statistics and teacher disagree on {key} ({manifest[key]} vs '
+                        f'{teacher_manifest[key]}): use matching artifacts')
+  if teacher_variables is not None:
+    expected = global_statistics(teacher_variables)['mean']
+    lead = (manifest['num_classes'],) if manifest['kind'] == 'classwise' else ()
+    for name, value in expected.items():
+      got = statistics['mean'].get(name)
+      if got is None or tuple(got.shape) != lead + value.shape:
+        raise UserError(f'statistics layer {name} has shape '
+                        f'{None if got is None else got.shape}, the teacher needs '
+                        f'{lead + value.shape}: the statistics belong to another model')
+  return statistics, manifest

@@ -40,11 +40,12 @@ import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from bnsynth_jax import (artifacts, fileio, input_pipeline, models, parallel, pipeline, report,
-                         synthetic_data, train)
+from bnsynth_jax import (artifacts, augment, evaluation, fileio, input_pipeline, models,
+                         parallel, report, synthetic_data, train)
 from bnsynth_jax.errors import UserError
+from bnsynth_jax.workdir import stage_dir
+from bnsynth_jax.sources import PrivateData
 
-METRICS = ('l2', 'cosine')
 
 
 # ----------------------------------------------------------------------------
@@ -188,7 +189,7 @@ def roc_curve(member_scores: np.ndarray, nonmember_scores: np.ndarray):
 
 
 def auc(fpr, tpr) -> float:
-  return float(np.trapezoid(tpr, fpr)) if hasattr(np, 'trapezoid') else float(np.trapz(tpr, fpr))
+  return float(np.trapezoid(tpr, fpr))
 
 
 def tpr_at_fpr(fpr, tpr, target: float) -> float:
@@ -221,7 +222,7 @@ def attack_metrics(member_scores, nonmember_scores, bootstrap: int = 200, seed: 
 @functools.lru_cache(maxsize=16)
 def _per_example_fn(apply_fn, mean: tuple, std: tuple, mesh):
   def fn(variables, images, labels):
-    logits = apply_fn(variables, train.normalise(images, mean, std), train=False)
+    logits = apply_fn(variables, augment.normalise(images, mean, std), train=False)
     logits = logits.astype(jnp.float32)
     loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1)[:, 0]
     # Logit-scaled confidence log(p / (1 - p)) = z_y - logsumexp_{j != y} z_j (LiRA's phi).
@@ -285,14 +286,10 @@ def pairs_picture(target, top: np.ndarray, bottom: np.ndarray) -> None:
   report.write_png(target, report.image_grid(cells, 2, n, pad=2, scale=scale))
 
 
-def roc_picture(target, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> bool:
-  try:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-  except ImportError:
-    logging.warning('matplotlib is not installed: no ROC picture')
-    return False
+def roc_picture(target, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
   import io
   fig, ax = plt.subplots(figsize=(5, 5))
   for name, (fpr, tpr) in curves.items():
@@ -308,7 +305,6 @@ def roc_picture(target, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> boo
   fig.savefig(buf, format='png', dpi=120, bbox_inches='tight')
   plt.close(fig)
   fileio.atomic_write_bytes(target, buf.getvalue())
-  return True
 
 
 # ----------------------------------------------------------------------------
@@ -317,7 +313,7 @@ def roc_picture(target, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> boo
 
 def _features(model, variables, images_u8: np.ndarray, mean, std, batch=512) -> np.ndarray:
   """Unit-normalised penultimate features, computed on the caller's images (process-local)."""
-  apply = jax.jit(lambda v, x: model.apply(v, train.normalise(x, mean, std), train=False,
+  apply = jax.jit(lambda v, x: model.apply(v, augment.normalise(x, mean, std), train=False,
                                            return_features=True)[1])
   out = [np.asarray(apply(variables, images_u8[s:s + batch]))
          for s in range(0, len(images_u8), batch)]
@@ -407,7 +403,7 @@ def _reference_models(config, workdir, data, tm, exclude: np.ndarray):
   pool = np.setdiff1d(np.arange(n_train), exclude)
   refs = []
   for r in range(cfg.reference_models):
-    out = pipeline.stage_dir(workdir, 'audit') / f'reference_{r}'
+    out = stage_dir(workdir, 'audit') / f'reference_{r}'
     if (out / artifacts.MANIFEST_FILE).exists():
       model, variables, _ = artifacts.load_model(out)
       refs.append((model, variables))
@@ -495,12 +491,12 @@ def validate(config) -> None:
     raise UserError('audit.k must be >= 1')
 
 
-def run(config, workdir, data: pipeline.PrivateData) -> dict:
+def run(config, workdir, data: PrivateData) -> dict:
   cfg = config.audit
-  out_dir = pipeline.stage_dir(workdir, 'audit')
-  teacher, teacher_vars, tm = artifacts.load_model(pipeline.stage_dir(workdir, 'teacher'))
+  out_dir = stage_dir(workdir, 'audit')
+  teacher, teacher_vars, tm = artifacts.load_model(stage_dir(workdir, 'teacher'))
   synth = synthetic_data.load_synthetic(cfg.synthetic_dir or
-                                        pipeline.stage_dir(workdir, 'synthesize'))
+                                        stage_dir(workdir, 'synthesize'))
   if synth.manifest['teacher_sha256'] != tm['variables_sha256']:
     logging.warning('audit: the synthetic dataset was made with another teacher (sha256 %s); '
                     'auditing it against this workdir\'s private data anyway',
@@ -518,19 +514,17 @@ def run(config, workdir, data: pipeline.PrivateData) -> dict:
                values['dcr']['synthetic_p01'], values['dcr']['holdout_p01'])
 
   targets = {'teacher': (teacher, teacher_vars, None)}
-  student_dir = cfg.student_dir or (pipeline.stage_dir(workdir, 'student') / 'synthetic')
+  student_dir = cfg.student_dir or (stage_dir(workdir, 'student') / 'synthetic')
   if (fileio.path(student_dir) / artifacts.MANIFEST_FILE).exists():
     model, variables, _ = artifacts.load_model(student_dir)
     targets['student'] = (model, variables, None)
-  real_dir = pipeline.stage_dir(workdir, 'evaluate') / 'real_subset'
-  if (real_dir / artifacts.MANIFEST_FILE).exists():
-    model, variables, rm = artifacts.load_model(real_dir)
-    per_class = synth.manifest['images_per_class']
-    parts, size = input_pipeline.balanced_subset(
-        train_parts, data.split_size('train'), data.num_partitions, per_class,
-        tm['num_classes'], seed=config.seed)
-    images = parallel.allgather_rows(np.concatenate([p.images for p in parts]))
-    labels = parallel.allgather_rows(np.concatenate([p.labels for p in parts]))
+  real_dir = stage_dir(workdir, 'evaluate') / 'real_subset'
+  members_file = stage_dir(workdir, 'evaluate') / evaluation.MEMBERS_FILE
+  if (real_dir / artifacts.MANIFEST_FILE).exists() and members_file.exists():
+    model, variables, _ = artifacts.load_model(real_dir)
+    members = fileio.read_npz(members_file)['indices']
+    images, labels = _gather_examples(train_parts, data.split_size('train'),
+                                      data.num_partitions, members)
     targets['real_subset'] = (model, variables, (images, labels))
   mia, info = membership_audit(config, workdir, data, tm, targets, out_dir)
   values['mia'] = mia
@@ -539,6 +533,3 @@ def run(config, workdir, data: pipeline.PrivateData) -> dict:
     fileio.atomic_write_json(out_dir / 'manifest.json', values)
   report.update(workdir, {'audit': values})
   return values
-
-
-pipeline.register(pipeline.Stage('audit', run, validate))

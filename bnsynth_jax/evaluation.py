@@ -4,15 +4,21 @@ Runs on the data owner's side. The baseline student is trained with the
 identical recipe (student config: model, optimiser, epochs, augmentation) on a
 class-balanced random subset of the real training split holding as many images
 per class as the synthetic dataset, so the synthetic student's accuracy has its
-fair comparison: student.ratio = synthetic / real_subset.
+fair comparison: evaluate.ratio = synthetic / real_subset.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from absl import logging
 
-from bnsynth_jax import (artifacts, fileio, input_pipeline, metrics, models, parallel, pipeline,
+from bnsynth_jax import (artifacts, fileio, input_pipeline, metrics, models, parallel,
                          report, synthetic_data, train)
+from bnsynth_jax.sources import PrivateData
+from bnsynth_jax.workdir import stage_dir
+
+# The real-subset baseline's members: indices into the private train split.
+MEMBERS_FILE = 'real_subset_members.npz'
 
 
 def _train_real_student(config, workdir, data, name, parts, size, teacher_manifest):
@@ -21,7 +27,7 @@ def _train_real_student(config, workdir, data, name, parts, size, teacher_manife
                               stem=cfg.model.stem, dtype=cfg.model.dtype)
   batches = input_pipeline.PartitionedBatches(parts, data.num_partitions, size, cfg.batch_size,
                                               seed=config.seed)
-  out = pipeline.stage_dir(workdir, 'evaluate') / name
+  out = stage_dir(workdir, 'evaluate') / name
   writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / name)
   variables, summary = train.fit(
       name=name, model=model, cfg=cfg, batches=batches,
@@ -40,25 +46,29 @@ def _train_real_student(config, workdir, data, name, parts, size, teacher_manife
   return values
 
 
-def run(config, workdir, data: pipeline.PrivateData) -> dict:
+def run(config, workdir, data: PrivateData) -> dict:
   mesh = parallel.make_mesh()
-  teacher_manifest = artifacts.load_model(pipeline.stage_dir(workdir, 'teacher'))[2]
+  teacher_manifest = artifacts.load_model(stage_dir(workdir, 'teacher'))[2]
   test = (data.split('test'), data.split_size('test'), data.num_partitions)
   model, variables, student_manifest = artifacts.load_model(
-      pipeline.stage_dir(workdir, 'student') / 'synthetic')
+      stage_dir(workdir, 'student') / 'synthetic')
   result = train.evaluate(model.apply, parallel.replicate(mesh, variables), *test,
                           student_manifest['mean'], student_manifest['std'],
                           config.student.eval_batch_size, mesh)
   values = {'synthetic': {'test_accuracy': result['accuracy']}}
   logging.info('synthetic-trained student: test accuracy %.4f', result['accuracy'])
-  synth_manifest = synthetic_data.read_manifest(pipeline.stage_dir(workdir, 'synthesize'))
+  synth_manifest = synthetic_data.read_manifest(stage_dir(workdir, 'synthesize'))
   per_class = synth_manifest['images_per_class']
   if config.evaluate.real_subset:
-    parts, size = input_pipeline.balanced_subset(
+    parts, members = input_pipeline.balanced_subset(
         data.split('train'), data.split_size('train'), data.num_partitions, per_class,
         teacher_manifest['num_classes'], seed=config.seed)
+    if parallel.is_main_process():
+      # The audit scores exactly these members (it does not recompute them).
+      fileio.atomic_write_npz(stage_dir(workdir, 'evaluate') / MEMBERS_FILE,
+                              indices=members.astype(np.int64))
     values['real_subset'] = _train_real_student(config, workdir, data, 'real_subset', parts,
-                                                size, teacher_manifest)
+                                                len(members), teacher_manifest)
     values['real_subset']['images_per_class'] = per_class
     values['ratio'] = result['accuracy'] / max(values['real_subset']['test_accuracy'], 1e-12)
   if config.evaluate.full_real:
@@ -66,9 +76,6 @@ def run(config, workdir, data: pipeline.PrivateData) -> dict:
                                               data.split('train'), data.split_size('train'),
                                               teacher_manifest)
   if parallel.is_main_process():
-    fileio.atomic_write_json(pipeline.stage_dir(workdir, 'evaluate') / 'manifest.json', values)
-  report.update(workdir, {'student': values})
+    fileio.atomic_write_json(stage_dir(workdir, 'evaluate') / 'manifest.json', values)
+  report.update(workdir, {'evaluate': values})
   return values
-
-
-pipeline.register(pipeline.Stage('evaluate', run))

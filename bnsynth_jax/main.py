@@ -95,8 +95,28 @@ def fault_message(e: BaseException, workdir: str) -> str | None:
   return None
 
 
+def bundled_config(argv):
+  """`--config=configs/NAME.py[:arg]` names the bundled configs from any folder: a path
+  that does not exist here is looked up in the installed package (bnsynth_jax/configs)."""
+  out = []
+  for arg in argv:
+    if arg.startswith('--config=configs/'):
+      path, sep, variant = arg[len('--config='):].partition(':')
+      if not os.path.exists(path):
+        import importlib.util
+        spec = importlib.util.find_spec('bnsynth_jax.configs')
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+          bundled = os.path.join(folder, path[len('configs/'):])
+          if os.path.exists(bundled):
+            arg = f'--config={bundled}{sep}{variant}'
+            break
+    out.append(arg)
+  return out
+
+
 def parse_flags(argv):
   """absl's parser, but a bad flag or config key is one line and exit 2."""
+  argv = bundled_config(argv)
   try:
     return FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:

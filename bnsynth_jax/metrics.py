@@ -1,8 +1,8 @@
 """Scalars to TensorBoard and the log, and a progress line with rate and ETA.
 
 clu's metric writers import TensorFlow; the stages must run without it, so
-TensorBoard event files are written with tensorboardX (pure Python) when it is
-installed, and scalars always go to the log. Only process 0 writes.
+TensorBoard event files are written with tensorboardX (pure Python, a required
+dependency), and scalars also go to the log. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -15,27 +15,23 @@ from absl import logging
 
 
 class Writer:
-  """write_scalars(step, {name: value}) to TensorBoard (if available) and the log."""
+  """write_scalars(step, {name: value}) to TensorBoard and the log."""
 
-  def __init__(self, logdir: str | None, prefix: str = ''):
-    self._prefix = prefix
+  def __init__(self, logdir: str | None):
     self._tb = None
     if logdir and jax.process_index() == 0:
-      try:
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(logdir=str(logdir), flush_secs=30)
-      except ImportError:
-        logging.info('tensorboardX is not installed: scalars go to the log only')
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(logdir=str(logdir), flush_secs=30)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float], log: bool = True) -> None:
     if jax.process_index() != 0:
       return
     if self._tb is not None:
       for name, value in scalars.items():
-        self._tb.add_scalar(f'{self._prefix}{name}', float(value), step)
+        self._tb.add_scalar(name, float(value), step)
     if log:
       text = ', '.join(f'{k}={float(v):.4g}' for k, v in scalars.items())
-      logging.info('%sstep %d: %s', self._prefix, step, text)
+      logging.info('step %d: %s', step, text)
 
   def flush(self) -> None:
     if self._tb is not None:

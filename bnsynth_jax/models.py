@@ -165,13 +165,12 @@ def init_variables(model: ResNet, rng: jax.Array, image_shape: Sequence[int]):
   return jax.jit(functools.partial(model.init, train=False))(rng, dummy)
 
 
-def capture_bn_inputs(model: ResNet, variables, x, *, train: bool = False,
-                      return_features: bool = False):
-  """Runs the model and returns (outputs, {bn_path: bn_input}).
+def capture_bn_inputs(model: ResNet, variables, x, *, return_features: bool = False):
+  """Runs the model in inference mode and returns (outputs, {bn_path: bn_input}).
 
   The paths are tuples of module names, the same keys that index
-  `variables['batch_stats']`; the dict is in forward (execution) order. In inference mode (train=False) BN normalises with
-  its running statistics, which is how the teacher runs during synthesis.
+  `variables['batch_stats']`; the dict is in forward (execution) order. BN normalises
+  with its running statistics, which is how the teacher runs during synthesis.
   """
   captured: dict[tuple[str, ...], jax.Array] = {}
 
@@ -181,9 +180,5 @@ def capture_bn_inputs(model: ResNet, variables, x, *, train: bool = False,
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
-    if train:
-      out, _ = model.apply(variables, x, train=True, return_features=return_features,
-                           mutable=['batch_stats'])
-    else:
-      out = model.apply(variables, x, train=False, return_features=return_features)
+    out = model.apply(variables, x, train=False, return_features=return_features)
   return out, captured

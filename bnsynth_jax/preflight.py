@@ -28,6 +28,7 @@ from absl import logging
 
 from bnsynth_jax import artifacts, fileio, input_pipeline, models, parallel
 from bnsynth_jax.errors import UserError
+from bnsynth_jax.workdir import is_done, stage_dir
 
 MIN_IMAGE_SIZE = 8
 MAX_DERIVED_IMAGE_SIZE = 64      # image folders: larger images are resized to this by default
@@ -81,8 +82,7 @@ def _stored(workdir, stage_folder: str, key: str):
 # Facts
 
 
-def _gather_facts(config, workdir, pending, data, problems) -> Facts:
-  from bnsynth_jax import pipeline
+def _gather_facts(config, workdir, pending, private, data, problems) -> Facts:
   devices = parallel.make_mesh().devices.size
   try:
     partitions = input_pipeline.resolve_num_partitions(config.data, jax.process_count())
@@ -92,7 +92,7 @@ def _gather_facts(config, workdir, pending, data, problems) -> Facts:
     problems.append(str(e))
     partitions = jax.process_count()
   facts = Facts(devices, partitions)
-  reads_images = [s for s in pending if s in pipeline.PRIVATE_STAGES
+  reads_images = [s for s in pending if s in private
                   and not (s == 'stats' and config.stats.kind == 'global')]
   if reads_images:
     try:
@@ -110,15 +110,15 @@ def _gather_facts(config, workdir, pending, data, problems) -> Facts:
     facts.native_size = info.native_size
     return facts
   # No private data this run: what the artifacts on disk say.
-  for directory in (config.synthesis.teacher_dir or pipeline.stage_dir(workdir, 'teacher'),
-                    pipeline.stage_dir(workdir, 'synthesize')):
+  for directory in (config.synthesis.teacher_dir or stage_dir(workdir, 'teacher'),
+                    stage_dir(workdir, 'synthesize')):
     manifest = _read_manifest(directory)
     if manifest:
       facts.num_classes = manifest['num_classes']
       facts.class_names = tuple(manifest['class_names'])
       facts.image_shape = tuple(manifest['image_shape'])
       break
-  stats = _read_manifest(config.synthesis.stats_dir or pipeline.stage_dir(workdir, 'stats'))
+  stats = _read_manifest(config.synthesis.stats_dir or stage_dir(workdir, 'stats'))
   if stats and stats.get('kind') == 'classwise' and any(stats.get('class_counts', [])):
     facts.train_counts = tuple(int(c) for c in stats['class_counts'])
   return facts
@@ -304,13 +304,12 @@ def _check_data(problems, config, facts: Facts, pending) -> None:
 
 
 def _check_stages(problems, config, workdir, facts: Facts, pending, selected) -> None:
-  from bnsynth_jax import pipeline
   syn, student = config.synthesis, config.student
   c = facts.num_classes
   num_synthetic = syn.images_per_class * c if c and syn.images_per_class > 0 else None
 
   def finished_or_coming(stage):
-    return stage in selected or pipeline.is_done(workdir, stage)
+    return stage in selected or is_done(workdir, stage)
 
   if 'teacher' in pending:
     _check_model(problems, facts, 'model', config.model)
@@ -323,50 +322,61 @@ def _check_stages(problems, config, workdir, facts: Facts, pending, selected) ->
       _check_teacher_source(problems, facts, 'teacher.init_from', config.teacher.init_from)
   if 'stats' in pending and not finished_or_coming('teacher'):
     problems.append(f'the stats stage needs a finished teacher in '
-                    f'{pipeline.stage_dir(workdir, "teacher")}: add teacher to --stages')
+                    f'{stage_dir(workdir, "teacher")}: add teacher to --stages')
   if 'synthesize' in pending:
-    for key, stage in (('teacher_dir', 'teacher'), ('stats_dir', 'stats')):
-      if syn[key]:
-        if _read_manifest(syn[key]) is None:
-          problems.append(f'synthesis.{key}={syn[key]} holds no finished {stage} artifact '
-                          f'({artifacts.MANIFEST_FILE} is missing): point it at the folder the '
-                          f'{stage} stage wrote')
-      elif not finished_or_coming(stage):
-        problems.append(f'the synthesize stage needs a finished {stage} stage in '
-                        f'{pipeline.stage_dir(workdir, stage)}: add {stage} to --stages or set '
-                        f'synthesis.{key}')
-    if syn.teacher_dir and syn.stats_dir:
-      tm, sm = _read_manifest(syn.teacher_dir), _read_manifest(syn.stats_dir)
-      if tm and sm and tm.get('variables_sha256') != sm.get('teacher_sha256'):
-        problems.append(f'the statistics in {syn.stats_dir} were computed with teacher sha256 '
-                        f'{sm.get("teacher_sha256", "?")[:12]} but synthesis.teacher_dir has '
-                        f'{tm.get("variables_sha256", "?")[:12]}: use the teacher the '
-                        'statistics came from')
-    if syn.adi_weight and syn.adi_student and _read_manifest(syn.adi_student) is None:
-      problems.append(f'synthesis.adi_student={syn.adi_student} holds no finished model: point '
-                      'it at a student or teacher folder')
-    if syn.batch_size < 1:
-      if num_synthetic:
-        problems.append(f'synthesis.batch_size could not be derived: no multiple of the {c} '
-                        f'classes divides both {num_synthetic} images and {facts.devices} '
-                        'devices; set --config.synthesis.batch_size and images_per_class')
-    else:
-      if syn.batch_size % facts.devices:
-        problems.append(f'synthesis.batch_size={syn.batch_size} is not divisible by the '
-                        f'{facts.devices} devices: set it to a multiple of {facts.devices}')
-      if num_synthetic and num_synthetic % syn.batch_size:
-        problems.append(f'synthesis.batch_size={syn.batch_size} does not divide the '
-                        f'{num_synthetic} images ({syn.images_per_class} per class x {c} '
-                        'classes): choose a divisor, or 0 to derive it')
+    _check_synthesis(problems, syn, workdir, facts, finished_or_coming, num_synthetic)
   if 'student' in pending:
     _check_model(problems, facts, 'student.model', student.model)
     _check_batch(problems, facts, 'student.batch_size', student.batch_size, num_synthetic,
                  'the synthetic set')
     if student.labels == 'views':
       _check_views(problems, config, workdir)
+  _check_evaluate_and_audit(problems, config, workdir, facts, pending, finished_or_coming)
+
+
+def _check_synthesis(problems, syn, workdir, facts, finished_or_coming, num_synthetic) -> None:
+  c = facts.num_classes
+  for key, stage in (('teacher_dir', 'teacher'), ('stats_dir', 'stats')):
+    if syn[key]:
+      if _read_manifest(syn[key]) is None:
+        problems.append(f'synthesis.{key}={syn[key]} holds no finished {stage} artifact '
+                        f'({artifacts.MANIFEST_FILE} is missing): point it at the folder the '
+                        f'{stage} stage wrote')
+    elif not finished_or_coming(stage):
+      problems.append(f'the synthesize stage needs a finished {stage} stage in '
+                      f'{stage_dir(workdir, stage)}: add {stage} to --stages or set '
+                      f'synthesis.{key}')
+  if syn.teacher_dir and syn.stats_dir:
+    tm, sm = _read_manifest(syn.teacher_dir), _read_manifest(syn.stats_dir)
+    if tm and sm and tm.get('variables_sha256') != sm.get('teacher_sha256'):
+      problems.append(f'the statistics in {syn.stats_dir} were computed with teacher sha256 '
+                      f'{sm.get("teacher_sha256", "?")[:12]} but synthesis.teacher_dir has '
+                      f'{tm.get("variables_sha256", "?")[:12]}: use the teacher the '
+                      'statistics came from')
+  if syn.adi_weight and syn.adi_student and _read_manifest(syn.adi_student) is None:
+    problems.append(f'synthesis.adi_student={syn.adi_student} holds no finished model: point '
+                    'it at a student or teacher folder')
+  if syn.batch_size < 1:
+    if num_synthetic:
+      problems.append(f'synthesis.batch_size could not be derived: no multiple of the {c} '
+                      f'classes divides both {num_synthetic} images and {facts.devices} '
+                      'devices; set --config.synthesis.batch_size and images_per_class')
+  else:
+    if syn.batch_size % facts.devices:
+      problems.append(f'synthesis.batch_size={syn.batch_size} is not divisible by the '
+                      f'{facts.devices} devices: set it to a multiple of {facts.devices}')
+    if num_synthetic and num_synthetic % syn.batch_size:
+      problems.append(f'synthesis.batch_size={syn.batch_size} does not divide the '
+                      f'{num_synthetic} images ({syn.images_per_class} per class x {c} '
+                      'classes): choose a divisor, or 0 to derive it')
+
+
+def _check_evaluate_and_audit(problems, config, workdir, facts, pending,
+                              finished_or_coming) -> None:
+  syn, student = config.synthesis, config.student
   if 'evaluate' in pending and not finished_or_coming('student'):
     problems.append(f'the evaluate stage needs a finished student in '
-                    f'{pipeline.stage_dir(workdir, "student")}: add student to --stages')
+                    f'{stage_dir(workdir, "student")}: add student to --stages')
   if 'evaluate' in pending and config.evaluate.real_subset and facts.train_counts and (
       syn.images_per_class > 0 and facts.class_names):
     small = [f'{n} ({k})' for n, k in zip(facts.class_names, facts.train_counts)
@@ -389,10 +399,10 @@ def _check_stages(problems, config, workdir, facts: Facts, pending, selected) ->
 
 
 def _check_views(problems, config, workdir) -> None:
-  from bnsynth_jax import pipeline, synthetic_data
+  from bnsynth_jax import synthetic_data
   from bnsynth_jax import student as student_lib
   syn, student = config.synthesis, config.student
-  manifest_dir = pipeline.stage_dir(workdir, 'synthesize')
+  manifest_dir = stage_dir(workdir, 'synthesize')
   if (manifest_dir / 'manifest.json').exists():
     try:
       student_lib.check_views(student, synthetic_data.read_manifest(manifest_dir))
@@ -411,22 +421,23 @@ def _check_views(problems, config, workdir) -> None:
 # ----------------------------------------------------------------------------
 
 
-def run(config, workdir, selected: list[str], data, validators) -> list[str]:
+def run(config, workdir, stages, data) -> list[str]:
   """Derives values into `config` and checks everything; returns the derivation notes.
 
-  `validators` maps stage name -> its own config check (raising UserError). Raises
-  PreflightError with every problem found.
+  `stages`: the selected pipeline.Stage records (their `validate` is each stage's own
+  config check, raising UserError). Raises PreflightError with every problem found.
   """
-  from bnsynth_jax import pipeline
   problems: list[str] = []
-  for name in selected:
-    if validators.get(name):
+  for stage in stages:
+    if stage.validate:
       try:
-        validators[name](config)
+        stage.validate(config)
       except UserError as e:
         problems.append(str(e))
-  pending = [s for s in selected if not pipeline.is_done(workdir, s)]
-  facts = _gather_facts(config, workdir, pending, data, problems)
+  selected = [stage.name for stage in stages]
+  private = {stage.name for stage in stages if stage.private}
+  pending = [s for s in selected if not is_done(workdir, s)]
+  facts = _gather_facts(config, workdir, pending, private, data, problems)
   notes = _derive(config, workdir, facts, data, problems, pending)
   _check_data(problems, config, facts, pending)
   _check_stages(problems, config, workdir, facts, pending, selected)

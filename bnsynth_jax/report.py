@@ -38,7 +38,7 @@ def update(workdir, values: Mapping[str, Any]) -> dict:
 
 
 def remove_keys(workdir, dotted_keys: list[str]) -> None:
-  """Removes keys given as dot-paths (e.g. 'student.ratio') from report.json."""
+  """Removes keys given as dot-paths (e.g. 'evaluate.ratio') from report.json."""
   report = load(workdir)
   changed = False
   for dotted in dotted_keys:
@@ -110,18 +110,19 @@ def utility_table(r: Mapping[str, Any]) -> str:
   if 'teacher' in r:
     rows.append(f"| teacher | private train split | {get(r, 'teacher.train_examples', '—')} | "
                 f"{_pct(get(r, 'teacher.test_accuracy'))} | |")
-  real = get(r, 'student.real_subset')
+  real = get(r, 'evaluate.real_subset')
   if real:
     rows.append(f"| student ({real.get('model')}) | real subset, "
                 f"{real.get('images_per_class')} per class | {real.get('num_images')} | "
                 f"{_pct(real.get('test_accuracy'))} | 1.000 |")
   synth = get(r, 'student.synthetic')
-  if synth and 'test_accuracy' in synth:
+  accuracy = get(r, 'evaluate.synthetic.test_accuracy')
+  if synth and accuracy is not None:
     kind = get(r, 'synthesis.stats_kind', '')
     rows.append(f"| student ({synth.get('model')}) | synthetic ({kind} statistics, "
                 f"{synth.get('labels')} labels) | {synth.get('num_images')} | "
-                f"{_pct(synth.get('test_accuracy'))} | {_num(get(r, 'student.ratio'), '{:.3f}')} |")
-  full = get(r, 'student.full_real')
+                f"{_pct(accuracy)} | {_num(get(r, 'evaluate.ratio'), '{:.3f}')} |")
+  full = get(r, 'evaluate.full_real')
   if full:
     rows.append(f"| student ({full.get('model')}) | whole real train split | "
                 f"{full.get('num_images')} | {_pct(full.get('test_accuracy'))} | |")

@@ -21,24 +21,18 @@ stage.
 from __future__ import annotations
 
 import functools
-import hashlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from flax import serialization, traverse_util
 
-from bnsynth_jax import artifacts, fileio, input_pipeline, models, parallel, pipeline, report
+from bnsynth_jax import artifacts, augment, fileio, input_pipeline, models, parallel, report
 from bnsynth_jax.errors import UserError
+from bnsynth_jax.workdir import stage_dir
+from bnsynth_jax.sources import PrivateData
 
-STATS_FILE = 'statistics.msgpack'
 KINDS = ('global', 'classwise')
-
-
-def _path_key(path: tuple[str, ...]) -> str:
-  return '/'.join(path)
 
 
 def bn_input_shapes(model, variables, image_shape) -> dict[tuple[str, ...], tuple]:
@@ -60,26 +54,17 @@ def layer_order(model, variables, image_shape) -> list[tuple[str, ...]]:
   return list(bn_input_shapes(model, variables, image_shape))
 
 
-def global_statistics(variables) -> dict[str, dict[str, np.ndarray]]:
-  """{'mean': {layer: [ch]}, 'var': {layer: [ch]}} from the teacher's batch_stats."""
-  flat = traverse_util.flatten_dict(variables['batch_stats'])
-  out = {'mean': {}, 'var': {}}
-  for path, value in flat.items():
-    out[path[-1]][_path_key(path[:-1])] = np.asarray(value, np.float64)
-  return out
-
-
 def _classwise_sums_step(variables, batch, *, model, num_classes, shift, mean, std):
   """Per-class shifted sums of every BN input over one (global, sharded) batch."""
-  x = (batch['images'].astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
+  x = augment.normalise(batch['images'], mean, std)
   _, captured = models.capture_bn_inputs(model, variables, x)
   weights = jax.nn.one_hot(batch['labels'], num_classes) * batch['mask'][:, None]  # [N, C]
   sums = {}
   for path, a in captured.items():
-    a = a.astype(jnp.float32) - shift[_path_key(path)]
+    a = a.astype(jnp.float32) - shift[artifacts.layer_key(path)]
     s1 = jnp.einsum('nc,nk->ck', weights, jnp.sum(a, axis=(1, 2)))
     s2 = jnp.einsum('nc,nk->ck', weights, jnp.sum(jnp.square(a), axis=(1, 2)))
-    sums[_path_key(path)] = (s1, s2)
+    sums[artifacts.layer_key(path)] = (s1, s2)
   return sums, jnp.sum(weights, axis=0)
 
 
@@ -89,10 +74,10 @@ def classwise_statistics(model, variables, partitions, split_size: int, num_part
   mesh = parallel.make_mesh()
   batch_size = parallel.round_up_batch(batch_size, mesh)
   shift = {k: jnp.asarray(v, jnp.float32)
-           for k, v in global_statistics(variables)['mean'].items()}
+           for k, v in artifacts.global_statistics(variables)['mean'].items()}
   step = functools.partial(_classwise_sums_step, model=model, num_classes=num_classes,
                            shift=shift, mean=tuple(mean), std=tuple(std))
-  hw = {_path_key(p): s[1] * s[2] for p, s in
+  hw = {artifacts.layer_key(p): s[1] * s[2] for p, s in
         bn_input_shapes(model, variables, partitions[0].images.shape[1:]).items()}
   jitted = jax.jit(step,
                    in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
@@ -122,69 +107,6 @@ def classwise_statistics(model, variables, partitions, split_size: int, num_part
 
 
 # ----------------------------------------------------------------------------
-# The artifact
-
-
-def save_artifact(directory, *, kind, statistics, class_counts, teacher_manifest, layers):
-  directory = fileio.path(directory)
-  payload = {'mean': statistics['mean'], 'var': statistics['var'],
-             'class_counts': np.asarray(class_counts, np.float64)}
-  data = serialization.msgpack_serialize(
-      jax.tree.map(lambda a: np.asarray(a, np.float32) if np.ndim(a) else a, payload))
-  manifest = {
-      'kind': kind,
-      'class_names': teacher_manifest['class_names'],
-      'num_classes': teacher_manifest['num_classes'],
-      'image_shape': teacher_manifest['image_shape'],
-      'mean': teacher_manifest['mean'], 'std': teacher_manifest['std'],
-      'model': teacher_manifest['model'],
-      'teacher_sha256': teacher_manifest['variables_sha256'],
-      'layers': [_path_key(p) for p in layers],
-      'statistics_sha256': hashlib.sha256(data).hexdigest(),
-      'class_counts': np.asarray(class_counts).tolist(),
-  }
-  if parallel.is_main_process():
-    fileio.atomic_write_bytes(directory / STATS_FILE, data)
-    fileio.atomic_write_json(directory / 'manifest.json', manifest)
-  return manifest
-
-
-def load_artifact(directory, teacher_manifest=None, teacher_variables=None):
-  """Returns (statistics, manifest); refuses altered files or a different teacher."""
-  directory = fileio.path(directory)
-  if not (directory / 'manifest.json').exists():
-    raise UserError(f'{directory} holds no statistics artifact (manifest.json is missing): run '
-                    'the stats stage or point synthesis.stats_dir at its folder')
-  manifest = fileio.read_json(directory / 'manifest.json')
-  data = (directory / STATS_FILE).read_bytes()
-  if hashlib.sha256(data).hexdigest() != manifest['statistics_sha256']:
-    raise UserError(f'{directory / STATS_FILE} does not match its manifest: the file was '
-                    'altered or half-copied; copy the statistics folder again')
-  statistics = serialization.msgpack_restore(data)
-  if teacher_manifest is not None:
-    if teacher_manifest['variables_sha256'] != manifest['teacher_sha256']:
-      raise UserError(
-          f'the statistics in {directory} were computed with teacher sha256 '
-          f'{manifest["teacher_sha256"][:12]} but the teacher given has '
-          f'{teacher_manifest["variables_sha256"][:12]}: use the teacher checkpoint the '
-          'statistics came from, or recompute the statistics (stats stage)')
-    for key in ('class_names', 'image_shape', 'model'):
-      if teacher_manifest[key] != manifest[key]:
-        raise UserError(f'statistics and teacher disagree on {key} ({manifest[key]} vs '
-                        f'{teacher_manifest[key]}): use matching artifacts')
-  if teacher_variables is not None:
-    expected = global_statistics(teacher_variables)['mean']
-    lead = (manifest['num_classes'],) if manifest['kind'] == 'classwise' else ()
-    for name, value in expected.items():
-      got = statistics['mean'].get(name)
-      if got is None or tuple(got.shape) != lead + value.shape:
-        raise UserError(f'statistics layer {name} has shape '
-                        f'{None if got is None else got.shape}, the teacher needs '
-                        f'{lead + value.shape}: the statistics belong to another model')
-  return statistics, manifest
-
-
-# ----------------------------------------------------------------------------
 # The stage
 
 
@@ -193,21 +115,21 @@ def validate(config) -> None:
     raise UserError(f"unknown stats.kind {config.stats.kind!r}: use 'global' or 'classwise'")
 
 
-def run(config, workdir, data: pipeline.PrivateData) -> dict:
-  teacher_dir = pipeline.stage_dir(workdir, 'teacher')
+def run(config, workdir, data: PrivateData) -> dict:
+  teacher_dir = stage_dir(workdir, 'teacher')
   model, variables, teacher_manifest = artifacts.load_model(teacher_dir)
   image_shape = teacher_manifest['image_shape']
   layers = layer_order(model, variables, image_shape)
   kind = config.stats.kind
   if kind == 'global':
-    statistics = global_statistics(variables)
+    statistics = artifacts.global_statistics(variables)
     counts = np.zeros(teacher_manifest['num_classes'])
   else:
     statistics, counts = classwise_statistics(
         model, variables, data.split('train'), data.split_size('train'), data.num_partitions,
         teacher_manifest['num_classes'], teacher_manifest['mean'], teacher_manifest['std'],
         config.stats.batch_size)
-  manifest = save_artifact(pipeline.stage_dir(workdir, 'stats'), kind=kind,
+  manifest = artifacts.save_statistics(stage_dir(workdir, 'stats'), kind=kind,
                            statistics=statistics, class_counts=counts,
                            teacher_manifest=teacher_manifest, layers=layers)
   logging.info('stats: %s statistics of %d BN layers written', kind, len(layers))
@@ -215,6 +137,3 @@ def run(config, workdir, data: pipeline.PrivateData) -> dict:
             'statistics_sha256': manifest['statistics_sha256']}
   report.update(workdir, {'stats': values})
   return values
-
-
-pipeline.register(pipeline.Stage('stats', run, validate))

@@ -1,6 +1,6 @@
 """The student stage: train a fresh network from scratch on the synthetic dataset alone.
 
-This stage is called without a PrivateData handle (pipeline.PRIVATE_STAGES): the
+This stage is called without a PrivateData handle (it is not a private stage): the
 only data it can read is WORKDIR/synthetic. Labels are the target hard labels
 (the seed paper's protocol) or the teacher's soft labels stored with the dataset
 (distillation at the dataset's temperature). It is evaluated on real test data
@@ -12,9 +12,10 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from bnsynth_jax import (artifacts, fileio, input_pipeline, metrics, models, parallel, pipeline,
+from bnsynth_jax import (artifacts, fileio, input_pipeline, metrics, models, parallel,
                          report, synthetic_data, train)
 from bnsynth_jax.errors import UserError
+from bnsynth_jax.workdir import stage_dir
 
 LABELS = ('hard', 'soft', 'views')
 
@@ -55,18 +56,16 @@ def validate(config) -> None:
 
 def run(config, workdir) -> dict:
   cfg = config.student
-  ds = synthetic_data.load_synthetic(pipeline.stage_dir(workdir, 'synthesize'))
+  ds = synthetic_data.load_synthetic(stage_dir(workdir, 'synthesize'))
   manifest = ds.manifest
-  num_partitions = input_pipeline.resolve_num_partitions(config.data, jax.process_count())
-  partition_ids = input_pipeline.partition_ids_for_process(
-      num_partitions, jax.process_index(), jax.process_count())
+  num_partitions, partition_ids = input_pipeline.local_partitions(config.data)
   views = check_views(cfg, manifest) if cfg.labels == 'views' else None
   parts = synthetic_partitions(ds, num_partitions, partition_ids, with_views=views is not None)
   batches = input_pipeline.PartitionedBatches(parts, num_partitions, len(ds), cfg.batch_size,
                                               seed=config.seed)
   model = models.create_model(cfg.model.name, manifest['num_classes'], stem=cfg.model.stem,
                               dtype=cfg.model.dtype)
-  out = pipeline.stage_dir(workdir, 'student') / 'synthetic'
+  out = stage_dir(workdir, 'student') / 'synthetic'
   writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / 'student')
   variables, summary = train.fit(
       name='student', model=model, cfg=cfg, batches=batches,
@@ -84,10 +83,7 @@ def run(config, workdir) -> dict:
                        mean=manifest['mean'], std=manifest['std'],
                        extra={'trained_on': 'synthetic', **values})
   if parallel.is_main_process():
-    fileio.atomic_write_json(pipeline.stage_dir(workdir, 'student') / 'manifest.json',
+    fileio.atomic_write_json(stage_dir(workdir, 'student') / 'manifest.json',
                              {'synthetic': values})
   report.update(workdir, {'student': {'synthetic': values}})
   return values
-
-
-pipeline.register(pipeline.Stage('student', run, validate))

@@ -31,7 +31,6 @@ the batch in flight resumes from its last orbax checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from typing import Any, Callable, Mapping
@@ -44,9 +43,10 @@ import optax
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from bnsynth_jax import (artifacts, checkpointing, fileio, metrics, models, parallel, pipeline,
-                         report, stats as stats_lib, synthetic_data)
+from bnsynth_jax import (artifacts, augment, checkpointing, fileio, metrics, models,
+                         parallel, report, synthetic_data)
 from bnsynth_jax.errors import UserError
+from bnsynth_jax.workdir import stage_dir
 
 AUGMENTS = ('jitter_flip', 'random_resized_crop', 'none')
 SCOPES = ('global', 'per_device')
@@ -136,49 +136,6 @@ def js_competition(teacher_logits, student_logits, temperature: float) -> jax.Ar
   return 1.0 - jnp.clip(js, 0.0, 1.0)
 
 
-# ----------------------------------------------------------------------------
-# Augmentation (inside the step, a fresh key each iteration)
-
-
-def jitter_flip(rng, x, jitter: int, flip: bool):
-  """Per-image random roll by up to `jitter` pixels and random horizontal flip."""
-  b = x.shape[0]
-  k1, k2 = jax.random.split(rng)
-  if jitter:
-    shifts = jax.random.randint(k1, (b, 2), -jitter, jitter + 1)
-    x = jax.vmap(lambda img, s: jnp.roll(img, (s[0], s[1]), axis=(0, 1)))(x, shifts)
-  if flip:
-    x = jnp.where(jax.random.bernoulli(k2, 0.5, (b, 1, 1, 1)), x[:, :, ::-1, :], x)
-  return x
-
-
-def random_resized_crop(rng, x, min_scale: float, flip: bool):
-  """Per-image crop of area in [min_scale, 1] and aspect in [3/4, 4/3], resized back."""
-  b, h, w, c = x.shape
-  k_area, k_ratio, k_y, k_x, k_flip = jax.random.split(rng, 5)
-  area = jax.random.uniform(k_area, (b,), minval=min_scale, maxval=1.0)
-  ratio = jnp.exp(jax.random.uniform(k_ratio, (b,), minval=jnp.log(3 / 4), maxval=jnp.log(4 / 3)))
-  ch = jnp.clip(jnp.sqrt(area / ratio) * h, 1.0, h)
-  cw = jnp.clip(jnp.sqrt(area * ratio) * w, 1.0, w)
-  y0 = jax.random.uniform(k_y, (b,)) * (h - ch)
-  x0 = jax.random.uniform(k_x, (b,)) * (w - cw)
-  scale = jnp.stack([h / ch, w / cw], -1)
-  translation = -jnp.stack([y0, x0], -1) * scale
-  out = jax.vmap(lambda img, s, t: jax.image.scale_and_translate(
-      img, (h, w, c), (0, 1), s, t, method='linear', antialias=True))(x, scale, translation)
-  if flip:
-    out = jnp.where(jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1)), out[:, :, ::-1, :], out)
-  return out
-
-
-def augment(rng, x, cfg):
-  if cfg.augment == 'jitter_flip':
-    return jitter_flip(rng, x, cfg.jitter, cfg.flip)
-  if cfg.augment == 'random_resized_crop':
-    return random_resized_crop(rng, x, cfg.rrc_min_scale, cfg.flip)
-  return x
-
-
 def downsample2(x):
   return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID') / 4.0
 
@@ -212,7 +169,7 @@ def make_loss_fn(problem: Problem, cfg, lowres: bool = False) -> Callable:
   """loss_fn(x, labels, rng, teacher_vars, targets, student_vars) -> (loss, terms)."""
 
   def loss_fn(x, labels, rng, teacher_vars, targets, student_vars):
-    x_aug = augment(rng, x, cfg)
+    x_aug = augment.augment(rng, x, cfg)
     if lowres:
       x_aug = downsample2(x_aug)
     logits, captured = models.capture_bn_inputs(problem.model, teacher_vars, x_aug)
@@ -321,18 +278,12 @@ def make_step(problem: Problem, cfg, tx, mesh, state_sharding, seed: int, lowres
                  out_shardings=(state_sharding, repl), donate_argnums=0)
 
 
-def to_uint8(x, mean, std):
-  pixels = x * jnp.asarray(std, jnp.float32) + jnp.asarray(mean, jnp.float32)
-  return jnp.round(jnp.clip(pixels, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-
-
 def make_finalize(problem: Problem, cfg, mesh):
   """Measures the released (uint8) images: BN loss, per-image CE, confidence, soft labels."""
 
   def finalize(x, labels, teacher_vars, targets):
-    images = to_uint8(x, problem.mean, problem.std)
-    xq = (images.astype(jnp.float32) / 255.0 - jnp.asarray(problem.mean)) / jnp.asarray(
-        problem.std)
+    images = augment.to_uint8(x, problem.mean, problem.std)
+    xq = augment.normalise(images, problem.mean, problem.std)
     logits, captured = models.capture_bn_inputs(problem.eval_model, teacher_vars, xq)
     bn, _ = bn_matching_loss(captured, targets, problem.layer_weights,
                              labels if problem.classwise else None, problem.num_classes,
@@ -354,14 +305,13 @@ def make_finalize(problem: Problem, cfg, mesh):
 
 def make_view_labeler(problem: Problem, cfg, mesh, seed: int):
   """labeler(images_u8, indices, epoch, teacher) -> teacher softmax(logits / T) of the view
-  train.view_crop_flip(key(seed), epoch, indices) of each image (the student replays it)."""
-  from bnsynth_jax import train
+  augment.view_crop_flip(key(seed), epoch, indices) of each image (the student replays it)."""
   view_key = jax.random.key(seed)
 
   def labeler(images, indices, epoch, teacher_vars):
-    x = train.view_crop_flip(view_key, epoch, indices, images.astype(jnp.float32) / 255.0,
-                             cfg.view_crop_padding, cfg.view_flip)
-    x = (x - jnp.asarray(problem.mean)) / jnp.asarray(problem.std)
+    x = augment.view_crop_flip(view_key, epoch, indices, augment.to_unit(images),
+                               cfg.view_crop_padding, cfg.view_flip)
+    x = augment.standardise(x, problem.mean, problem.std)
     logits = problem.eval_model.apply(teacher_vars, x, train=False).astype(jnp.float32)
     return jax.nn.softmax(logits / cfg.soft_label_temperature)
 
@@ -391,7 +341,7 @@ def load_inputs(cfg, teacher_dir, stats_dir) -> Inputs:
   """Loads and cross-checks the teacher and statistics artifacts."""
   model, variables, teacher_manifest = artifacts.load_model(teacher_dir, dtype=cfg.dtype)
   eval_model, _, _ = artifacts.load_model(teacher_dir, dtype='float32')
-  statistics, stats_manifest = stats_lib.load_artifact(stats_dir, teacher_manifest, variables)
+  statistics, stats_manifest = artifacts.load_statistics(stats_dir, teacher_manifest, variables)
   layers = stats_manifest['layers']
   weights = {name: (cfg.first_bn_multiplier if i == 0 else 1.0)
              for i, name in enumerate(layers)}
@@ -430,23 +380,12 @@ def _process_slice(global_batch: int) -> slice:
   return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 
 
-def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | None = None,
-             on_iteration: Callable[[int, int], None] | None = None) -> dict:
-  """Generates (or finishes) the whole dataset in out_dir; returns a summary."""
-  problem = inputs.problem
-  out_dir = fileio.path(out_dir)
-  mesh = parallel.make_mesh()
-  num_classes = problem.num_classes
-  num_images = cfg.images_per_class * num_classes
-  batch = cfg.batch_size
-  num_batches = num_images // batch
-  total_iterations = cfg.multires_iterations + cfg.iterations
-  labels_all = target_labels(num_images, num_classes)
-
-  # A resumed run must be the same run: same teacher, statistics and settings.
+def _check_run_info(inputs: Inputs, cfg, out_dir, seed: int, num_images: int,
+                    total_iterations: int) -> None:
+  """A resumed run must be the same run: same teacher, statistics and settings."""
   run_info = {'teacher_sha256': inputs.teacher_manifest['variables_sha256'],
               'statistics_sha256': inputs.stats_manifest['statistics_sha256'],
-              'num_images': num_images, 'batch_size': batch, 'seed': seed,
+              'num_images': num_images, 'batch_size': cfg.batch_size, 'seed': seed,
               'total_iterations': total_iterations, 'view_epochs': cfg.view_epochs}
   info_path = out_dir / 'run_info.json'
   if info_path.exists():
@@ -458,17 +397,121 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
   elif parallel.is_main_process():
     fileio.atomic_write_json(info_path, run_info)
 
+
+@dataclasses.dataclass
+class _Run:
+  """What every batch of one synthesis run shares: compiled functions, replicated inputs."""
+  cfg: Any
+  mesh: Any
+  init: Callable
+  step: Callable
+  lowres_step: Callable | None
+  finalize: Callable
+  labeler: Callable | None
+  teacher_vars: Any
+  targets: Any
+  student_vars: Any
+  total_iterations: int
+  progress: metrics.Progress | None = None
+  writer: metrics.Writer | None = None
+  on_iteration: Callable[[int, int], None] | None = None
+  done_iterations: int = 0
+
+
+def _prepare_run(inputs: Inputs, cfg, seed: int, total_iterations: int) -> _Run:
+  problem, mesh = inputs.problem, parallel.make_mesh()
   tx = create_optimizer(cfg, total_iterations)
-  init_fn, sharding = make_init(problem, tx, mesh, batch, seed)
-  step_fn = make_step(problem, cfg, tx, mesh, sharding, seed)
-  lowres_fn = (make_step(problem, cfg, tx, mesh, sharding, seed, lowres=True)
-               if cfg.multires_iterations else None)
-  finalize_fn = make_finalize(problem, cfg, mesh)
-  labeler = make_view_labeler(problem, cfg, mesh, view_seed(seed)) if cfg.view_epochs else None
-  teacher_vars = parallel.replicate(mesh, inputs.teacher_vars)
-  targets = parallel.replicate(mesh, inputs.targets)
-  student_vars = (parallel.replicate(mesh, inputs.student_vars)
-                  if inputs.student_vars is not None else None)
+  init_fn, sharding = make_init(problem, tx, mesh, cfg.batch_size, seed)
+  return _Run(
+      cfg=cfg, mesh=mesh, init=init_fn,
+      step=make_step(problem, cfg, tx, mesh, sharding, seed),
+      lowres_step=(make_step(problem, cfg, tx, mesh, sharding, seed, lowres=True)
+                   if cfg.multires_iterations else None),
+      finalize=make_finalize(problem, cfg, mesh),
+      labeler=make_view_labeler(problem, cfg, mesh, view_seed(seed)) if cfg.view_epochs else None,
+      teacher_vars=parallel.replicate(mesh, inputs.teacher_vars),
+      targets=parallel.replicate(mesh, inputs.targets),
+      student_vars=(parallel.replicate(mesh, inputs.student_vars)
+                    if inputs.student_vars is not None else None),
+      total_iterations=total_iterations)
+
+
+def _log_iteration(run: _Run, i: int, done: int, latest: dict, where: str) -> None:
+  if not all(np.isfinite(v) for v in latest.values()):
+    raise UserError(f'synthesis batch {i} reached a non-finite loss at iteration {done} '
+                    f'({latest}): lower synthesis.learning_rate or the loss weights; '
+                    'nothing of this batch was written')
+  if run.writer:
+    run.writer.write_scalars(i * run.total_iterations + done, latest, log=False)
+  logging.info(run.progress.line(
+      run.done_iterations, f'{where} iteration {done}/{run.total_iterations}, loss '
+      f"{latest['loss']:.4f}, bn {latest['bn']:.4f}, ce {latest['ce']:.4f}"))
+
+
+def _optimise_batch(run: _Run, i: int, labels, ckpt_dir, where: str):
+  """Runs (or resumes) batch i's iterations; returns (state, first iteration, loop start)."""
+  cfg, batch_index = run.cfg, np.int32(i)
+  state = run.init(batch_index)
+  state, start = checkpointing.restore_or_init(ckpt_dir, state)
+  if start:
+    logging.info('synthesize: batch %d resumes at iteration %d', i, start)
+  pending, t_loop = [], time.perf_counter()
+  for it in range(start, run.total_iterations):
+    fn = run.lowres_step if it < cfg.multires_iterations else run.step
+    state, terms = fn(state, labels, batch_index, run.teacher_vars, run.targets,
+                      run.student_vars)
+    pending.append(terms)
+    done = it + 1
+    if it == start:   # the first iteration compiles: time the loop from here on
+      jax.block_until_ready(terms)
+      run.progress.first_step_done(run.done_iterations + 1)
+      t_loop = time.perf_counter()
+    run.done_iterations += 1
+    if done % cfg.log_every_iterations == 0 or done == run.total_iterations:
+      latest = {k: float(v) for k, v in parallel.to_host(pending[-1]).items()}
+      pending.clear()
+      _log_iteration(run, i, done, latest, where)
+    if (cfg.checkpoint_every_iterations and done % cfg.checkpoint_every_iterations == 0
+        and done < run.total_iterations):
+      checkpointing.save(ckpt_dir, done, state)
+    if run.on_iteration is not None:
+      run.on_iteration(i, done)
+  return state, start, t_loop
+
+
+def _finish_batch(run: _Run, i: int, state, labels, bn_initial) -> dict:
+  """The batch's images, per-image losses, BN losses and per-view labels, on the host."""
+  cfg, batch = run.cfg, run.cfg.batch_size
+  final_x = state.best_x if cfg.keep_best else state.x
+  per_image, bn_final = run.finalize(final_x, labels, run.teacher_vars, run.targets)
+  host = {k: np.asarray(v) for k, v in parallel.to_host(per_image).items()}
+  bn_values = np.asarray([float(parallel.to_host(bn_initial)),
+                          float(parallel.to_host(bn_final))], np.float32)
+  if not (np.all(np.isfinite(host['loss'])) and np.all(np.isfinite(bn_values))):
+    raise UserError(f'synthesis batch {i} ended with a non-finite loss: lower '
+                    'synthesis.learning_rate; nothing of this batch was written')
+  if run.labeler is not None:   # per-view soft labels: [B, epochs, K], float16 to stay small
+    indices = parallel.to_global(run.mesh, np.arange(i * batch, (i + 1) * batch,
+                                                     dtype=np.int32)[_process_slice(batch)])
+    per_epoch = [parallel.to_host(run.labeler(per_image['images'], indices, np.int32(e),
+                                              run.teacher_vars))
+                 for e in range(cfg.view_epochs)]
+    host['view_soft_labels'] = np.stack(per_epoch, axis=1).astype(np.float16)
+  return {**host, 'bn_loss_initial': bn_values[0], 'bn_loss_final': bn_values[1]}
+
+
+def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | None = None,
+             on_iteration: Callable[[int, int], None] | None = None) -> dict:
+  """Generates (or finishes) the whole dataset in out_dir; returns a summary."""
+  out_dir = fileio.path(out_dir)
+  num_images = cfg.images_per_class * inputs.problem.num_classes
+  batch = cfg.batch_size
+  num_batches = num_images // batch
+  total_iterations = cfg.multires_iterations + cfg.iterations
+  labels_all = target_labels(num_images, inputs.problem.num_classes)
+  _check_run_info(inputs, cfg, out_dir, seed, num_images, total_iterations)
+  run = _prepare_run(inputs, cfg, seed, total_iterations)
+  run.writer, run.on_iteration = writer, on_iteration
   timings_path = out_dir / 'timings.json'
   timings = fileio.read_json(timings_path) if timings_path.exists() else {}
   # Process 0 decides what is left to do (hosts may see the filesystem at different times).
@@ -477,75 +520,24 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
   if len(todo) < num_batches:
     logging.info('synthesize: %d of %d batches done already, resuming', num_batches - len(todo),
                  num_batches)
-  progress = metrics.Progress('synthesize', len(todo) * total_iterations, 0, batch,
-                              'image-iterations')
-  done_iterations = 0
-
-  for i in todo:
+  run.progress = metrics.Progress('synthesize', len(todo) * total_iterations, 0, batch,
+                                  'image-iterations')
+  for n, i in enumerate(todo):
     t_batch = time.perf_counter()
-    labels_host = labels_all[i * batch:(i + 1) * batch]
-    labels = parallel.to_global(mesh, labels_host[_process_slice(batch)])
-    batch_index = np.int32(i)
-    state = init_fn(batch_index)
-    _, bn_initial = finalize_fn(state.x, labels, teacher_vars, targets)
+    labels = parallel.to_global(run.mesh, labels_all[i * batch:(i + 1) * batch][
+        _process_slice(batch)])
+    _, bn_initial = run.finalize(run.init(np.int32(i)).x, labels, run.teacher_vars, run.targets)
     ckpt_dir = out_dir / 'inflight' / f'batch-{i:05d}'
-    state, start = checkpointing.restore_or_init(ckpt_dir, state)
-    if start:
-      logging.info('synthesize: batch %d resumes at iteration %d', i, start)
-    pending = []
-    for it in range(start, total_iterations):
-      fn = lowres_fn if it < cfg.multires_iterations else step_fn
-      state, terms = fn(state, labels, batch_index, teacher_vars, targets, student_vars)
-      pending.append(terms)
-      done = it + 1
-      if it == start:   # the first iteration compiles: time the loop from here on
-        jax.block_until_ready(terms)
-        progress.first_step_done(done_iterations + 1)
-        t_loop = time.perf_counter()
-      done_iterations += 1
-      if done % cfg.log_every_iterations == 0 or done == total_iterations:
-        latest = {k: float(v) for k, v in parallel.to_host(pending[-1]).items()}
-        pending.clear()
-        if not all(np.isfinite(v) for v in latest.values()):
-          raise UserError(f'synthesis batch {i} reached a non-finite loss at iteration {done} '
-                          f'({latest}): lower synthesis.learning_rate or the loss weights; '
-                          'nothing of this batch was written')
-        if writer:
-          writer.write_scalars(i * total_iterations + done, latest, log=False)
-        images_done = (num_batches - len(todo)) * batch + todo.index(i) * batch
-        logging.info(progress.line(done_iterations,
-                                   f'batch {i + 1}/{num_batches} iteration {done}/'
-                                   f'{total_iterations}, {images_done}/{num_images} images '
-                                   f"done, loss {latest['loss']:.4f}, bn {latest['bn']:.4f}, "
-                                   f"ce {latest['ce']:.4f}"))
-      if (cfg.checkpoint_every_iterations and done % cfg.checkpoint_every_iterations == 0
-          and done < total_iterations):
-        checkpointing.save(ckpt_dir, done, state)
-      if on_iteration is not None:
-        on_iteration(i, done)
-
-    final_x = state.best_x if cfg.keep_best else state.x
-    jax.block_until_ready(final_x)
+    images_done = (num_batches - len(todo) + n) * batch
+    where = f'batch {i + 1}/{num_batches}, {images_done}/{num_images} images done,'
+    state, start, t_loop = _optimise_batch(run, i, labels, ckpt_dir, where)
+    jax.block_until_ready(state)
     loop_seconds = time.perf_counter() - t_loop
-    per_image, bn_final = finalize_fn(final_x, labels, teacher_vars, targets)
-    host = parallel.to_host(per_image)
-    bn_values = np.asarray([float(parallel.to_host(bn_initial)),
-                            float(parallel.to_host(bn_final))], np.float32)
-    if not (np.all(np.isfinite(host['loss'])) and np.all(np.isfinite(bn_values))):
-      raise UserError(f'synthesis batch {i} ended with a non-finite loss: lower '
-                      'synthesis.learning_rate; nothing of this batch was written')
-    views = {}
-    if labeler is not None:   # per-view soft labels: [B, epochs, K], float16 to keep it small
-      indices = parallel.to_global(mesh, np.arange(i * batch, (i + 1) * batch, dtype=np.int32)[
-          _process_slice(batch)])
-      per_epoch = [parallel.to_host(labeler(per_image['images'], indices, np.int32(e),
-                                            teacher_vars)) for e in range(cfg.view_epochs)]
-      views['view_soft_labels'] = np.stack(per_epoch, axis=1).astype(np.float16)
+    shard = _finish_batch(run, i, state, labels, bn_initial)
     checkpointing.close(ckpt_dir)
     if parallel.is_main_process():
-      synthetic_data.write_shard(out_dir, i, {
-          **{k: np.asarray(v) for k, v in host.items()}, **views,
-          'bn_loss_initial': bn_values[0], 'bn_loss_final': bn_values[1]})
+      synthetic_data.write_shard(out_dir, i, shard)
+      synthetic_data.write_samples(out_dir, i + 1, inputs.problem.num_classes)  # watchable
       # Steady-state rate: the first (compiling) iteration of each batch is not timed.
       timings[str(i)] = {'seconds': time.perf_counter() - t_batch,
                          'loop_seconds': loop_seconds,
@@ -559,62 +551,41 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
 
 def finish(inputs: Inputs, cfg, out_dir, seed: int, num_batches: int, timings: dict) -> dict:
   """Writes the manifest (last) and the sample grid; returns the summary for the report."""
-  shards, agree, bn_initial, bn_final, confidence, labels_seen = [], [], [], [], [], []
-  for i in range(num_batches):
-    path = synthetic_data.shard_path(out_dir, i)
-    data = path.read_bytes()
-    arrays = fileio.read_npz_bytes(data)
-    shards.append({'file': path.name, 'num_images': int(len(arrays['labels'])),
-                   'sha256': hashlib.sha256(data).hexdigest()})
-    agree.append(np.argmax(arrays['soft_labels'], -1) == arrays['labels'])
-    confidence.append(arrays['confidence'])
-    bn_initial.append(float(arrays['bn_loss_initial']))
-    bn_final.append(float(arrays['bn_loss_final']))
-    labels_seen.append(arrays['labels'])
+  shards, arrays = synthetic_data.scan_shards(out_dir, num_batches)
   problem = inputs.problem
-  num_images = sum(s['num_images'] for s in shards)
-  manifest = {
-      'format': synthetic_data.FORMAT,
-      'num_images': num_images,
-      'images_per_class': cfg.images_per_class,
-      'num_classes': problem.num_classes,
-      'class_names': inputs.teacher_manifest['class_names'],
-      'image_shape': list(problem.image_shape),
-      'mean': list(problem.mean), 'std': list(problem.std),
-      'teacher_sha256': inputs.teacher_manifest['variables_sha256'],
-      'teacher_model': inputs.teacher_manifest['model'],
-      'statistics_sha256': inputs.stats_manifest['statistics_sha256'],
-      'stats_kind': inputs.stats_manifest['kind'],
-      'soft_label_temperature': cfg.soft_label_temperature,
-      'views': ({'epochs': cfg.view_epochs, 'crop_padding': cfg.view_crop_padding,
-                 'flip': cfg.view_flip, 'seed': view_seed(seed),
-                 'temperature': cfg.soft_label_temperature} if cfg.view_epochs else None),
-      'seed': seed,
-      'synthesis_config': json.loads(cfg.to_json_best_effort()),
-      'shards': shards,
-  }
-  seconds = sum(t['seconds'] for t in timings.values())
+  cat = {k: np.concatenate([a[k] for a in arrays]) for k in ('labels', 'confidence')}
+  agree = np.concatenate([np.argmax(a['soft_labels'], -1) == a['labels'] for a in arrays])
   loop_seconds = sum(t['loop_seconds'] for t in timings.values())
   image_iterations = sum(t['loop_image_iterations'] for t in timings.values())
   summary = {
-      'num_images': num_images,
+      'num_images': int(len(cat['labels'])),
       'iterations': cfg.multires_iterations + cfg.iterations,
       'stats_kind': inputs.stats_manifest['kind'],
-      'bn_loss_initial': float(np.mean(bn_initial)),
-      'bn_loss_final': float(np.mean(bn_final)),
-      'teacher_agreement': float(np.mean(np.concatenate(agree))),
-      'mean_confidence': float(np.mean(np.concatenate(confidence))),
-      'seconds': seconds,
+      'bn_loss_initial': float(np.mean([float(a['bn_loss_initial']) for a in arrays])),
+      'bn_loss_final': float(np.mean([float(a['bn_loss_final']) for a in arrays])),
+      'teacher_agreement': float(np.mean(agree)),
+      'mean_confidence': float(np.mean(cat['confidence'])),
+      'seconds': sum(t['seconds'] for t in timings.values()),
       'image_iterations_per_second': image_iterations / loop_seconds if loop_seconds else None,
       'dtype': cfg.dtype, 'stats_scope': cfg.stats_scope,
   }
   if parallel.is_main_process():
-    ds_images = [fileio.read_npz(synthetic_data.shard_path(out_dir, i))['images']
-                 for i in range(num_batches)]
-    report.write_class_grid(out_dir / 'samples.png', np.concatenate(ds_images),
-                                np.concatenate(labels_seen), problem.num_classes, per_class=10)
+    synthetic_data.write_samples(out_dir, num_batches, problem.num_classes)
     fileio.atomic_write_json(out_dir / 'metrics.json', summary)
-    fileio.atomic_write_json(out_dir / 'manifest.json', manifest)
+    synthetic_data.write_manifest(
+        out_dir, shards,
+        images_per_class=cfg.images_per_class, num_classes=problem.num_classes,
+        class_names=inputs.teacher_manifest['class_names'],
+        image_shape=list(problem.image_shape), mean=list(problem.mean), std=list(problem.std),
+        teacher_sha256=inputs.teacher_manifest['variables_sha256'],
+        teacher_model=inputs.teacher_manifest['model'],
+        statistics_sha256=inputs.stats_manifest['statistics_sha256'],
+        stats_kind=inputs.stats_manifest['kind'],
+        soft_label_temperature=cfg.soft_label_temperature,
+        views=({'epochs': cfg.view_epochs, 'crop_padding': cfg.view_crop_padding,
+                'flip': cfg.view_flip, 'seed': view_seed(seed),
+                'temperature': cfg.soft_label_temperature} if cfg.view_epochs else None),
+        seed=seed, synthesis_config=json.loads(cfg.to_json_best_effort()))
     inflight = out_dir / 'inflight'
     if inflight.exists():
       inflight.rmtree()
@@ -639,10 +610,25 @@ def validate(config) -> None:
                     'batch_size >= 1 (0 = derived) and iterations >= 1')
 
 
+def input_fingerprints(config, workdir) -> dict:
+  """The teacher and statistics a synthesis was made from (recorded in its stage_config):
+  a finished synthesis is not reused for another teacher or other statistics."""
+  cfg = config.synthesis
+  out = {}
+  for key, folder, field in (('teacher_sha256', cfg.teacher_dir or stage_dir(workdir, 'teacher'),
+                              'variables_sha256'),
+                             ('statistics_sha256', cfg.stats_dir or stage_dir(workdir, 'stats'),
+                              'statistics_sha256')):
+    manifest = fileio.path(folder) / 'manifest.json'
+    if manifest.exists():
+      out[key] = fileio.read_json(manifest).get(field)
+  return out
+
+
 def run(config, workdir) -> dict:
   cfg = config.synthesis
-  teacher_dir = cfg.teacher_dir or pipeline.stage_dir(workdir, 'teacher')
-  stats_dir = cfg.stats_dir or pipeline.stage_dir(workdir, 'stats')
+  teacher_dir = cfg.teacher_dir or stage_dir(workdir, 'teacher')
+  stats_dir = cfg.stats_dir or stage_dir(workdir, 'stats')
   inputs = load_inputs(cfg, teacher_dir, stats_dir)
   num_images = cfg.images_per_class * inputs.problem.num_classes
   if num_images % cfg.batch_size:
@@ -652,7 +638,7 @@ def run(config, workdir) -> dict:
   if cfg.multires_iterations and any(s % 2 for s in inputs.problem.image_shape[:2]):
     raise UserError('synthesis.multires_iterations needs even image sizes: set it to 0')
   writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / 'synthesis')
-  summary = generate(inputs, cfg, pipeline.stage_dir(workdir, 'synthesize'), config.seed,
+  summary = generate(inputs, cfg, stage_dir(workdir, 'synthesize'), config.seed,
                      writer)
   writer.close()
   report.update(workdir, {'synthesis': summary})
@@ -663,6 +649,3 @@ def run(config, workdir) -> dict:
           f"{summary['image_iterations_per_second'] or float('nan'):.1f} image-iterations/s",
           flush=True)
   return summary
-
-
-pipeline.register(pipeline.Stage('synthesize', run, validate))

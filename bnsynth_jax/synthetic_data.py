@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bnsynth_jax import fileio
+from bnsynth_jax import fileio, report
 from bnsynth_jax.errors import UserError
 
 FORMAT = 'bnsynth-synthetic-v1'
@@ -44,6 +44,44 @@ def shard_path(directory, index: int):
 
 def write_shard(directory, index: int, arrays: dict[str, np.ndarray]) -> str:
   return fileio.atomic_write_npz(shard_path(directory, index), **arrays)
+
+
+def scan_shards(directory, num_shards: int) -> tuple[list[dict], list[dict[str, np.ndarray]]]:
+  """The shards' manifest entries (file, image count, sha256) and their arrays."""
+  entries, arrays = [], []
+  for i in range(num_shards):
+    path = shard_path(directory, i)
+    data = path.read_bytes()
+    shard = fileio.read_npz_bytes(data)
+    entries.append({'file': path.name, 'num_images': int(len(shard['labels'])),
+                    'sha256': hashlib.sha256(data).hexdigest()})
+    arrays.append(shard)
+  return entries, arrays
+
+
+def write_manifest(directory, shards: list[dict], **fields) -> dict[str, Any]:
+  """Writes manifest.json, last: the dataset's format, its image count, the provenance
+  `fields` (classes, image shape, normalisation, teacher and statistics sha256, views,
+  synthesis config) and each shard's entry."""
+  manifest = {'format': FORMAT, 'num_images': sum(s['num_images'] for s in shards), **fields,
+              'shards': shards}
+  fileio.atomic_write_json(fileio.path(directory) / 'manifest.json', manifest)
+  return manifest
+
+
+def write_samples(directory, num_shards: int, num_classes: int, per_class: int = 10) -> None:
+  """samples.png: up to `per_class` images of each class from the first finished shards
+  (rewritten as shards finish, so a long synthesis can be watched)."""
+  images, labels = [], []
+  for i in range(num_shards):
+    shard = fileio.read_npz(shard_path(directory, i))
+    images.append(shard['images'])
+    labels.append(shard['labels'])
+    if np.all(np.bincount(np.concatenate(labels), minlength=num_classes) >= per_class):
+      break
+  if images:
+    report.write_class_grid(fileio.path(directory) / 'samples.png', np.concatenate(images),
+                            np.concatenate(labels), num_classes, per_class=per_class)
 
 
 @dataclasses.dataclass
@@ -77,7 +115,7 @@ def read_manifest(directory) -> dict[str, Any]:
   return manifest
 
 
-def load_synthetic(directory, verify: bool = True) -> SyntheticDataset:
+def load_synthetic(directory) -> SyntheticDataset:
   """Reads a finished synthetic dataset into host arrays (checks shard hashes)."""
   directory = fileio.path(directory)
   manifest = read_manifest(directory)
@@ -86,7 +124,7 @@ def load_synthetic(directory, verify: bool = True) -> SyntheticDataset:
   for shard in manifest['shards']:
     path = directory / 'shards' / shard['file']
     data = path.read_bytes()
-    if verify and hashlib.sha256(data).hexdigest() != shard['sha256']:
+    if hashlib.sha256(data).hexdigest() != shard['sha256']:
       raise UserError(f'{path} does not match the manifest (sha256): the dataset was altered or '
                       'half-copied; copy it again or re-run the synthesize stage')
     arrays = fileio.read_npz_bytes(data)

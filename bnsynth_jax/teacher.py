@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from absl import logging
 
-from bnsynth_jax import artifacts, fileio, metrics, models, parallel, pipeline, report, train
+from bnsynth_jax import artifacts, fileio, metrics, models, parallel, report, train
 from bnsynth_jax.errors import UserError
+from bnsynth_jax.workdir import stage_dir
+from bnsynth_jax.sources import PrivateData
 from bnsynth_jax.input_pipeline import PartitionedBatches
 
 
@@ -19,7 +21,7 @@ def validate(config) -> None:
                     'training from one: set only one of them')
 
 
-def _load_matching(config, data: pipeline.PrivateData, field: str):
+def _load_matching(config, data: PrivateData, field: str):
   """Loads the teacher folder named by config.teacher.<field>, checked against config and data."""
   source_dir = config.teacher[field]
   model, variables, manifest = artifacts.load_model(source_dir)
@@ -38,7 +40,7 @@ def _load_matching(config, data: pipeline.PrivateData, field: str):
   return model, variables, manifest
 
 
-def _import_pretrained(config, workdir, data: pipeline.PrivateData) -> dict:
+def _import_pretrained(config, workdir, data: PrivateData) -> dict:
   """Copies a finished teacher artifact in, after checking it fits the config and data."""
   source_dir = config.teacher.pretrained
   model, variables, manifest = _load_matching(config, data, 'pretrained')
@@ -48,7 +50,7 @@ def _import_pretrained(config, workdir, data: pipeline.PrivateData) -> dict:
                           manifest['std'], config.teacher.eval_batch_size, mesh)
   logging.info('pretrained teacher %s: test accuracy %.4f (manifest says %s)', source_dir,
                result['accuracy'], manifest.get('test_accuracy'))
-  out = pipeline.stage_dir(workdir, 'teacher')
+  out = stage_dir(workdir, 'teacher')
   extra = {k: manifest[k] for k in ('train_seconds', 'epochs', 'command') if k in manifest}
   artifacts.save_model(out, model_config=config.model, variables=variables,
                        class_names=manifest['class_names'], image_shape=manifest['image_shape'],
@@ -59,11 +61,11 @@ def _import_pretrained(config, workdir, data: pipeline.PrivateData) -> dict:
           'train_examples': data.split_size('train'), 'pretrained': str(source_dir)}
 
 
-def run(config, workdir, data: pipeline.PrivateData) -> dict:
+def run(config, workdir, data: PrivateData) -> dict:
   if config.teacher.pretrained:
     values = _import_pretrained(config, workdir, data)
   else:
-    out = pipeline.stage_dir(workdir, 'teacher')
+    out = stage_dir(workdir, 'teacher')
     info = data.info
     mean, std = data.normalisation()
     model = models.create_model(config.model.name, info.num_classes, stem=config.model.stem,
@@ -103,6 +105,3 @@ def run(config, workdir, data: pipeline.PrivateData) -> dict:
   if parallel.is_main_process():
     print(f'teacher test accuracy: {values["test_accuracy"]:.4f}', flush=True)
   return values
-
-
-pipeline.register(pipeline.Stage('teacher', run, validate))

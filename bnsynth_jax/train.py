@@ -24,87 +24,13 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from bnsynth_jax import checkpointing, fileio, metrics, parallel
+from bnsynth_jax import augment, checkpointing, fileio, metrics, parallel
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.input_pipeline import Partition, PartitionedBatches, eval_batches
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
-
-
-# ----------------------------------------------------------------------------
-# Normalisation and augmentation (on device)
-
-
-def normalise(images_u8: jax.Array, mean, std) -> jax.Array:
-  x = images_u8.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
-def crop_flip_one(key: jax.Array, img: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
-  """torchvision RandomCrop(padding=p, zero fill) + RandomHorizontalFlip of one [0,1] image."""
-  h, w, c = img.shape
-  crop_key, flip_key = jax.random.split(key)
-  if crop_padding:
-    p = crop_padding
-    offset = jax.random.randint(crop_key, (2,), 0, 2 * p + 1)
-    img = jax.lax.dynamic_slice(jnp.pad(img, ((p, p), (p, p), (0, 0))),
-                                (offset[0], offset[1], 0), (h, w, c))
-  if flip:
-    img = jnp.where(jax.random.bernoulli(flip_key), img[:, ::-1, :], img)
-  return img
-
-
-def random_crop_flip(rng: jax.Array, x: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
-  """Crop + flip of a batch, an independent key per example."""
-  keys = jax.random.split(rng, x.shape[0])
-  return jax.vmap(lambda k, img: crop_flip_one(k, img, crop_padding, flip))(keys, x)
-
-
-def view_crop_flip(view_key: jax.Array, epoch, indices: jax.Array, x: jax.Array,
-                   crop_padding: int, flip: bool) -> jax.Array:
-  """The crop + flip of example `indices[n]` in `epoch`: a pure function of those two.
-
-  The synthesis stage labels these exact views with the teacher (per-view soft labels);
-  the student replays them, so the teacher itself never has to be released.
-  """
-  epoch_key = jax.random.fold_in(view_key, epoch)
-  keys = jax.vmap(lambda i: jax.random.fold_in(epoch_key, i))(indices)
-  return jax.vmap(lambda k, img: crop_flip_one(k, img, crop_padding, flip))(keys, x)
-
-
-def mix(rng: jax.Array, x: jax.Array, targets: jax.Array, mixup_alpha: float,
-        cutmix_alpha: float):
-  """Mixup or CutMix (one of them per batch, chosen at random when both are on)."""
-  if not mixup_alpha and not cutmix_alpha:
-    return x, targets
-  choose_rng, lam_rng, perm_rng, box_rng = jax.random.split(rng, 4)
-  perm = jax.random.permutation(perm_rng, x.shape[0])
-  x2, t2 = x[perm], targets[perm]
-
-  def do_mixup(_):
-    lam = jax.random.beta(lam_rng, mixup_alpha, mixup_alpha)
-    return lam * x + (1 - lam) * x2, lam * targets + (1 - lam) * t2
-
-  def do_cutmix(_):
-    _, h, w, _ = x.shape
-    lam = jax.random.beta(lam_rng, cutmix_alpha, cutmix_alpha)
-    cut = jnp.sqrt(1.0 - lam)
-    ch, cw = (cut * h).astype(jnp.int32), (cut * w).astype(jnp.int32)
-    cy = jax.random.randint(box_rng, (), 0, h)
-    cx = jax.random.randint(jax.random.fold_in(box_rng, 1), (), 0, w)
-    y0, y1 = jnp.clip(cy - ch // 2, 0, h), jnp.clip(cy + ch // 2, 0, h)
-    x0, x1 = jnp.clip(cx - cw // 2, 0, w), jnp.clip(cx + cw // 2, 0, w)
-    rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
-    box = ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1))[None, :, :, None]
-    lam_adj = 1.0 - ((y1 - y0) * (x1 - x0)) / (h * w)
-    return jnp.where(box, x2, x), lam_adj * targets + (1 - lam_adj) * t2
-
-  if mixup_alpha and cutmix_alpha:
-    use_cutmix = jax.random.bernoulli(choose_rng, 0.5)
-    return jax.lax.cond(use_cutmix, do_cutmix, do_mixup, None)
-  return do_mixup(None) if mixup_alpha else do_cutmix(None)
 
 
 # ----------------------------------------------------------------------------
@@ -181,18 +107,18 @@ def train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std, num_
   use the distillation loss T^2 * CE(targets, log_softmax(logits / T)).
   """
   aug_rng, mix_rng = jax.random.split(jax.random.fold_in(base_key, step))
-  x = batch['images'].astype(jnp.float32) / 255.0
+  x = augment.to_unit(batch['images'])
   if labels == 'views':
     epoch = step // views['steps_per_epoch']
-    x = view_crop_flip(views['key'], epoch % views['epochs'], batch['index'], x,
+    x = augment.view_crop_flip(views['key'], epoch % views['epochs'], batch['index'], x,
                        cfg.crop_padding, cfg.flip)
     targets = jnp.take(batch['view_soft_labels'].astype(jnp.float32), epoch % views['epochs'],
                        axis=1)
   else:
-    x = random_crop_flip(aug_rng, x, cfg.crop_padding, cfg.flip)
+    x = augment.random_crop_flip(aug_rng, x, cfg.crop_padding, cfg.flip)
     targets = batch_targets(batch, num_classes, cfg.label_smoothing, labels == 'soft')
-  x, targets = mix(mix_rng, x, targets, cfg.mixup_alpha, cfg.cutmix_alpha)
-  x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  x, targets = augment.mix(mix_rng, x, targets, cfg.mixup_alpha, cfg.cutmix_alpha)
+  x = augment.standardise(x, mean, std)
 
   def loss_fn(params):
     logits, updates = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
@@ -211,7 +137,7 @@ def train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std, num_
 
 
 def eval_step(variables, batch, *, apply_fn, mean, std):
-  logits = apply_fn(variables, normalise(batch['images'], mean, std), train=False)
+  logits = apply_fn(variables, augment.normalise(batch['images'], mean, std), train=False)
   labels, mask = batch['labels'], batch['mask']
   loss = cross_entropy(logits, jax.nn.one_hot(labels, logits.shape[-1]))
   correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
@@ -251,6 +177,65 @@ def num_train_steps(cfg, steps_per_epoch: int) -> int:
       round(cfg.epochs * steps_per_epoch))
 
 
+def _jitted_train_step(cfg, mesh, step_key, mean, std, num_classes, labels, soft_temperature,
+                       views, steps_per_epoch):
+  return jax.jit(
+      functools.partial(train_step, base_key=step_key, cfg=cfg, mean=tuple(map(float, mean)),
+                        std=tuple(map(float, std)), num_classes=num_classes,
+                        labels=labels, soft_temperature=soft_temperature,
+                        views=None if views is None else {**views,
+                                                          'steps_per_epoch': steps_per_epoch}),
+      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
+                    parallel.replicated(mesh)),
+      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+      donate_argnums=0)
+
+
+def _resume(name, ckpt_dir, progress_file, state, total_steps):
+  """(state, start step, train seconds before, evaluation history) from the checkpoints."""
+  state, start_step = checkpointing.restore_or_init(ckpt_dir, state)
+  elapsed_before, history = 0.0, []
+  if start_step and progress_file.exists():
+    previous = fileio.read_json(progress_file)
+    elapsed_before = float(previous.get('train_seconds', 0.0))
+    history = [h for h in previous.get('history', []) if h['step'] <= start_step]
+  if start_step:
+    logging.info('%s: resuming from step %d of %d', name, start_step, total_steps)
+  return state, start_step, elapsed_before, history
+
+
+def _log_train_metrics(name, pending, lr, done, progress, writer) -> None:
+  means = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+  if writer:
+    writer.write_scalars(done, {**{f'train_{k}': v for k, v in means.items()},
+                                'learning_rate': lr}, log=False)
+  logging.info(progress.line(done, f"loss {means['loss']:.4f}, "
+                                   f"accuracy {means['accuracy']:.4f}, lr {lr:.4g}"))
+  if not np.isfinite(means['loss']):
+    raise UserError(f'{name}: the training loss became {means["loss"]} at step {done}: '
+                    f'lower --config.{name}.learning_rate')
+
+
+def _test_evaluation(name, model, cfg, test, mean, std, mesh, steps_per_epoch, history, writer):
+  """run_eval(state, step) -> the test result (or None without a test split), logged."""
+  def run_eval(state, step):
+    if test is None:
+      return None
+    parts, size, nparts = test
+    result = evaluate(model.apply, {'params': state.params, 'batch_stats': state.batch_stats},
+                      parts, size, nparts, mean, std, cfg.eval_batch_size, mesh)
+    entry = {'step': step, 'epoch': step / steps_per_epoch,
+             'test_accuracy': result['accuracy'], 'test_loss': result['loss']}
+    history.append(entry)
+    if writer:
+      writer.write_scalars(step, {'test_accuracy': result['accuracy'],
+                                  'test_loss': result['loss']})
+    logging.info('%s: step %d (epoch %.1f) test accuracy %.4f', name, step,
+                 entry['epoch'], result['accuracy'])
+    return result
+  return run_eval
+
+
 def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
         image_shape: Sequence[int], num_classes: int, mean, std, workdir, seed: int,
         test: tuple[Sequence[Partition], int, int] | None = None,
@@ -269,104 +254,55 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
       initialisation (fine-tuning); a checkpoint in workdir still wins.
   """
   mesh = parallel.make_mesh()
-  global_batch = cfg.batch_size
-  parallel.check_batch(global_batch, f'{name}.batch_size', mesh)
+  parallel.check_batch(cfg.batch_size, f'{name}.batch_size', mesh)
   steps_per_epoch = batches.steps_per_epoch
   total_steps = num_train_steps(cfg, steps_per_epoch)
   lr_schedule = create_learning_rate(cfg, steps_per_epoch, total_steps)
-  tx = create_optimizer(cfg, lr_schedule)
-  key = jax.random.key(seed)
-  init_key, step_key = jax.random.split(key)
-  state = create_train_state(init_key, model, image_shape, tx, mesh, init=init)
+  init_key, step_key = jax.random.split(jax.random.key(seed))
+  state = create_train_state(init_key, model, image_shape,
+                             create_optimizer(cfg, lr_schedule), mesh, init=init)
   ckpt_dir = fileio.path(workdir) / 'checkpoints'
-  state, start_step = checkpointing.restore_or_init(ckpt_dir, state)
   progress_file = fileio.path(workdir) / 'progress.json'
-  elapsed_before = 0.0
-  history: list[dict[str, float]] = []  # evaluations so far, kept across resumes
-  if start_step and progress_file.exists():
-    previous = fileio.read_json(progress_file)
-    elapsed_before = float(previous.get('train_seconds', 0.0))
-    history = [h for h in previous.get('history', []) if h['step'] <= start_step]
-  if start_step:
-    logging.info('%s: resuming from step %d of %d', name, start_step, total_steps)
-
-  step_fn = jax.jit(
-      functools.partial(train_step, base_key=step_key, cfg=cfg, mean=tuple(map(float, mean)),
-                        std=tuple(map(float, std)), num_classes=num_classes,
-                        labels=labels, soft_temperature=soft_temperature,
-                        views=None if views is None else {**views,
-                                                          'steps_per_epoch': steps_per_epoch}),
-      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
-                    parallel.replicated(mesh)),
-      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-      donate_argnums=0)
-
-  eval_every = max(1, int(round(cfg.eval_every_epochs * steps_per_epoch))) \
-      if cfg.eval_every_epochs else 0
-  progress = metrics.Progress(name, total_steps, start_step, global_batch, 'img')
+  state, start_step, elapsed_before, history = _resume(name, ckpt_dir, progress_file, state,
+                                                       total_steps)
+  step_fn = _jitted_train_step(cfg, mesh, step_key, mean, std, num_classes, labels,
+                               soft_temperature, views, steps_per_epoch)
+  run_eval = _test_evaluation(name, model, cfg, test, mean, std, mesh, steps_per_epoch,
+                              history, writer)
+  eval_every = (max(1, int(round(cfg.eval_every_epochs * steps_per_epoch)))
+                if cfg.eval_every_epochs else 0)
+  progress = metrics.Progress(name, total_steps, start_step, cfg.batch_size, 'img')
   pending: list[dict[str, jax.Array]] = []
   t_run = time.perf_counter()
-
-  def run_eval(step):
-    if test is None:
-      return None
-    parts, size, nparts = test
-    result = evaluate(model.apply, {'params': state.params, 'batch_stats': state.batch_stats},
-                      parts, size, nparts, mean, std, cfg.eval_batch_size, mesh)
-    entry = {'step': step, 'epoch': step / steps_per_epoch,
-             'test_accuracy': result['accuracy'], 'test_loss': result['loss']}
-    history.append(entry)
-    if writer:
-      writer.write_scalars(step, {'test_accuracy': result['accuracy'],
-                                  'test_loss': result['loss']})
-    logging.info('%s: step %d (epoch %.1f) test accuracy %.4f', name, step,
-                 entry['epoch'], result['accuracy'])
-    return result
-
-  def train_seconds():
-    return elapsed_before + time.perf_counter() - t_run
-
   for step in range(start_step, total_steps):
-    batch = parallel.to_global(mesh, batches.get(step))
-    state, step_metrics = step_fn(state, batch, np.int32(step))
+    state, step_metrics = step_fn(state, parallel.to_global(mesh, batches.get(step)),
+                                  np.int32(step))
     pending.append(step_metrics)
     done = step + 1
     if step == start_step:
       jax.block_until_ready(step_metrics)
       progress.first_step_done(done)
     if done % cfg.log_every_steps == 0 or done == total_steps:
-      means = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+      _log_train_metrics(name, pending, float(lr_schedule(step)), done, progress, writer)
       pending.clear()
-      lr = float(lr_schedule(step))
-      if writer:
-        writer.write_scalars(done, {**{f'train_{k}': v for k, v in means.items()},
-                                    'learning_rate': lr}, log=False)
-      logging.info(progress.line(done, f"loss {means['loss']:.4f}, "
-                                       f"accuracy {means['accuracy']:.4f}, lr {lr:.4g}"))
-      if not np.isfinite(means['loss']):
-        raise UserError(f'{name}: the training loss became {means["loss"]} at step {done}: '
-                        f'lower --config.{name}.learning_rate')
     if eval_every and done % eval_every == 0 and done != total_steps:
-      run_eval(done)
+      run_eval(state, done)
     if done % cfg.checkpoint_every_steps == 0 or done == total_steps:
       checkpointing.save(ckpt_dir, done, state)
       if parallel.is_main_process():
-        fileio.atomic_write_json(progress_file, {'step': done, 'train_seconds': train_seconds(),
-                                                  'history': history})
+        fileio.atomic_write_json(progress_file, {
+            'step': done, 'train_seconds': elapsed_before + time.perf_counter() - t_run,
+            'history': history})
     if on_step is not None:
       on_step(done)
-
   checkpointing.wait()
-  seconds = train_seconds()
-  final = run_eval(total_steps) if test is not None else None
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  summary = {'train_seconds': seconds, 'steps': total_steps, 'steps_per_epoch': steps_per_epoch,
-             'epochs': total_steps / steps_per_epoch, 'batch_size': global_batch,
-             'history': history}
+  summary = {'train_seconds': elapsed_before + time.perf_counter() - t_run, 'steps': total_steps,
+             'steps_per_epoch': steps_per_epoch, 'epochs': total_steps / steps_per_epoch,
+             'batch_size': cfg.batch_size, 'history': history}
+  final = run_eval(state, total_steps)
   if final is not None:
-    summary['test_accuracy'] = final['accuracy']
-    summary['test_loss'] = final['loss']
+    summary['test_accuracy'], summary['test_loss'] = final['accuracy'], final['loss']
   if writer:
     writer.flush()
-  return variables, summary
+  return {'params': state.params, 'batch_stats': state.batch_stats}, summary
 

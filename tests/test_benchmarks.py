@@ -21,8 +21,14 @@ def test_throughput_benchmark_rows(tmp_path):
   rows = json.loads(out.read_text())['rows']
   assert [r['kind'] for r in rows] == ['synthesis', 'train']
   for r in rows:
-    assert r['per_second'] > 0 and r['flops_per_step'] > 0
-    assert r['per_second'] == pytest.approx(8 / r['seconds_per_step'])
+    assert r['per_second'] > 0 and r['seconds_per_step'] > 0
+  # XLA's FLOP count against the known cost of ResNet-20: about 41 M multiply-adds per
+  # 32x32 image forward, so ~0.08 GFLOP forward and ~3x that for a training step (forward,
+  # input and weight gradients): 8 images -> ~1.9 GFLOP. A wrong model, batch or cost
+  # analysis lands far outside these bounds.
+  train_row = rows[1]
+  assert 1.0e9 < train_row['flops_per_step'] < 4.0e9, train_row['flops_per_step']
+  assert 0.3e9 < rows[0]['flops_per_step'] < train_row['flops_per_step'] * 1.5
   if torch_flag:
     synth = rows[0]
     low, high = synth['jax_over_torch_range']

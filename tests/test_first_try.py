@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bnsynth_jax import config_lib, input_pipeline, pipeline, preflight
+from bnsynth_jax import config_lib, pipeline, preflight, sources
 from bnsynth_jax.errors import UserError
 from conftest import REPO, run_main, write_image_folder
 from test_main import assert_user_error
@@ -111,7 +111,7 @@ def test_large_images_are_capped_and_recorded(tmp_path):
   config = folder_config(root)
   assert preflight_problems(config, tmp_path / 'w', 'teacher') == []
   assert config.data.image_size == preflight.MAX_DERIVED_IMAGE_SIZE
-  data = pipeline.PrivateData(config.data)
+  data = sources.PrivateData(config.data)
   assert data.info.image_shape == (64, 64, 3)
 
 
@@ -264,7 +264,7 @@ def test_main_runs_a_folder_end_to_end_with_derived_defaults(tmp_path):
 def _decode(path, size=None, channels=1, **kw):
   with Image.open(path) as im:
     size = size or im.size[0]
-  return input_pipeline._decode_image(str(path), size, channels, **kw)
+  return sources._decode_image(str(path), size, channels, **kw)
 
 
 @pytest.mark.parametrize('mode,suffix', [('I;16', '.png'), ('I;16B', '.tif'), ('I', '.tif'),
@@ -334,7 +334,7 @@ def test_alpha_palette_cmyk_and_exif(tmp_path):
   exif = Image.Exif()
   exif[0x0112] = 6
   Image.fromarray(wide).save(tmp_path / 'r.jpg', exif=exif, quality=100)
-  shown = input_pipeline._decode_image(str(tmp_path / 'r.jpg'), 8, 1)   # 8 wide, 16 tall: crop
+  shown = sources._decode_image(str(tmp_path / 'r.jpg'), 8, 1)   # 8 wide, 16 tall: crop
   with Image.open(tmp_path / 'r.jpg') as im:
     from PIL import ImageOps
     upright = np.asarray(ImageOps.exif_transpose(im).convert('L'))
@@ -352,14 +352,14 @@ def test_every_listed_extension_is_read_and_dicom_is_explained(tmp_path):
       for i in range(2):
         Image.fromarray(arr).save(d / f'{i}{ext}', **({'lossless': True} if ext == '.webp'
                                                        else {}))
-  source = input_pipeline.create_source(folder_config(root, **{'data.image_size': 12}).data)
+  source = sources.create_source(folder_config(root, **{'data.image_size': 12}).data)
   assert source.info().class_counts['train'] == (2, 2, 2, 2, 2)
   assert len(source.load('train', [0], 1)[0]) == 10
   dicom = root / 'train' / 'class5'
   dicom.mkdir()
   (dicom / 'slice1.dcm').write_bytes(b'DICM')
   with pytest.raises(UserError, match='only .dcm files.*pydicom'):
-    input_pipeline.create_source(folder_config(root).data)
+    sources.create_source(folder_config(root).data)
 
 
 # ----------------------------------------------------------------------------

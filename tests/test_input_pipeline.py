@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bnsynth_jax import config_lib, input_pipeline
+from bnsynth_jax import config_lib, input_pipeline, sources
 from bnsynth_jax.errors import UserError
 
 
@@ -14,7 +14,7 @@ def data_config(**kw):
 
 
 def test_digits_source():
-  src = input_pipeline.create_source(data_config(source='digits'))
+  src = sources.create_source(data_config(source='digits'))
   info = src.info()
   assert info.image_shape == (8, 8, 1) and info.num_classes == 10
   assert info.num_examples['train'] + info.num_examples['test'] == 1797
@@ -40,7 +40,7 @@ def test_image_folder_mixed_modes_and_sizes(tmp_path):
         arr = rng.randint(0, 256, (size[1], size[0], 3), np.uint8)
         ext = 'jpg' if mode == 'L' else 'png'
         Image.fromarray(arr).convert(mode).save(root / split / cls / f'{i}.{ext}')
-  src = input_pipeline.create_source(data_config(source='imagefolder', root=str(root),
+  src = sources.create_source(data_config(source='imagefolder', root=str(root),
                                                  image_size=16))
   info = src.info()
   assert info.class_names == ('a', 'b') and info.image_shape == (16, 16, 3)
@@ -48,7 +48,7 @@ def test_image_folder_mixed_modes_and_sizes(tmp_path):
   [part] = src.load('train', [0], 1)
   assert part.images.shape == (5, 16, 16, 3) and part.images.dtype == np.uint8
   assert sorted(part.labels.tolist()) == [0, 0, 0, 1, 1]
-  gray = input_pipeline.create_source(data_config(source='imagefolder', root=str(root),
+  gray = sources.create_source(data_config(source='imagefolder', root=str(root),
                                                   image_size=8, channels=1))
   assert gray.load('test', [0], 1)[0].images.shape == (5, 8, 8, 1)
 
@@ -56,12 +56,12 @@ def test_image_folder_mixed_modes_and_sizes(tmp_path):
 def test_image_folder_grayscale_is_detected(tmp_path):
   from conftest import write_image_folder
   root = write_image_folder(tmp_path / 'g', modes=('L',))
-  src = input_pipeline.create_source(data_config(source='imagefolder', root=str(root)))
+  src = sources.create_source(data_config(source='imagefolder', root=str(root)))
   assert src.info().image_shape == (12, 12, 1)
 
 
 def test_partitions_cover_the_split_once(image_folder):
-  src = input_pipeline.create_source(data_config(source='imagefolder', root=str(image_folder)))
+  src = sources.create_source(data_config(source='imagefolder', root=str(image_folder)))
   whole = src.load('train', [0], 1)[0]
   parts = src.load('train', [0, 1, 2], 3)
   assert sum(len(p) for p in parts) == len(whole)
@@ -71,7 +71,7 @@ def test_partitions_cover_the_split_once(image_folder):
 
 def test_batches_do_not_depend_on_the_process_split():
   """The global batch is the same whether one process holds all partitions or two hold half."""
-  src = input_pipeline.create_source(data_config(source='digits'))
+  src = sources.create_source(data_config(source='digits'))
   size = src.info().num_examples['train']
   all_parts = src.load('train', [0, 1, 2, 3], 4)
   one = input_pipeline.PartitionedBatches(all_parts, 4, size, 32, seed=3)
@@ -87,7 +87,7 @@ def test_batches_do_not_depend_on_the_process_split():
 
 
 def test_eval_batches_pad_and_mask():
-  src = input_pipeline.create_source(data_config(source='digits'))
+  src = sources.create_source(data_config(source='digits'))
   parts = src.load('test', [0, 1], 2)
   size = src.info().num_examples['test']
   batches = list(input_pipeline.eval_batches(parts, size, 2, 1, 100))
@@ -98,12 +98,12 @@ def test_eval_batches_pad_and_mask():
 def test_tfds_code_path_with_image_folder_builder(image_folder):
   tfds = pytest.importorskip('tensorflow_datasets')
   builder = tfds.ImageFolder(str(image_folder))
-  src = input_pipeline.TfdsSource(data_config(source='tfds', name='image_folder', image_size=12),
+  src = sources.TfdsSource(data_config(source='tfds', name='image_folder', image_size=12),
                                   builder=builder)
   info = src.info()
   assert info.class_names == ('cat', 'dog', 'fish') and info.image_shape[:2] == (12, 12)
   parts = src.load('train', [0, 1], 2)
-  ref = input_pipeline.create_source(data_config(source='imagefolder', root=str(image_folder)))
+  ref = sources.create_source(data_config(source='imagefolder', root=str(image_folder)))
   whole = ref.load('train', [0], 1)[0]
   got = sorted((x.tobytes(), int(y)) for p in parts for x, y in zip(p.images, p.labels))
   want = sorted((x.tobytes(), int(y)) for x, y in zip(whole.images, whole.labels))
@@ -120,4 +120,4 @@ def test_image_folder_errors(tmp_path, mutate, match):
   root = tmp_path / 'missing'
   mutate(root)
   with pytest.raises(UserError, match=match):
-    input_pipeline.create_source(data_config(source='imagefolder', root=str(root))).info()
+    sources.create_source(data_config(source='imagefolder', root=str(root))).info()

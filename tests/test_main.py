@@ -163,8 +163,8 @@ def test_every_stage_end_to_end_on_digits(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((workdir / 'report.json').read_text())
   for key in ('teacher.test_accuracy', 'stats.kind', 'synthesis.teacher_agreement',
-              'synthesis.bn_loss_final', 'student.synthetic.test_accuracy',
-              'student.real_subset.test_accuracy', 'student.ratio', 'audit.nn_ssim.p99',
+              'synthesis.bn_loss_final', 'evaluate.synthetic.test_accuracy',
+              'evaluate.real_subset.test_accuracy', 'evaluate.ratio', 'audit.nn_ssim.p99',
               'audit.dcr.holdout_p01', 'audit.mia.student.auc', 'audit.mia.teacher.auc',
               'audit.mia.teacher.tpr_at_0p1pct_fpr', 'timings.audit_seconds',
               'environment.packages.jax', 'config.synthesis.iterations'):
@@ -172,7 +172,7 @@ def test_every_stage_end_to_end_on_digits(tmp_path):
     for part in key.split('.'):
       node = node[part]
     assert node is not None, key
-  assert 0 <= report['student']['synthetic']['test_accuracy'] <= 1
+  assert 0 <= report['evaluate']['synthetic']['test_accuracy'] <= 1
   assert report['student']['synthetic']['labels'] == 'views'
   md = (workdir / 'report.md').read_text()
   assert 'ratio to real subset' in md and 'synthetic/samples.png' in md

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnsynth_jax import artifacts, config_lib, input_pipeline, train
+from bnsynth_jax import artifacts, augment, config_lib, input_pipeline, sources, train
 from bnsynth_jax.errors import UserError
 
 PRETRAINED = pathlib.Path(__file__).resolve().parents[1] / 'pretrained' / 'cifar10_resnet20'
@@ -58,9 +58,9 @@ def test_committed_teacher_accuracy_on_real_cifar10_test_images(cifar_root, fold
   data = config_lib.default_config().data
   data.source, data.root, data.image_size = 'imagefolder', str(cifar_root), 32
   # Partition 0 of 10 strided partitions: every 10th test image, all classes (1,000 images).
-  [part] = input_pipeline.create_source(data).load('test', [0], 10)
+  [part] = sources.create_source(data).load('test', [0], 10)
   assert len(part) == 1000
-  x = train.normalise(jnp.asarray(part.images), manifest['mean'], manifest['std'])
+  x = augment.normalise(jnp.asarray(part.images), manifest['mean'], manifest['std'])
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   logits = np.concatenate([np.asarray(apply(variables, x[i:i + 250])) for i in range(0, 1000, 250)])
   accuracy = float(np.mean(logits.argmax(-1) == part.labels))

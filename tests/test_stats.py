@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnsynth_jax import input_pipeline, models, stats
+from bnsynth_jax import artifacts, input_pipeline, models, stats
 from bnsynth_jax.errors import UserError
 
 
@@ -52,24 +52,24 @@ def test_artifact_round_trip_and_mismatches(tmp_path):
   manifest = teacher_manifest(variables)
   layers = stats.layer_order(model, variables, (8, 8, 3))
   assert layers[0] == ('stem_bn',)
-  glob = stats.global_statistics(variables)
-  stats.save_artifact(tmp_path / 's', kind='global', statistics=glob, class_counts=[1, 2, 3],
+  glob = artifacts.global_statistics(variables)
+  artifacts.save_statistics(tmp_path / 's', kind='global', statistics=glob, class_counts=[1, 2, 3],
                       teacher_manifest=manifest, layers=layers)
-  loaded, m = stats.load_artifact(tmp_path / 's', manifest, variables)
+  loaded, m = artifacts.load_statistics(tmp_path / 's', manifest, variables)
   assert m['kind'] == 'global' and m['layers'][0] == 'stem_bn'
   np.testing.assert_allclose(loaded['var']['stem_bn'],
                              variables['batch_stats']['stem_bn']['var'], rtol=1e-6)
 
   _, other = random_teacher(seed=1)
   with pytest.raises(UserError, match='teacher sha256'):
-    stats.load_artifact(tmp_path / 's', teacher_manifest(other), other)
+    artifacts.load_statistics(tmp_path / 's', teacher_manifest(other), other)
   # Same hash claimed but different shapes (another architecture's statistics).
   model3, vars3 = random_teacher(num_classes=3)
   wrong = jax.tree.map(lambda v: jnp.zeros(v.shape[:-1] + (v.shape[-1] + 1,)), vars3)
   with pytest.raises(UserError, match='shape'):
-    stats.load_artifact(tmp_path / 's', manifest, wrong)
+    artifacts.load_statistics(tmp_path / 's', manifest, wrong)
   # An altered statistics file is refused.
-  f = tmp_path / 's' / stats.STATS_FILE
+  f = tmp_path / 's' / artifacts.STATS_FILE
   f.write_bytes(f.read_bytes()[:-1] + b'\x00')
   with pytest.raises(UserError, match='altered'):
-    stats.load_artifact(tmp_path / 's', manifest, variables)
+    artifacts.load_statistics(tmp_path / 's', manifest, variables)

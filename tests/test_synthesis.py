@@ -4,7 +4,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bnsynth_jax import (artifacts, config_lib, input_pipeline, models, parallel, stats,
+from bnsynth_jax import (artifacts, augment, config_lib, input_pipeline, models, parallel,
+                         sources, stats,
                          synthesis, synthetic_data)
 from bnsynth_jax.errors import UserError
 
@@ -75,13 +76,17 @@ def test_total_variation_of_a_constant_image_is_zero():
 
 def test_augmentations_keep_shape():
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
-  assert synthesis.jitter_flip(jax.random.key(1), x, 2, True).shape == x.shape
-  y = synthesis.random_resized_crop(jax.random.key(1), x, 0.3, True)
+  assert augment.jitter_flip(jax.random.key(1), x, 2, True).shape == x.shape
+  y = augment.random_resized_crop(jax.random.key(1), x, 0.3, True)
   assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
-  rolled = synthesis.jitter_flip(jax.random.key(2), x, 1, False)
+  rolled = augment.jitter_flip(jax.random.key(2), x, 1, False)
+  shifts = set()
   for a, b in zip(np.asarray(rolled), np.asarray(x)):   # each image is a roll of its original
-    assert any(np.allclose(a, np.roll(b, (dy, dx), (0, 1)))
-               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    found = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+             if np.allclose(a, np.roll(b, (dy, dx), (0, 1)))]
+    assert found, 'an image is not a roll of its original'
+    shifts.update(found)
+  assert shifts != {(0, 0)}, 'jitter moved nothing'   # fails if the jitter is a no-op
 
 
 # ----------------------------------------------------------------------------
@@ -100,7 +105,7 @@ def make_artifacts(tmp_path, kind='classwise', num_classes=4):
                                   image_shape=(8, 8, 1), mean=mean, std=std)
   layers = stats.layer_order(model, variables, (8, 8, 1))
   if kind == 'global':
-    statistics, counts = stats.global_statistics(variables), np.zeros(num_classes)
+    statistics, counts = artifacts.global_statistics(variables), np.zeros(num_classes)
   else:
     rng = np.random.RandomState(0)
     images = rng.randint(0, 256, (64, 8, 8, 1)).astype(np.uint8)
@@ -108,7 +113,7 @@ def make_artifacts(tmp_path, kind='classwise', num_classes=4):
     statistics, counts = stats.classwise_statistics(
         model, variables, [input_pipeline.Partition(0, images, labels)], 64, 1, num_classes,
         mean, std, batch_size=16)
-  stats.save_artifact(tmp_path / 'stats', kind=kind, statistics=statistics,
+  artifacts.save_statistics(tmp_path / 'stats', kind=kind, statistics=statistics,
                       class_counts=counts, teacher_manifest=manifest, layers=layers)
   return tmp_path / 'teacher', tmp_path / 'stats'
 
@@ -180,7 +185,7 @@ def test_generate_writes_a_loadable_dataset_and_exports_png(tmp_path):
   assert n == 16
   cfg_data = config_lib.default_config().data
   cfg_data.update(source='imagefolder', root=str(tmp_path / 'png'), test_split='train')
-  [part] = input_pipeline.create_source(cfg_data).load('train', [0], 1)
+  [part] = sources.create_source(cfg_data).load('train', [0], 1)
   key = lambda imgs, labs: sorted((x.tobytes(), int(y)) for x, y in zip(imgs, labs))
   assert key(part.images, part.labels) == key(ds.images, ds.labels)   # lossless
   with pytest.raises(UserError, match='exists already'):
@@ -224,7 +229,7 @@ def test_per_view_soft_labels_are_the_teachers_labels_of_the_replayed_views(tmp_
   assert ds.view_soft_labels.shape == (16, 3, 4) and views['epochs'] == 3
   # What the student step does for epoch 2 on images 3, 7, 11 (any batch composition):
   idx = np.array([3, 7, 11], np.int32)
-  x = train.view_crop_flip(jax.random.key(views['seed']), 2, idx,
+  x = augment.view_crop_flip(jax.random.key(views['seed']), 2, idx,
                            ds.images[idx].astype(np.float32) / 255.0, 1, True)
   problem = inputs.problem
   logits = problem.eval_model.apply(inputs.teacher_vars,

@@ -1,8 +1,9 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnsynth_jax import config_lib, input_pipeline, models, parallel, train
+from bnsynth_jax import augment, config_lib, input_pipeline, models, parallel, sources, train
 
 
 def tiny_setup(num_steps=4, batch_size=32, **overrides):
@@ -10,7 +11,7 @@ def tiny_setup(num_steps=4, batch_size=32, **overrides):
                                 checkpoint_every_steps=2, log_every_steps=1,
                                 eval_every_epochs=0, warmup_epochs=0.0, **overrides)
   data_cfg = config_lib.default_config().data
-  src = input_pipeline.create_source(data_cfg)
+  src = sources.create_source(data_cfg)
   size = src.info().num_examples['train']
   parts = src.load('train', [0, 1], 2)
   batches = input_pipeline.PartitionedBatches(parts, 2, size, batch_size, seed=0)
@@ -44,7 +45,7 @@ class Killed(Exception):
 def test_interrupted_run_resumes_exactly(tmp_path):
   cfg, batches, model = tiny_setup(num_steps=6)
   cfg.eval_every_epochs = 2 / batches.steps_per_epoch   # evaluate at steps 2, 4 (and 6)
-  src = input_pipeline.create_source(config_lib.default_config().data)
+  src = sources.create_source(config_lib.default_config().data)
   test = (src.load('test', [0], 1), src.info().num_examples['test'], 1)
   straight, summary = fit(tmp_path / 'straight', cfg, batches, model, test=test)
   assert summary['steps'] == 6
@@ -66,19 +67,33 @@ def test_interrupted_run_resumes_exactly(tmp_path):
 
 def test_augmentation_shapes_and_flip():
   x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 3))
-  y = train.random_crop_flip(jax.random.key(1), x, crop_padding=2, flip=True)
+  y = augment.random_crop_flip(jax.random.key(1), x, crop_padding=2, flip=True)
   assert y.shape == x.shape
-  same = train.random_crop_flip(jax.random.key(1), x, crop_padding=0, flip=False)
+  same = augment.random_crop_flip(jax.random.key(1), x, crop_padding=0, flip=False)
   np.testing.assert_array_equal(same, x)
-  flipped_or_not = train.random_crop_flip(jax.random.key(2), x, crop_padding=0, flip=True)
+  flipped_or_not = augment.random_crop_flip(jax.random.key(2), x, crop_padding=0, flip=True)
+  outcomes = []
   for a, b in zip(np.asarray(flipped_or_not), np.asarray(x)):
     assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+    outcomes.append(np.array_equal(a, b[:, ::-1]))
+  # Both outcomes occur among 16 images (fails if flip does nothing or always flips).
+  assert 0 < sum(outcomes) < len(outcomes), outcomes
 
 
-def test_mix_keeps_target_mass():
-  x = jax.random.uniform(jax.random.key(0), (8, 8, 8, 3))
-  t = jax.nn.one_hot(np.arange(8) % 4, 4)
+def test_mix_targets_match_the_mixed_images():
+  """Image i is the constant i and has the one-hot target i, so a mixed image's mean
+  pixel must equal its target's expectation of the constants: the target weights are
+  the pixel proportions actually mixed (fails with a lambda that differs between the
+  images and the targets, or with no mixing at all)."""
+  n = 8
+  values = np.arange(n, dtype=np.float32)
+  x = jnp.broadcast_to(jnp.asarray(values)[:, None, None, None], (n, 8, 8, 3))
+  t = jax.nn.one_hot(np.arange(n), n)
   for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0), (0.4, 1.0)):
-    xm, tm = train.mix(jax.random.key(3), x, t, mixup, cutmix)
-    assert xm.shape == x.shape
-    np.testing.assert_allclose(np.asarray(tm).sum(-1), 1.0, rtol=1e-5)
+    for seed in range(3):
+      xm, tm = augment.mix(jax.random.key(seed), x, t, mixup, cutmix)
+      assert xm.shape == x.shape
+      tm = np.asarray(tm)
+      np.testing.assert_allclose(np.asarray(xm).mean(axis=(1, 2, 3)), tm @ values, atol=1e-4)
+      np.testing.assert_allclose(tm.sum(-1), 1.0, rtol=1e-5)
+    assert tm.max(-1).min() < 0.999, 'nothing was mixed'   # the last seed mixed something

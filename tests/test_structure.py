@@ -1,0 +1,74 @@
+"""The package's import graph: the privacy boundary, no cycles, short functions."""
+
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'bnsynth_jax'
+PUBLIC = ('synthesis', 'student', 'synthetic_data')   # never reach the private sources
+PRIVATE_SOURCES = 'sources'
+
+
+def import_graph() -> dict[str, set[str]]:
+  """module -> the bnsynth_jax modules it imports, at module level or inside functions."""
+  graph = {}
+  for path in PACKAGE.glob('*.py'):
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module:
+        if node.module == 'bnsynth_jax':
+          deps.update(alias.name for alias in node.names)
+        elif node.module.startswith('bnsynth_jax.'):
+          deps.add(node.module.split('.')[1])
+      elif isinstance(node, ast.Import):
+        deps.update(a.name.split('.')[1] for a in node.names if a.name.startswith('bnsynth_jax.'))
+    graph[path.stem] = deps - {path.stem}
+  return graph
+
+
+def reachable(graph, start: str) -> set[str]:
+  seen, todo = set(), [start]
+  while todo:
+    for dep in graph.get(todo.pop(), ()):
+      if dep not in seen:
+        seen.add(dep)
+        todo.append(dep)
+  return seen
+
+
+def test_the_graph_is_read_correctly():
+  graph = import_graph()
+  # Known edges, so that the checks below cannot pass on an empty or wrong graph.
+  assert 'sources' in graph['teacher'] and 'workdir' in graph['synthesis']
+  assert 'sources' in reachable(graph, 'pipeline')
+
+
+def test_public_stages_cannot_import_the_private_sources():
+  graph = import_graph()
+  for module in PUBLIC:
+    assert PRIVATE_SOURCES not in reachable(graph, module), (
+        f'{module} reaches bnsynth_jax.{PRIVATE_SOURCES}: {sorted(reachable(graph, module))}')
+    assert 'pipeline' not in reachable(graph, module)
+
+
+def test_no_import_cycles():
+  graph = import_graph()
+  cycles = [m for m in graph if m in reachable(graph, m)]
+  assert cycles == [], f'modules on an import cycle: {sorted(cycles)}'
+
+
+def test_stage_modules_do_not_import_the_pipeline():
+  graph = import_graph()
+  for module in ('teacher', 'stats', 'synthesis', 'student', 'evaluation', 'audit', 'preflight'):
+    assert 'pipeline' not in graph[module], module
+
+
+def test_no_function_over_80_lines():
+  allowed = {('config_lib', 'default_config')}    # a config table, one field per line
+  long = []
+  for path in PACKAGE.glob('*.py'):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        length = node.end_lineno - node.lineno + 1
+        if length > 80 and (path.stem, node.name) not in allowed:
+          long.append(f'{path.stem}.{node.name}: {length} lines')
+  assert long == []
