@@ -31,8 +31,6 @@ Membership inference
 from __future__ import annotations
 
 import functools
-import math
-from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +38,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from bnsynth_jax import (artifacts, augment, evaluation, fileio, input_pipeline, models,
-                         parallel, report, synthetic_data, train)
+from bnsynth_jax import (artifacts, augment, evaluation, fileio, input_pipeline, metrics,
+                         models, parallel, report, synthetic_data, train)
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from bnsynth_jax.sources import PrivateData
@@ -104,7 +102,9 @@ class Database:
     """Exact top-k: (distances [Q, k], global row indices [Q, k]); cosine needs unit rows."""
     fn = _knn_fn(self.mesh, k, metric)
     dists, idx = [], []
+    tick = metrics.progress(f'audit: nearest neighbours ({metric})', len(queries), 'queries')
     for start in range(0, len(queries), block):
+      tick(start)
       q = queries[start:start + block]
       pad = block - len(q)
       if pad:
@@ -161,7 +161,9 @@ def ssim_psnr(a_u8: np.ndarray, b_u8: np.ndarray, batch: int = 512):
   h, w = a_u8.shape[1:3]
   fn = _ssim_psnr_fn(_ssim_filter_size(h, w))
   ssim, psnr = [], []
+  tick = metrics.progress('audit: SSIM/PSNR', len(a_u8), 'pairs')
   for s in range(0, len(a_u8), batch):
+    tick(s)
     a = jnp.asarray(a_u8[s:s + batch], jnp.float32) / 255.0
     b = jnp.asarray(b_u8[s:s + batch], jnp.float32) / 255.0
     x, y = fn(a, b)
@@ -286,6 +288,28 @@ def pairs_picture(target, top: np.ndarray, bottom: np.ndarray) -> None:
   report.write_png(target, report.image_grid(cells, 2, n, pad=2, scale=scale))
 
 
+def dcr_picture(target, dcr_synthetic: np.ndarray, dcr_holdout: np.ndarray) -> None:
+  """Histograms of the distance to the closest private training image: synthetic images
+  against real holdout images (a synthetic mass left of the holdout's is a warning)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import io
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  bins = np.linspace(0.0, float(max(dcr_synthetic.max(), dcr_holdout.max())) * 1.02, 40)
+  ax.hist(dcr_holdout, bins=bins, alpha=0.6, density=True, label='real holdout (test split)')
+  ax.hist(dcr_synthetic, bins=bins, alpha=0.6, density=True, label='synthetic')
+  ax.axvline(float(np.percentile(dcr_holdout, 1)), color='k', ls='--', lw=0.8,
+             label='holdout 1st percentile')
+  ax.set_xlabel('L2 distance to the closest private training image (pixels in [0, 1])')
+  ax.set_ylabel('density')
+  ax.legend(fontsize=7)
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
+  plt.close(fig)
+  fileio.atomic_write_bytes(target, buf.getvalue())
+
+
 def roc_picture(target, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
   import matplotlib
   matplotlib.use('Agg')
@@ -390,6 +414,7 @@ def visual_audit(cfg, teacher, teacher_vars, tm, synth, train_parts, test_images
   if parallel.is_main_process():
     pairs_picture(out_dir / 'most_similar.png', synth.images[top], best_images[top])
     pairs_picture(out_dir / 'random_pairs.png', synth.images[rand], random_neighbours)
+    dcr_picture(out_dir / 'dcr.png', dcr_synth, dcr_hold)
     fileio.atomic_write_npz(out_dir / 'neighbours.npz', nn_ssim=nn_ssim, nn_psnr=nn_psnr,
                             dcr_synthetic=dcr_synth, dcr_holdout=dcr_hold, l2_index=i_l2,
                             l2_distance=d_l2, cosine_index=i_cos, cosine_distance=d_cos)
@@ -418,19 +443,17 @@ def _reference_models(config, workdir, data, tm, exclude: np.ndarray):
     recipe.epochs = cfg.reference_epochs
     recipe.num_steps = 0
     recipe.eval_every_epochs = 0
-    model = models.create_model(config.model.name, tm['num_classes'], stem=config.model.stem,
-                                dtype=config.model.dtype)
     batches = input_pipeline.PartitionedBatches(parts, data.num_partitions, len(chosen),
                                                 recipe.batch_size, seed=config.seed + 100 + r)
-    variables, _ = train.fit(name=f'reference_{r}', model=model, cfg=recipe, batches=batches,
-                             image_shape=tm['image_shape'], num_classes=tm['num_classes'],
-                             mean=tm['mean'], std=tm['std'], workdir=out,
-                             seed=config.seed + 100 + r)
-    artifacts.save_model(out, model_config=config.model, variables=variables,
-                         class_names=tm['class_names'], image_shape=tm['image_shape'],
-                         mean=tm['mean'], std=tm['std'], extra={'trained_on': 'audit reference',
-                                                                'num_images': len(chosen)})
-    refs.append((model, variables))
+    variables, _ = train.fit_and_save(
+        out, model_config=config.model, class_names=tm['class_names'],
+        num_classes=tm['num_classes'], image_shape=tm['image_shape'], mean=tm['mean'],
+        std=tm['std'], extra=lambda s: {'trained_on': 'audit reference',
+                                        'num_images': len(chosen)},
+        name=f'reference_{r}', cfg=recipe, batches=batches, seed=config.seed + 100 + r)
+    refs.append((models.create_model(config.model.name, tm['num_classes'],
+                                     stem=config.model.stem, dtype=config.model.dtype),
+                 variables))
   return refs
 
 

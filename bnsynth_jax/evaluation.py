@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
-from bnsynth_jax import (artifacts, fileio, input_pipeline, metrics, models, parallel,
-                         report, synthetic_data, train)
+from bnsynth_jax import (artifacts, fileio, input_pipeline, parallel, report, synthetic_data,
+                         train)
 from bnsynth_jax.sources import PrivateData
 from bnsynth_jax.workdir import stage_dir
 
@@ -23,27 +23,23 @@ MEMBERS_FILE = 'real_subset_members.npz'
 
 def _train_real_student(config, workdir, data, name, parts, size, teacher_manifest):
   cfg = config.student
-  model = models.create_model(cfg.model.name, teacher_manifest['num_classes'],
-                              stem=cfg.model.stem, dtype=cfg.model.dtype)
   batches = input_pipeline.PartitionedBatches(parts, data.num_partitions, size, cfg.batch_size,
                                               seed=config.seed)
-  out = stage_dir(workdir, 'evaluate') / name
-  writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / name)
-  variables, summary = train.fit(
-      name=name, model=model, cfg=cfg, batches=batches,
-      image_shape=teacher_manifest['image_shape'], num_classes=teacher_manifest['num_classes'],
-      mean=teacher_manifest['mean'], std=teacher_manifest['std'], workdir=out,
-      seed=config.seed + 1,
-      test=(data.split('test'), data.split_size('test'), data.num_partitions), writer=writer)
-  writer.close()
-  values = {'test_accuracy': summary['test_accuracy'], 'train_seconds': summary['train_seconds'],
-            'num_images': size, 'labels': 'hard', 'model': cfg.model.name,
-            'epochs': summary['epochs'], 'steps': summary['steps']}
-  artifacts.save_model(out, model_config=cfg.model, variables=variables,
-                       class_names=teacher_manifest['class_names'],
-                       image_shape=teacher_manifest['image_shape'], mean=teacher_manifest['mean'],
-                       std=teacher_manifest['std'], extra={'trained_on': name, **values})
-  return values
+
+  def summary_values(summary):
+    return {'test_accuracy': summary['test_accuracy'],
+            'train_seconds': summary['train_seconds'], 'num_images': size, 'labels': 'hard',
+            'model': cfg.model.name, 'epochs': summary['epochs'], 'steps': summary['steps']}
+
+  _, summary = train.fit_and_save(
+      stage_dir(workdir, 'evaluate') / name, model_config=cfg.model,
+      class_names=teacher_manifest['class_names'], num_classes=teacher_manifest['num_classes'],
+      image_shape=teacher_manifest['image_shape'], mean=teacher_manifest['mean'],
+      std=teacher_manifest['std'], extra=lambda s: {'trained_on': name, **summary_values(s)},
+      tensorboard=fileio.path(workdir) / 'tensorboard' / name,
+      name=name, cfg=cfg, batches=batches, seed=config.seed + 1,
+      test=(data.split('test'), data.split_size('test'), data.num_partitions))
+  return summary_values(summary)
 
 
 def run(config, workdir, data: PrivateData) -> dict:

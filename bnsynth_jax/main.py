@@ -150,7 +150,7 @@ def main(argv):
   if not FLAGS.workdir:
     _fail('--workdir is required: the folder where the run writes its artifacts')
   signal.signal(signal.SIGTERM, _on_sigterm)
-  resume = (f'run the same command again to resume (finished stages are kept; the current one '
+  resume = ('run the same command again to resume (finished stages are kept; the current one '
             'continues from its last checkpoint)')
   try:
     import jax

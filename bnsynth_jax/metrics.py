@@ -65,6 +65,23 @@ def format_seconds(seconds: float) -> str:
   return f'{h}h{m:02d}m' if h else (f'{m}m{s:02d}s' if m else f'{s}s')
 
 
+def progress(name: str, total: int, unit: str, every_seconds: float = 15.0):
+  """update(done) logs "NAME: done/total (pct), rate UNIT/s, ETA" at most every
+  `every_seconds` and at the end: for loops that take minutes outside training."""
+  t0, last = time.perf_counter(), [0.0]
+
+  def update(done: int) -> None:
+    now = time.perf_counter()
+    if now - last[0] < every_seconds and done < total:
+      return
+    last[0] = now
+    rate = done / max(now - t0, 1e-9)
+    eta = (total - done) / rate if rate > 0 else 0.0
+    logging.info('%s: %d/%d (%.0f%%), %.1f %s/s, ETA %s', name, done, total,
+                 100.0 * done / max(1, total), rate, unit, format_seconds(eta))
+  return update
+
+
 class Progress:
   """Rate and ETA over the steps done in this run (resumed steps are not timed)."""
 

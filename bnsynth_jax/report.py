@@ -174,7 +174,9 @@ def markdown(r: Mapping[str, Any]) -> str:
             audit_table(r), '']
     for picture, caption in (('audit/most_similar.png', 'most similar synthetic/private pairs'),
                              ('audit/random_pairs.png', 'random synthetic images and their '
-                              'nearest private image'), ('audit/roc.png', 'ROC curves')):
+                              'nearest private image'),
+                             ('audit/dcr.png', 'distance to closest record: synthetic vs holdout'),
+                             ('audit/roc.png', 'ROC curves')):
       out += [f'![{caption}]({picture})', '']
   t = r.get('timings')
   if t:

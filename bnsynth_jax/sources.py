@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from bnsynth_jax import input_pipeline, parallel
+from bnsynth_jax import input_pipeline, metrics, parallel
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.input_pipeline import Partition, partition_members
 
@@ -148,7 +148,7 @@ def _to_unit_float(im, pixel_max: float) -> np.ndarray:
 
 def _decode_to_array(im, channels: int, alpha_background: float, pixel_max: float):
   """A Pillow image -> uint8 (H, W, C) or float32 (H, W, C) in [0, 1]; see _decode_image."""
-  from PIL import Image, ImageOps
+  from PIL import ImageOps
   im = ImageOps.exif_transpose(im)            # camera JPEGs store rotation in EXIF
   if im.mode == 'P':
     im = im.convert('RGBA' if 'transparency' in im.info else 'RGB')
@@ -318,7 +318,11 @@ class ImageFolderSource(Source):
     with concurrent.futures.ThreadPoolExecutor(self._threads) as pool:
       for p in partition_ids:
         idx = partition_members(len(files), num_partitions, p)
-        images = list(pool.map(decode, idx, chunksize=64))
+        tick = metrics.progress(f'decoding {split} images (partition {p})', len(idx), 'img')
+        images = []
+        for image in pool.map(decode, idx, chunksize=64):
+          images.append(image)
+          tick(len(images))
         shape = (0, self._size, self._size, self._channels)
         parts.append(Partition(p, np.stack(images) if images else np.zeros(shape, np.uint8),
                                labels[idx]))

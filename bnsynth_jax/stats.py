@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from bnsynth_jax import artifacts, augment, fileio, input_pipeline, models, parallel, report
+from bnsynth_jax import artifacts, augment, input_pipeline, metrics, models, parallel, report
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from bnsynth_jax.sources import PrivateData
@@ -86,8 +86,11 @@ def classwise_statistics(model, variables, partitions, split_size: int, num_part
   s1 = {k: np.zeros((num_classes, v.shape[-1]), np.float64) for k, v in shift.items()}
   s2 = {k: np.zeros_like(v) for k, v in s1.items()}
   counts = np.zeros(num_classes, np.float64)
-  for batch in input_pipeline.eval_batches(partitions, split_size, num_partitions,
-                                           jax.process_count(), batch_size):
+  local = sum(len(p) for p in partitions)
+  tick = metrics.progress('stats: class-wise moments', local, 'img')
+  for b, batch in enumerate(input_pipeline.eval_batches(partitions, split_size, num_partitions,
+                                                        jax.process_count(), batch_size)):
+    tick(min(local, (b + 1) * len(batch['labels'])))
     sums, batch_counts = parallel.to_host(jitted(variables, parallel.to_global(mesh, batch)))
     for k, (a, b) in sums.items():
       s1[k] += a

@@ -12,8 +12,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from bnsynth_jax import (artifacts, fileio, input_pipeline, metrics, models, parallel,
-                         report, synthetic_data, train)
+from bnsynth_jax import fileio, input_pipeline, parallel, report, synthetic_data, train
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 
@@ -63,25 +62,22 @@ def run(config, workdir) -> dict:
   parts = synthetic_partitions(ds, num_partitions, partition_ids, with_views=views is not None)
   batches = input_pipeline.PartitionedBatches(parts, num_partitions, len(ds), cfg.batch_size,
                                               seed=config.seed)
-  model = models.create_model(cfg.model.name, manifest['num_classes'], stem=cfg.model.stem,
-                              dtype=cfg.model.dtype)
-  out = stage_dir(workdir, 'student') / 'synthetic'
-  writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / 'student')
-  variables, summary = train.fit(
-      name='student', model=model, cfg=cfg, batches=batches,
-      image_shape=manifest['image_shape'], num_classes=manifest['num_classes'],
-      mean=manifest['mean'], std=manifest['std'], workdir=out, seed=config.seed + 1,
-      writer=writer, labels=cfg.labels, soft_temperature=manifest['soft_label_temperature'],
-      views=None if views is None else {'key': jax.random.key(views['seed']),
-                                        'epochs': views['epochs']})
-  writer.close()
-  values = {'train_seconds': summary['train_seconds'], 'labels': cfg.labels,
+  def summary_values(summary):
+    return {'train_seconds': summary['train_seconds'], 'labels': cfg.labels,
             'num_images': len(ds), 'model': cfg.model.name, 'epochs': summary['epochs'],
             'steps': summary['steps']}
-  artifacts.save_model(out, model_config=cfg.model, variables=variables,
-                       class_names=manifest['class_names'], image_shape=manifest['image_shape'],
-                       mean=manifest['mean'], std=manifest['std'],
-                       extra={'trained_on': 'synthetic', **values})
+
+  _, summary = train.fit_and_save(
+      stage_dir(workdir, 'student') / 'synthetic', model_config=cfg.model,
+      class_names=manifest['class_names'], num_classes=manifest['num_classes'],
+      image_shape=manifest['image_shape'], mean=manifest['mean'], std=manifest['std'],
+      extra=lambda s: {'trained_on': 'synthetic', **summary_values(s)},
+      tensorboard=fileio.path(workdir) / 'tensorboard' / 'student',
+      name='student', cfg=cfg, batches=batches, seed=config.seed + 1, labels=cfg.labels,
+      soft_temperature=manifest['soft_label_temperature'],
+      views=None if views is None else {'key': jax.random.key(views['seed']),
+                                        'epochs': views['epochs']})
+  values = summary_values(summary)
   if parallel.is_main_process():
     fileio.atomic_write_json(stage_dir(workdir, 'student') / 'manifest.json',
                              {'synthetic': values})

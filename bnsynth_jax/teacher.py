@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from absl import logging
 
-from bnsynth_jax import artifacts, fileio, metrics, models, parallel, report, train
+from bnsynth_jax import artifacts, fileio, parallel, report, train
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from bnsynth_jax.sources import PrivateData
@@ -68,8 +68,6 @@ def run(config, workdir, data: PrivateData) -> dict:
     out = stage_dir(workdir, 'teacher')
     info = data.info
     mean, std = data.normalisation()
-    model = models.create_model(config.model.name, info.num_classes, stem=config.model.stem,
-                                dtype=config.model.dtype)
     batches = PartitionedBatches(data.split('train'), data.num_partitions,
                                  data.split_size('train'), config.teacher.batch_size,
                                  seed=config.seed)
@@ -81,23 +79,17 @@ def run(config, workdir, data: PrivateData) -> dict:
       extra = {'init_from': str(config.teacher.init_from),
                'init_from_test_accuracy': source.get('test_accuracy'),
                'init_from_epochs': source.get('epochs')}
-    writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / 'teacher')
-    variables, summary = train.fit(
-        name='teacher', model=model, cfg=config.teacher, batches=batches,
-        image_shape=info.image_shape, num_classes=info.num_classes, mean=mean, std=std,
-        workdir=out, seed=config.seed,
-        test=(data.split('test'), data.split_size('test'), data.num_partitions),
-        writer=writer, init=start)
-    writer.close()
+    _, summary = train.fit_and_save(
+        out, model_config=config.model, class_names=info.class_names,
+        num_classes=info.num_classes, image_shape=info.image_shape, mean=mean, std=std,
+        extra=lambda s: {'test_accuracy': s['test_accuracy'],
+                         'train_seconds': s['train_seconds'], 'epochs': s['epochs'],
+                         'train_examples': data.split_size('train'), **extra},
+        tensorboard=fileio.path(workdir) / 'tensorboard' / 'teacher',
+        name='teacher', cfg=config.teacher, batches=batches, seed=config.seed,
+        test=(data.split('test'), data.split_size('test'), data.num_partitions), init=start)
     if parallel.is_main_process():
       fileio.atomic_write_json(out / 'metrics.json', summary)
-    artifacts.save_model(out, model_config=config.model, variables=variables,
-                         class_names=info.class_names, image_shape=info.image_shape,
-                         mean=mean, std=std,
-                         extra={'test_accuracy': summary['test_accuracy'],
-                                'train_seconds': summary['train_seconds'],
-                                'epochs': summary['epochs'],
-                                'train_examples': data.split_size('train'), **extra})
     values = {'test_accuracy': summary['test_accuracy'],
               'train_seconds': summary['train_seconds'],
               'train_examples': data.split_size('train')}

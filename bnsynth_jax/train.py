@@ -24,7 +24,7 @@ import optax
 from absl import logging
 from flax.training import train_state
 
-from bnsynth_jax import augment, checkpointing, fileio, metrics, parallel
+from bnsynth_jax import artifacts, augment, checkpointing, fileio, metrics, models, parallel
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.input_pipeline import Partition, PartitionedBatches, eval_batches
 
@@ -306,3 +306,20 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
     writer.flush()
   return {'params': state.params, 'batch_stats': state.batch_stats}, summary
 
+
+def fit_and_save(out, *, model_config, class_names, num_classes: int, image_shape, mean, std,
+                 extra: Callable[[dict], dict], tensorboard=None, **fit_args):
+  """The ending every training stage shares: build the model, `fit` it in `out` (resuming
+  from its checkpoints), and write the model artifact there, its manifest carrying
+  `extra(summary)`. Returns (variables, summary)."""
+  model = models.create_model(model_config.name, num_classes, stem=model_config.stem,
+                              dtype=model_config.dtype)
+  writer = metrics.Writer(tensorboard) if tensorboard else None
+  variables, summary = fit(model=model, num_classes=num_classes, image_shape=image_shape,
+                           mean=mean, std=std, workdir=out, writer=writer, **fit_args)
+  if writer:
+    writer.close()
+  artifacts.save_model(out, model_config=model_config, variables=variables,
+                       class_names=class_names, image_shape=image_shape, mean=mean, std=std,
+                       extra=extra(summary))
+  return variables, summary

@@ -80,6 +80,25 @@ def test_attack_metrics_on_known_distributions():
   assert audit.auc(fpr, tpr) == 1.0
 
 
+def test_roc_and_auc_agree_with_scikit_learn():
+  """Tied and untied scores, unbalanced sets: the ROC points and AUC equal sklearn's."""
+  from sklearn import metrics as skm
+  rng = np.random.default_rng(0)
+  for members, nonmembers in (
+      (rng.normal(0.7, 1.0, 300), rng.normal(0.0, 1.0, 500)),
+      (np.round(rng.normal(0.5, 1.0, 200), 1), np.round(rng.normal(0.0, 1.0, 150), 1))):
+    fpr, tpr = audit.roc_curve(members, nonmembers)
+    truth = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))]
+    scores = np.r_[members, nonmembers]
+    sk_fpr, sk_tpr, _ = skm.roc_curve(truth, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
+    assert audit.auc(fpr, tpr) == pytest.approx(skm.roc_auc_score(truth, scores), abs=1e-12)
+    for target in (0.01, 0.1):   # the highest TPR at FPR <= target
+      assert audit.tpr_at_fpr(fpr, tpr, target) == pytest.approx(
+          sk_tpr[sk_fpr <= target].max(), abs=1e-12)
+
+
 def test_loss_attack_finds_a_memorised_set(tmp_path):
   """A network that memorised random labels: members are told apart (AUC ~ 1)."""
   rng = np.random.RandomState(0)

@@ -177,7 +177,7 @@ def test_every_stage_end_to_end_on_digits(tmp_path):
   md = (workdir / 'report.md').read_text()
   assert 'ratio to real subset' in md and 'synthetic/samples.png' in md
   for picture in ('synthetic/samples.png', 'audit/most_similar.png', 'audit/random_pairs.png',
-                  'audit/roc.png'):
+                  'audit/roc.png', 'audit/dcr.png'):
     assert (workdir / picture).stat().st_size > 0, picture
   assert 'ratio to real subset' in result.stdout      # the table is printed at the end
 
