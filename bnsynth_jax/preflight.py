@@ -85,9 +85,7 @@ def _stored(workdir, stage_folder: str, key: str):
 def _gather_facts(config, workdir, pending, private, data, problems) -> Facts:
   devices = parallel.make_mesh().devices.size
   try:
-    partitions = input_pipeline.resolve_num_partitions(config.data, jax.process_count())
-    input_pipeline.partition_ids_for_process(partitions, jax.process_index(),
-                                             jax.process_count())
+    partitions, _ = input_pipeline.local_partitions(config.data)
   except UserError as e:
     problems.append(str(e))
     partitions = jax.process_count()

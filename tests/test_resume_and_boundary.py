@@ -111,3 +111,30 @@ def test_statistics_of_another_teacher_are_refused(tmp_path, digits_stats_workdi
                     f'--config.synthesis.stats_dir={digits_stats_workdir / "stats"}', *SYNTH)
   assert result.returncode == 2
   assert 'teacher sha256' in result.stderr.splitlines()[-1]
+
+
+def test_a_finished_synthesis_is_not_reused_for_another_teacher(tmp_path, digits_stats_workdir):
+  """The synthesis stage records the sha256 of the teacher and statistics it was made from
+  (stage_config inputs.*): pointing a finished workdir at other artifacts is refused, and
+  --overwrite redoes it, instead of silently keeping images of the old teacher."""
+  other = tmp_path / 'other'
+  assert run_main('--config=configs/digits.py', f'--workdir={other}', '--stages=teacher,stats',
+                  '--config.teacher.num_steps=3', '--config.seed=5').returncode == 0
+  workdir = tmp_path / 'w'
+  first = ('--config=configs/digits.py', f'--workdir={workdir}', '--stages=synthesize',
+           *SYNTH, '--config.synthesis.iterations=2')
+  done = run_main(*first, f'--config.synthesis.teacher_dir={digits_stats_workdir / "teacher"}',
+                  f'--config.synthesis.stats_dir={digits_stats_workdir / "stats"}')
+  assert done.returncode == 0, done.stderr[-3000:]
+  changed = (f'--config.synthesis.teacher_dir={other / "teacher"}',
+             f'--config.synthesis.stats_dir={other / "stats"}')
+  refused = run_main(*first, *changed)
+  assert refused.returncode == 2
+  last = refused.stderr.strip().splitlines()[-1]
+  assert 'inputs.teacher_sha256' in last and '--overwrite' in last, last
+  redone = run_main(*first, *changed, '--overwrite')
+  assert redone.returncode == 0, redone.stderr[-3000:]
+  recorded = json.loads((workdir / 'synthetic' / 'stage_config.json').read_text())
+  teacher = json.loads((other / 'teacher' / 'manifest.json').read_text())
+  assert recorded['inputs.teacher_sha256'] == teacher['variables_sha256']
+
