@@ -56,20 +56,37 @@ _NO_PERMISSION = ('Permission denied', 'PERMISSION_DENIED', 'Read-only file syst
 
 
 def _stop(message: str, code: int) -> None:
-  """Ends an interrupted run: lets an asynchronous checkpoint save in flight complete (a
-  second signal meanwhile exits at once), prints one line, and exits without running the
-  background threads' shutdown (an interrupted orbax or TensorBoard thread would print
-  tracebacks after the line). Atomic writes are complete by then (fileio defers signals)."""
+  """Ends an interrupted or failed run: lets an asynchronous checkpoint save in flight
+  complete or fail (a second signal meanwhile exits at once), prints one line, and exits
+  without running the background threads' shutdown (an interrupted orbax, TensorStore or
+  TensorBoard thread would print tracebacks after the line). Atomic writes are complete or
+  removed by then (fileio defers signals and cleans up failed writes)."""
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
   signal.signal(signal.SIGINT, signal.SIG_DFL)
   try:
     from bnsynth_jax import checkpointing
     checkpointing.close_all()
   except Exception as e:  # noqa: BLE001 -- the run is ending; the next one resumes anyway
-    logging.warning('while finishing checkpoint writes: %s', e)
-  print(f'error: {message}', file=sys.stderr, flush=True)
+    logging.warning('while finishing checkpoint writes: %s', ' '.join(str(e).split())[:300])
   sys.stdout.flush()
+  sys.stderr.flush()
+  # Background threads still unwinding (TensorStore callbacks into a closed event loop) must
+  # not print after the line: stderr goes to /dev/null, the line to the real stderr.
+  real = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  os.write(real, f'error: {message}\n'.encode())
   os._exit(code)
+
+
+def _nearly_full(workdir: str) -> bool:
+  """A failure with a full workdir filesystem is a disk-full failure, whatever a background
+  thread's exception says (orbax can surface it as a closed event loop)."""
+  import shutil
+  try:
+    return shutil.disk_usage(os.path.expanduser(workdir)).free < (4 << 20)
+  except (OSError, TypeError, ValueError):
+    return False
 
 
 def fault_message(e: BaseException, workdir: str) -> str | None:
@@ -87,7 +104,8 @@ def fault_message(e: BaseException, workdir: str) -> str | None:
   text = ' '.join(str(x) for x in chain)
   where = next((getattr(x, 'filename', None) for x in chain if getattr(x, 'filename', None)),
                None) or workdir
-  if codes & {errno.ENOSPC, errno.EDQUOT} or any(t in text for t in _DISK_FULL):
+  if (codes & {errno.ENOSPC, errno.EDQUOT} or any(t in text for t in _DISK_FULL)
+      or _nearly_full(workdir)):
     return f'disk full while writing {where}: free space there (or choose another --workdir), {resume}'
   if codes & {errno.EACCES, errno.EPERM, errno.EROFS} or any(t in text for t in _NO_PERMISSION):
     return (f'permission denied on {where}: restore write access to the workdir (or choose '
@@ -171,7 +189,7 @@ def main(argv):
     message = fault_message(e, FLAGS.workdir)
     if message is None:
       raise
-    _fail(message, 1)
+    _stop(message, 1)
 
 
 def run():
