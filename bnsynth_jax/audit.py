@@ -288,14 +288,26 @@ def pairs_picture(target, top: np.ndarray, bottom: np.ndarray) -> None:
   report.write_png(target, report.image_grid(cells, 2, n, pad=2, scale=scale))
 
 
-def dcr_picture(target, dcr_synthetic: np.ndarray, dcr_holdout: np.ndarray) -> None:
-  """Histograms of the distance to the closest private training image: synthetic images
-  against real holdout images (a synthetic mass left of the holdout's is a warning)."""
+def _figure(figsize):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  return plt.subplots(figsize=figsize)
+
+
+def _save_figure(fig, target, dpi: int) -> None:
   import io
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  import matplotlib.pyplot as plt
+  buf = io.BytesIO()
+  fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight')
+  plt.close(fig)
+  fileio.atomic_write_bytes(target, buf.getvalue())
+
+
+def dcr_picture(target, dcr_synthetic: np.ndarray, dcr_holdout: np.ndarray) -> None:
+  """Histograms of the distance to the closest private training image: synthetic images
+  against real holdout images (a synthetic mass left of the holdout's is a warning)."""
+  fig, ax = _figure((6, 3.5))
   bins = np.linspace(0.0, float(max(dcr_synthetic.max(), dcr_holdout.max())) * 1.02, 40)
   ax.hist(dcr_holdout, bins=bins, alpha=0.6, density=True, label='real holdout (test split)')
   ax.hist(dcr_synthetic, bins=bins, alpha=0.6, density=True, label='synthetic')
@@ -304,18 +316,11 @@ def dcr_picture(target, dcr_synthetic: np.ndarray, dcr_holdout: np.ndarray) -> N
   ax.set_xlabel('L2 distance to the closest private training image (pixels in [0, 1])')
   ax.set_ylabel('density')
   ax.legend(fontsize=7)
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
-  plt.close(fig)
-  fileio.atomic_write_bytes(target, buf.getvalue())
+  _save_figure(fig, target, dpi=110)
 
 
 def roc_picture(target, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  import io
-  fig, ax = plt.subplots(figsize=(5, 5))
+  fig, ax = _figure((5, 5))
   for name, (fpr, tpr) in curves.items():
     ax.plot(np.maximum(fpr, 1e-4), np.maximum(tpr, 1e-4), label=name)
   ax.plot([1e-4, 1], [1e-4, 1], 'k--', lw=0.8, label='chance')
@@ -325,10 +330,7 @@ def roc_picture(target, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Non
   ax.set_ylabel('true positive rate')
   ax.set_title('membership inference ROC')
   ax.legend(fontsize=7)
-  buf = io.BytesIO()
-  fig.savefig(buf, format='png', dpi=120, bbox_inches='tight')
-  plt.close(fig)
-  fileio.atomic_write_bytes(target, buf.getvalue())
+  _save_figure(fig, target, dpi=120)
 
 
 # ----------------------------------------------------------------------------
