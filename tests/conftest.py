@@ -18,6 +18,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# Synchronous CPU dispatch in the test process: with 8 simulated devices, asynchronously
+# dispatched programs that contain collectives could interleave on the device threads and
+# deadlock (seen once in a CI run of this suite: a train step waiting in
+# PjRtLoadedExecutable::Execute with the machine idle). Each program now finishes before
+# the next starts; results are unchanged.
+jax.config.update('jax_cpu_enable_async_dispatch', False)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_ROOT = pathlib.Path(os.environ.get('BNSYNTH_CIFAR10', '~/.cache/bnsynth/cifar10')).expanduser()
 
