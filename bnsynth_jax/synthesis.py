@@ -448,10 +448,10 @@ def _log_iteration(run: _Run, i: int, done: int, latest: dict, where: str) -> No
       f"{latest['loss']:.4f}, bn {latest['bn']:.4f}, ce {latest['ce']:.4f}"))
 
 
-def _optimise_batch(run: _Run, i: int, labels, ckpt_dir, where: str):
-  """Runs (or resumes) batch i's iterations; returns (state, first iteration, loop start)."""
+def _optimise_batch(run: _Run, i: int, state, labels, ckpt_dir, where: str):
+  """Runs (or resumes) batch i's iterations from its initial `state`; returns (state, first
+  iteration, loop start)."""
   cfg, batch_index = run.cfg, np.int32(i)
-  state = run.init(batch_index)
   state, start = checkpointing.restore_or_init(ckpt_dir, state)
   if start:
     logging.info('synthesize: batch %d resumes at iteration %d', i, start)
@@ -526,11 +526,12 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
     t_batch = time.perf_counter()
     labels = parallel.to_global(run.mesh, labels_all[i * batch:(i + 1) * batch][
         _process_slice(batch)])
-    _, bn_initial = run.finalize(run.init(np.int32(i)).x, labels, run.teacher_vars, run.targets)
+    state = run.init(np.int32(i))
+    _, bn_initial = run.finalize(state.x, labels, run.teacher_vars, run.targets)
     ckpt_dir = out_dir / 'inflight' / f'batch-{i:05d}'
     images_done = (num_batches - len(todo) + n) * batch
     where = f'batch {i + 1}/{num_batches}, {images_done}/{num_images} images done,'
-    state, start, t_loop = _optimise_batch(run, i, labels, ckpt_dir, where)
+    state, start, t_loop = _optimise_batch(run, i, state, labels, ckpt_dir, where)
     jax.block_until_ready(state)
     loop_seconds = time.perf_counter() - t_loop
     shard = _finish_batch(run, i, state, labels, bn_initial)
