@@ -26,14 +26,22 @@ VARIABLES_FILE = 'variables.msgpack'
 MANIFEST_FILE = 'manifest.json'
 
 
+def model_record(model_config) -> dict[str, str]:
+  """The manifest's 'model': name, stem, dtype, and norm when it is not BatchNorm (so the
+  manifests of BatchNorm models stay as they were)."""
+  record = {'name': model_config.name, 'stem': model_config.stem, 'dtype': model_config.dtype}
+  if model_config.get('norm', 'batch') != 'batch':
+    record['norm'] = model_config.norm
+  return record
+
+
 def save_model(directory, *, model_config, variables, class_names, image_shape, mean, std,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
   """Writes the artifact (process 0 only) and returns its manifest."""
   directory = fileio.path(directory)
   manifest = {
       **(extra or {}),      # first, so that the keys below always mean what they say
-      'model': {'name': model_config.name, 'stem': model_config.stem,
-                'dtype': model_config.dtype},
+      'model': model_record(model_config),
       'num_classes': len(class_names), 'class_names': list(class_names),
       'image_shape': list(image_shape), 'mean': list(map(float, mean)),
       'std': list(map(float, std)),
@@ -62,7 +70,7 @@ def load_model(directory, dtype: str | None = None):
                     'altered or half-copied; copy the folder again')
   m = manifest['model']
   model = models.create_model(m['name'], manifest['num_classes'], stem=m['stem'],
-                              dtype=dtype or m['dtype'])
+                              dtype=dtype or m['dtype'], norm=m.get('norm', 'batch'))
   return model, variables, manifest
 
 
@@ -78,7 +86,7 @@ def layer_key(path: tuple[str, ...]) -> str:
 
 def global_statistics(variables) -> dict[str, dict[str, np.ndarray]]:
   """{'mean': {layer: [ch]}, 'var': {layer: [ch]}} from the teacher's batch_stats."""
-  flat = traverse_util.flatten_dict(variables['batch_stats'])
+  flat = traverse_util.flatten_dict(variables.get('batch_stats') or {})
   out = {'mean': {}, 'var': {}}
   for path, value in flat.items():
     out[path[-1]][layer_key(path[:-1])] = np.asarray(value, np.float64)
@@ -107,6 +115,8 @@ def save_statistics(directory, *, kind, statistics, class_counts, teacher_manife
       'statistics_sha256': hashlib.sha256(data).hexdigest(),
       'class_counts': np.asarray(class_counts).tolist(),
   }
+  if 'privacy' in teacher_manifest:   # the DP record: teacher and statistics together
+    manifest['privacy'] = teacher_manifest['privacy']
   if parallel.is_main_process():
     fileio.atomic_write_bytes(directory / STATS_FILE, data)
     fileio.atomic_write_json(directory / 'manifest.json', manifest)

@@ -454,7 +454,8 @@ def _reference_models(config, workdir, data, tm, exclude: np.ndarray):
                                         'num_images': len(chosen)},
         name=f'reference_{r}', cfg=recipe, batches=batches, seed=config.seed + 100 + r)
     refs.append((models.create_model(config.model.name, tm['num_classes'],
-                                     stem=config.model.stem, dtype=config.model.dtype),
+                                     stem=config.model.stem, dtype=config.model.dtype,
+                                     norm=config.model.get('norm', 'batch')),
                  variables))
   return refs
 

@@ -64,10 +64,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.name = 'resnet20'
   c.model.stem = 'cifar'        # cifar | imagenet (resnet18/34/50 only)
   c.model.dtype = 'float32'     # float32 | bfloat16 (BN statistics stay float32)
+  c.model.norm = 'batch'        # batch | group (GroupNorm + weight standardisation: needed by
+                                # privacy.epsilon > 0, whose per-example gradients BN would mix)
   c.teacher = train_config()
   c.teacher.pretrained = ''     # a folder written by the teacher stage: import, do not train
   c.teacher.init_from = ''      # a teacher folder whose weights start training (a fine-tune or
                                 # warm restart with this config's schedule); '' = random init
+
+  # --- differential privacy (off unless epsilon > 0; see bnsynth_jax/privacy.py)
+  p = c.privacy = ml_collections.ConfigDict()
+  p.epsilon = 0.0               # > 0: DP-SGD teacher + noised class-wise statistics, composed
+  p.delta = 1e-5                # should be well below 1 / (training images)
+  p.teacher_fraction = 0.5      # share of epsilon for the teacher (the rest: the statistics)
+  p.clip_norm = 1.0             # DP-SGD per-example gradient L2 bound
+  p.augmult = 1                 # augmentations per example averaged before clipping
+  p.stats_clip_norm = 0.0       # L2 bound of one example's moment vector, all layers, each
+                                # layer scaled by its RMS on noise images (0 = sqrt(length))
+  p.teacher_noise_multiplier = 0.0   # 0 = calibrated to the budget (logged and recorded)
+  p.stats_noise_multiplier = 0.0     # 0 = calibrated to the budget
+  p.noise_seed = 0              # 0 = secret, from the OS (kept in the stage folder); tests fix it
 
   # --- statistics (the last stage that reads private images for synthesis)
   c.stats = ml_collections.ConfigDict()

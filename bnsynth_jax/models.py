@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Sequence
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,50 @@ import jax.numpy as jnp
 from bnsynth_jax.errors import UserError
 
 ModuleDef = Any
+
+NORMS = ('batch', 'group')
+NORM_LAYERS = (nn.BatchNorm, nn.GroupNorm)
+GROUPS = 8      # GroupNorm: gcd(channels, 8) groups
+
+
+class StandardizedConv(nn.Module):
+  """A convolution with weight standardisation (Qiao et al. 2019): the kernel is centred and
+  scaled to unit variance over its fan-in before use. With GroupNorm it is what DP image
+  classifiers use in place of BatchNorm, which mixes the examples of a batch (De et al. 2022)."""
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: Any = 'SAME'
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (*self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param('kernel', self.kernel_init, shape, jnp.float32)
+    mean = jnp.mean(kernel, axis=(0, 1, 2), keepdims=True)
+    var = jnp.var(kernel, axis=(0, 1, 2), keepdims=True)
+    kernel = (kernel - mean) * jax.lax.rsqrt(var + 1e-5)
+    padding = self.padding if isinstance(self.padding, str) else tuple(self.padding)
+    return jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides), padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+class GroupNorm(nn.Module):
+  """nn.GroupNorm with gcd(channels, 8) groups (known only from the input), keyword-compatible
+  with how the blocks build nn.BatchNorm. The normalisation layer itself is the child 'norm'."""
+  scale_init: Callable = nn.initializers.ones
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    groups = math.gcd(x.shape[-1], GROUPS)
+    return nn.GroupNorm(num_groups=groups, epsilon=BN_EPSILON, scale_init=self.scale_init,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x)
+
 
 # PyTorch's BatchNorm momentum 0.1 is flax's 0.9 (flax keeps 0.9 of the old value).
 BN_MOMENTUM = 0.9
@@ -85,11 +131,14 @@ class ResNet(nn.Module):
   stem: str = 'cifar'          # 'cifar' | 'imagenet'
   stem_width: int = 64
   dtype: Any = jnp.float32
+  norm: str = 'batch'          # batch | group (GroupNorm + weight-standardised convolutions)
 
   def setup_layers(self, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=nn.initializers.variance_scaling(
-                                 2.0, 'fan_out', 'normal'))
+    kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+    if self.norm == 'group':
+      conv = functools.partial(StandardizedConv, dtype=self.dtype, kernel_init=kernel_init)
+      return conv, functools.partial(GroupNorm, dtype=self.dtype, param_dtype=jnp.float32)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kernel_init)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                              dtype=self.dtype, param_dtype=jnp.float32)
@@ -147,22 +196,26 @@ _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def create_model(name: str, num_classes: int, *, stem: str = 'cifar',
-                 dtype: str = 'float32') -> ResNet:
+                 dtype: str = 'float32', norm: str = 'batch') -> ResNet:
   """Builds a model by name; raises UserError naming the valid choices."""
   if name not in _ARCHS:
     raise UserError(f'unknown model {name!r}: choose one of {", ".join(MODEL_NAMES)}')
   if dtype not in _DTYPES:
     raise UserError(f'unknown model dtype {dtype!r}: use float32 or bfloat16')
+  if norm not in NORMS:
+    raise UserError(f"unknown model.norm {norm!r}: use 'batch' or 'group'")
   kwargs = _ARCHS[name]()
   if name in ('resnet18', 'resnet34', 'resnet50'):  # CIFAR ResNets have one stem
     kwargs['stem'] = stem
-  return ResNet(num_classes=num_classes, dtype=_DTYPES[dtype], **kwargs)
+  return ResNet(num_classes=num_classes, dtype=_DTYPES[dtype], norm=norm, **kwargs)
 
 
 def init_variables(model: ResNet, rng: jax.Array, image_shape: Sequence[int]):
-  """Returns {'params', 'batch_stats'} for inputs of shape `image_shape` (H, W, C)."""
+  """Returns {'params', 'batch_stats'} for inputs of shape `image_shape` (H, W, C); a
+  GroupNorm model's batch_stats is empty."""
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
-  return jax.jit(functools.partial(model.init, train=False))(rng, dummy)
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, dummy)
+  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
 
 def capture_bn_inputs(model: ResNet, variables, x, *, return_features: bool = False):
@@ -170,12 +223,14 @@ def capture_bn_inputs(model: ResNet, variables, x, *, return_features: bool = Fa
 
   The paths are tuples of module names, the same keys that index
   `variables['batch_stats']`; the dict is in forward (execution) order. BN normalises
-  with its running statistics, which is how the teacher runs during synthesis.
+  with its running statistics, which is how the teacher runs during synthesis. A
+  GroupNorm model's GroupNorm inputs are captured the same way (the method matches the
+  per-channel moments of whatever normalisation layers the teacher has).
   """
   captured: dict[tuple[str, ...], jax.Array] = {}
 
   def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+    if isinstance(context.module, NORM_LAYERS) and context.method_name == '__call__':
       captured[tuple(context.module.scope.path)] = args[0]
     return next_fun(*args, **kwargs)
 

@@ -49,8 +49,8 @@ class Stage:
 
 
 STAGES = (
-    Stage('teacher', teacher.run, ('seed', 'data', 'model', 'teacher'), True, ('teacher',),
-          teacher.validate),
+    Stage('teacher', teacher.run, ('seed', 'data', 'model', 'teacher', 'privacy'), True,
+          ('teacher', 'privacy'), teacher.validate),
     Stage('stats', stats.run, ('stats',), True, ('stats',), stats.validate),
     Stage('synthesize', synthesis.run, ('synthesis',), False, ('synthesis',),
           synthesis.validate, synthesis.input_fingerprints),

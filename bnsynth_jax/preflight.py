@@ -26,7 +26,7 @@ import math
 import jax
 from absl import logging
 
-from bnsynth_jax import artifacts, fileio, input_pipeline, models, parallel
+from bnsynth_jax import artifacts, fileio, input_pipeline, models, parallel, privacy
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import is_done, stage_dir
 
@@ -232,6 +232,39 @@ def _derive(config, workdir, facts: Facts, data, problems, pending) -> list[str]
   return notes
 
 
+def _derive_privacy(config, workdir, facts: Facts, problems, pending) -> list[str]:
+  """DP mode: public normalisation constants, and the noise multipliers calibrated to the
+  budget (a plan over budget is a problem, before any training)."""
+  if not privacy.enabled(config) or 'teacher' not in pending or not facts.train_size:
+    return []
+  notes = []
+  if not (config.data.mean or config.data.std) and facts.image_shape:
+    c = facts.image_shape[2]
+    config.data.mean = (privacy.PUBLIC_MEAN,) * c
+    config.data.std = (privacy.PUBLIC_STD,) * c
+    notes.append(f'derived data.mean={config.data.mean}, data.std={config.data.std} (DP mode: '
+                 'public constants, not statistics of the private images)')
+  for key in ('teacher_noise_multiplier', 'stats_noise_multiplier'):
+    stored = _stored(workdir, 'teacher', f'privacy.{key}') if workdir else None
+    if stored and not config.privacy[key]:
+      config.privacy[key] = stored
+  if not config.teacher.batch_size:
+    return notes
+  try:
+    record = privacy.plan(config, facts.train_size, facts.partitions)
+  except UserError as e:
+    problems.append(str(e))
+    return notes
+  for key, part in (('teacher_noise_multiplier', 'teacher'), ('stats_noise_multiplier', 'stats')):
+    if not config.privacy[key]:
+      config.privacy[key] = record[part]['noise_multiplier']
+      notes.append(f'derived privacy.{key}={config.privacy[key]:.4g} (calibrated)')
+  notes.append(f'privacy: (epsilon {record["epsilon"]:.4g}, delta {record["delta"]:g}) for the '
+               f'teacher (alone {record["teacher"]["epsilon_alone"]:.4g}) and the statistics '
+               f'(alone {record["stats"]["epsilon_alone"]:.4g}), composed by {record["accountant"]}')
+  return notes
+
+
 # ----------------------------------------------------------------------------
 # Checks
 
@@ -257,7 +290,8 @@ def _check_batch(problems, facts: Facts, key: str, batch: int, drawn_from: int |
 
 def _check_model(problems, facts: Facts, section: str, model_config) -> None:
   try:
-    models.create_model(model_config.name, 2, stem=model_config.stem, dtype=model_config.dtype)
+    models.create_model(model_config.name, 2, stem=model_config.stem, dtype=model_config.dtype,
+                        norm=model_config.get('norm', 'batch'))
   except UserError as e:
     problems.append(str(e))
     return
@@ -437,6 +471,7 @@ def run(config, workdir, stages, data) -> list[str]:
   pending = [s for s in selected if not is_done(workdir, s)]
   facts = _gather_facts(config, workdir, pending, private, data, problems)
   notes = _derive(config, workdir, facts, data, problems, pending)
+  notes += _derive_privacy(config, workdir, facts, problems, pending)
   _check_data(problems, config, facts, pending)
   _check_stages(problems, config, workdir, facts, pending, selected)
   problems = list(dict.fromkeys(problems))     # one line per distinct problem

@@ -145,6 +145,35 @@ def audit_table(r: Mapping[str, Any]) -> str:
   return '\n'.join(rows)
 
 
+NOT_DP_WARNING = (
+    'This run is **not differentially private** (privacy.epsilon=0). The membership audit '
+    'below attacks random training images, the easiest records to hide: a canary audit of '
+    'this pipeline (`python -m bnsynth_jax.canary`, results in docs/privacy.md) finds that '
+    'mislabeled training images *do* leak through the synthetic set and the student trained '
+    'on it. Before releasing data about people, run with --config.privacy.epsilon.')
+
+
+def privacy_section(r: Mapping[str, Any]) -> list[str]:
+  """The (epsilon, delta) of a DP run and what it covers, or the warning that there is none."""
+  p = r.get('privacy')
+  if not p:
+    return ['## Differential privacy', '', NOT_DP_WARNING, ''] if (
+        'synthesis' in r or 'audit' in r) else []
+  t, s = p['teacher'], p['stats']
+  clip = s.get('clip_norm')
+  clip = f'{clip:.4g}' if isinstance(clip, (int, float)) else clip
+  return [
+      '## Differential privacy', '',
+      f"- **(epsilon {p['epsilon']:.3g}, delta {p['delta']:g})** for everything released "
+      f"(requested epsilon {p['target_epsilon']:g}); {p['accountant']}",
+      f"- teacher: {t['mechanism']}; noise multiplier {t['noise_multiplier']:.4g}, clip norm "
+      f"{t['clip_norm']:g}, {t['steps']} steps of {t['batch_size']} (sampling rate "
+      f"{t['sampling_rate']:.4g}), epsilon alone {t['epsilon_alone']:.3g}",
+      f"- class-wise statistics: {s['mechanism']}; noise multiplier "
+      f"{s['noise_multiplier']:.4g}, clip norm {clip}, epsilon alone {s['epsilon_alone']:.3g}",
+      f"- {p['post_processing']}: post-processing, no further privacy cost", '']
+
+
 def markdown(r: Mapping[str, Any]) -> str:
   out = ['# bnsynth report', '']
   if any(k in r for k in ('teacher', 'student')):
@@ -160,6 +189,7 @@ def markdown(r: Mapping[str, Any]) -> str:
             f"{_pct(s.get('mean_confidence'))}",
             f"- {_num(s.get('image_iterations_per_second'), '{:.1f}')} image-iterations/s",
             '', '![synthetic samples, one row per class](synthetic/samples.png)', '']
+  out += privacy_section(r)
   a = r.get('audit')
   if a:
     out += ['## Privacy audit', '']

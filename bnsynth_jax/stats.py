@@ -21,13 +21,15 @@ stage.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from bnsynth_jax import artifacts, augment, input_pipeline, metrics, models, parallel, report
+from bnsynth_jax import (artifacts, augment, input_pipeline, metrics, models, parallel, privacy,
+                         report)
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from bnsynth_jax.sources import PrivateData
@@ -73,12 +75,14 @@ def classwise_statistics(model, variables, partitions, split_size: int, num_part
   """Exact per-class moments of every BN input over a whole split (all processes)."""
   mesh = parallel.make_mesh()
   batch_size = parallel.round_up_batch(batch_size, mesh)
-  shift = {k: jnp.asarray(v, jnp.float32)
-           for k, v in artifacts.global_statistics(variables)['mean'].items()}
+  shapes = {artifacts.layer_key(p): s for p, s in
+            bn_input_shapes(model, variables, partitions[0].images.shape[1:]).items()}
+  running = artifacts.global_statistics(variables)['mean']   # none for GroupNorm
+  shift = {k: jnp.asarray(running.get(k, np.zeros(s[-1])), jnp.float32)
+           for k, s in shapes.items()}
   step = functools.partial(_classwise_sums_step, model=model, num_classes=num_classes,
                            shift=shift, mean=tuple(mean), std=tuple(std))
-  hw = {artifacts.layer_key(p): s[1] * s[2] for p, s in
-        bn_input_shapes(model, variables, partitions[0].images.shape[1:]).items()}
+  hw = {k: s[1] * s[2] for k, s in shapes.items()}
   jitted = jax.jit(step,
                    in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
                    out_shardings=parallel.replicated(mesh))
@@ -109,6 +113,55 @@ def classwise_statistics(model, variables, partitions, split_size: int, num_part
   return out, counts
 
 
+def _dp_sums_step(variables, batch, *, model, num_classes, clip_norm, scales, mean, std):
+  x = augment.normalise(batch['images'], mean, std)
+  _, captured = models.capture_bn_inputs(model, variables, x)
+  vectors = privacy.moment_vectors({artifacts.layer_key(p): a for p, a in captured.items()},
+                                   scales)
+  return privacy.clipped_class_sums(vectors, batch['labels'], batch['mask'], num_classes,
+                                    clip_norm)
+
+
+def dp_classwise_statistics(model, variables, partitions, split_size: int, num_partitions: int,
+                            num_classes: int, mean, std, batch_size: int, *, clip_norm: float,
+                            noise_multiplier: float, seed: int):
+  """Class-wise moments released by the Gaussian mechanism (privacy.py): per-example moment
+  vectors clipped to `clip_norm`, summed per class with a count coordinate, noised."""
+  mesh = parallel.make_mesh()
+  batch_size = parallel.round_up_batch(batch_size, mesh)
+  image_shape = partitions[0].images.shape[1:]
+  channels = {artifacts.layer_key(p): s[-1] for p, s in
+              bn_input_shapes(model, variables, image_shape).items()}
+  scales = privacy.public_scales(model, variables, image_shape)
+  step = functools.partial(_dp_sums_step, model=model, num_classes=num_classes,
+                           clip_norm=float(clip_norm), scales=scales, mean=tuple(mean),
+                           std=tuple(std))
+  jitted = jax.jit(step,
+                   in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+                   out_shardings=parallel.replicated(mesh))
+  variables = parallel.replicate(mesh, variables)
+  sums = np.zeros((num_classes, 2 * sum(channels.values()) + 1), np.float64)
+  clipped = 0.0
+  local = sum(len(p) for p in partitions)
+  tick = metrics.progress('stats: clipped class-wise moments', local, 'img')
+  for b, batch in enumerate(input_pipeline.eval_batches(partitions, split_size, num_partitions,
+                                                        jax.process_count(), batch_size)):
+    tick(min(local, (b + 1) * len(batch['labels'])))
+    batch_sums, batch_clipped = parallel.to_host(
+        jitted(variables, parallel.to_global(mesh, batch)))
+    sums += np.asarray(batch_sums, np.float64)
+    clipped += float(batch_clipped)
+  clip_norm = clip_norm or math.sqrt(sums.shape[1] - 1)
+  # The clipped fraction is for the data owner's log only (it is not released).
+  logging.info('stats: %.1f%% of the examples were clipped to norm %.4g', 100 * clipped /
+               max(split_size, 1), clip_norm)
+  rng = np.random.default_rng([seed, 7])
+  statistics, counts = privacy.noised_moments(sums, channels, scales, clip_norm,
+                                              noise_multiplier, rng)
+  return statistics, counts, {'clip_norm': clip_norm, 'sensitivity': 2.0 * clip_norm,
+                              'vector_length': int(sums.shape[1] - 1)}
+
+
 # ----------------------------------------------------------------------------
 # The stage
 
@@ -116,6 +169,9 @@ def classwise_statistics(model, variables, partitions, split_size: int, num_part
 def validate(config) -> None:
   if config.stats.kind not in KINDS:
     raise UserError(f"unknown stats.kind {config.stats.kind!r}: use 'global' or 'classwise'")
+  if config.stats.kind == 'global' and config.model.get('norm', 'batch') == 'group':
+    raise UserError('stats.kind=global reads the teacher\'s BatchNorm running statistics, and '
+                    'a GroupNorm teacher has none: set --config.stats.kind=classwise')
 
 
 def run(config, workdir, data: PrivateData) -> dict:
@@ -127,6 +183,16 @@ def run(config, workdir, data: PrivateData) -> dict:
   if kind == 'global':
     statistics = artifacts.global_statistics(variables)
     counts = np.zeros(teacher_manifest['num_classes'])
+  elif privacy.enabled(config):
+    record = teacher_manifest['privacy']
+    statistics, counts, applied = dp_classwise_statistics(
+        model, variables, data.split('train'), data.split_size('train'), data.num_partitions,
+        teacher_manifest['num_classes'], teacher_manifest['mean'], teacher_manifest['std'],
+        config.stats.batch_size, clip_norm=float(config.privacy.stats_clip_norm),
+        noise_multiplier=record['stats']['noise_multiplier'],
+        seed=privacy.secret_seed(config, stage_dir(workdir, 'stats')))
+    teacher_manifest = {**teacher_manifest, 'privacy': {
+        **record, 'stats': {**record['stats'], **applied}}}
   else:
     statistics, counts = classwise_statistics(
         model, variables, data.split('train'), data.split_size('train'), data.num_partitions,
@@ -139,4 +205,6 @@ def run(config, workdir, data: PrivateData) -> dict:
   values = {'kind': kind, 'num_layers': len(layers),
             'statistics_sha256': manifest['statistics_sha256']}
   report.update(workdir, {'stats': values})
+  if 'privacy' in manifest:
+    report.update(workdir, {'privacy': manifest['privacy']})
   return values

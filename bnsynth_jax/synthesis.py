@@ -586,7 +586,10 @@ def finish(inputs: Inputs, cfg, out_dir, seed: int, num_batches: int, timings: d
         views=({'epochs': cfg.view_epochs, 'crop_padding': cfg.view_crop_padding,
                 'flip': cfg.view_flip, 'seed': view_seed(seed),
                 'temperature': cfg.soft_label_temperature} if cfg.view_epochs else None),
-        seed=seed, synthesis_config=json.loads(cfg.to_json_best_effort()))
+        seed=seed, synthesis_config=json.loads(cfg.to_json_best_effort()),
+        # DP mode: the (epsilon, delta) of the teacher and statistics this set post-processes
+        **({'privacy': inputs.stats_manifest['privacy']}
+           if 'privacy' in inputs.stats_manifest else {}))
     inflight = out_dir / 'inflight'
     if inflight.exists():
       inflight.rmtree()

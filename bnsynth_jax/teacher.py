@@ -6,9 +6,10 @@ training checkpoints in checkpoints/, metrics.json with the evaluation history.
 
 from __future__ import annotations
 
+import jax
 from absl import logging
 
-from bnsynth_jax import artifacts, fileio, parallel, report, train
+from bnsynth_jax import artifacts, fileio, parallel, privacy, report, train
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from bnsynth_jax.sources import PrivateData
@@ -19,17 +20,18 @@ def validate(config) -> None:
   if config.teacher.pretrained and config.teacher.init_from:
     raise UserError('teacher.pretrained imports a finished teacher and teacher.init_from starts '
                     'training from one: set only one of them')
+  privacy.validate(config)
 
 
 def _load_matching(config, data: PrivateData, field: str):
   """Loads the teacher folder named by config.teacher.<field>, checked against config and data."""
   source_dir = config.teacher[field]
   model, variables, manifest = artifacts.load_model(source_dir)
-  for key in ('name', 'stem'):
-    if manifest['model'][key] != config.model[key]:
-      raise UserError(f'teacher.{field} {source_dir} holds model.{key}='
-                      f'{manifest["model"][key]!r} but the config says {config.model[key]!r}: '
-                      f'set --config.model.{key}={manifest["model"][key]}')
+  for key in ('name', 'stem', 'norm'):
+    held = manifest['model'].get(key, 'batch')
+    if held != config.model.get(key, 'batch'):
+      raise UserError(f'teacher.{field} {source_dir} holds model.{key}={held!r} but the config '
+                      f'says {config.model[key]!r}: set --config.model.{key}={held}')
   info = data.info
   if list(info.class_names) != manifest['class_names'] or list(
       info.image_shape) != manifest['image_shape']:
@@ -61,6 +63,25 @@ def _import_pretrained(config, workdir, data: PrivateData) -> dict:
           'train_examples': data.split_size('train'), 'pretrained': str(source_dir)}
 
 
+def _dp_setup(config, out, data: PrivateData):
+  """DP-SGD: the plan (noise multipliers and the composed budget), fixed-size batches drawn
+  with the secret seed, and the noise key. Returns (batches, dp, manifest extra)."""
+  record = privacy.plan(config, data.split_size('train'), data.num_partitions)
+  seed = privacy.secret_seed(config, out)
+  batches = privacy.SampledBatches(data.split('train'), data.num_partitions,
+                                   data.split_size('train'), config.teacher.batch_size,
+                                   seed=seed)
+  dp = {'clip_norm': record['teacher']['clip_norm'],
+        'noise_multiplier': record['teacher']['noise_multiplier'],
+        'augmult': record['teacher']['augmult'],
+        'noise_key': jax.random.PRNGKey(seed % (2**31))}
+  logging.info('teacher: DP-SGD, noise multiplier %.4g, clip norm %g, %d steps of %d: '
+               '(epsilon %.4g, delta %g) with the statistics', dp['noise_multiplier'],
+               dp['clip_norm'], record['teacher']['steps'], config.teacher.batch_size,
+               record['epsilon'], record['delta'])
+  return batches, dp, {'privacy': record}
+
+
 def run(config, workdir, data: PrivateData) -> dict:
   if config.teacher.pretrained:
     values = _import_pretrained(config, workdir, data)
@@ -71,7 +92,9 @@ def run(config, workdir, data: PrivateData) -> dict:
     batches = PartitionedBatches(data.split('train'), data.num_partitions,
                                  data.split_size('train'), config.teacher.batch_size,
                                  seed=config.seed)
-    start, extra = None, {}
+    start, extra, dp = None, {}, None
+    if privacy.enabled(config):
+      batches, dp, extra = _dp_setup(config, out, data)
     if config.teacher.init_from:
       _, start, source = _load_matching(config, data, 'init_from')
       logging.info('teacher: training starts from %s (test accuracy %s, %s epochs)',
@@ -87,12 +110,15 @@ def run(config, workdir, data: PrivateData) -> dict:
                          'train_examples': data.split_size('train'), **extra},
         tensorboard=fileio.path(workdir) / 'tensorboard' / 'teacher',
         name='teacher', cfg=config.teacher, batches=batches, seed=config.seed,
-        test=(data.split('test'), data.split_size('test'), data.num_partitions), init=start)
+        test=(data.split('test'), data.split_size('test'), data.num_partitions), init=start,
+        dp=dp)
     if parallel.is_main_process():
       fileio.atomic_write_json(out / 'metrics.json', summary)
     values = {'test_accuracy': summary['test_accuracy'],
               'train_seconds': summary['train_seconds'],
               'train_examples': data.split_size('train')}
+    if dp is not None:
+      report.update(workdir, {'privacy': extra['privacy']})
   report.update(workdir, {'teacher': values})
   if parallel.is_main_process():
     print(f'teacher test accuracy: {values["test_accuracy"]:.4f}', flush=True)

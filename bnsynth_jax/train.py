@@ -128,12 +128,46 @@ def train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std, num_
       loss = t * t * jnp.mean(cross_entropy(logits / t, targets))
     else:
       loss = jnp.mean(cross_entropy(logits, targets))
-    return loss, (logits, updates['batch_stats'])
+    return loss, (logits, updates.get('batch_stats', {}))
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=new_stats)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['labels'])
   return state, {'loss': loss, 'accuracy': accuracy}
+
+
+def dp_train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std,
+                  num_classes: int, clip_norm: float, augmult: int):
+  """One DP-SGD step (a GroupNorm model: no batch statistics). Each example's gradient,
+  averaged over `augmult` augmentations of it, is clipped by jax_privacy.clipped_grad; the
+  optimizer (`dp_optimizer`) adds the Gaussian noise to the sum and divides by the batch."""
+  from jax_privacy import clipping   # only DP mode needs it
+
+  def example_loss(params, images, labels, rng):      # one example: images [1, H, W, C]
+    x = jnp.repeat(augment.to_unit(images), augmult, axis=0)
+    x = augment.random_crop_flip(rng, x, cfg.crop_padding, cfg.flip)
+    logits = state.apply_fn({'params': params}, augment.standardise(x, mean, std), train=True)
+    targets = jax.nn.one_hot(jnp.repeat(labels, augmult), num_classes)
+    return jnp.mean(cross_entropy(logits, targets)), logits[:1]
+
+  grad_fn = clipping.clipped_grad(example_loss, has_aux=True, l2_clip_norm=clip_norm,
+                                  batch_argnums=(1, 2), prng_argnum=3, return_values=True)
+  grads, aux = grad_fn(state.params, batch['images'], batch['labels'],
+                       jax.random.fold_in(base_key, step))
+  state = state.apply_gradients(grads=grads)
+  logits = aux.aux[:, 0]
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['labels'])
+  return state, {'loss': jnp.mean(aux.values), 'accuracy': accuracy}
+
+
+def dp_optimizer(cfg, lr: optax.Schedule, dp: dict) -> optax.GradientTransformation:
+  """Gaussian noise of std noise_multiplier x clip_norm (the clipped sum's add/remove
+  sensitivity; the accountant doubles it for replace-one) on the sum of clipped gradients,
+  then the mean over the batch, then the usual optimizer (all post-processing)."""
+  from jax_privacy import noise_addition
+  privatizer = noise_addition.gaussian_privatizer(
+      stddev=dp['noise_multiplier'] * dp['clip_norm'], prng_key=dp['noise_key'])
+  return optax.chain(privatizer, optax.scale(1.0 / cfg.batch_size), create_optimizer(cfg, lr))
 
 
 def eval_step(variables, batch, *, apply_fn, mean, std):
@@ -178,13 +212,19 @@ def num_train_steps(cfg, steps_per_epoch: int) -> int:
 
 
 def _jitted_train_step(cfg, mesh, step_key, mean, std, num_classes, labels, soft_temperature,
-                       views, steps_per_epoch):
+                       views, steps_per_epoch, dp=None):
+  common = dict(base_key=step_key, cfg=cfg, mean=tuple(map(float, mean)),
+                std=tuple(map(float, std)), num_classes=num_classes)
+  if dp is not None:
+    step = functools.partial(dp_train_step, clip_norm=dp['clip_norm'], augmult=dp['augmult'],
+                             **common)
+  else:
+    step = functools.partial(train_step, labels=labels, soft_temperature=soft_temperature,
+                             views=None if views is None else {**views,
+                                                               'steps_per_epoch': steps_per_epoch},
+                             **common)
   return jax.jit(
-      functools.partial(train_step, base_key=step_key, cfg=cfg, mean=tuple(map(float, mean)),
-                        std=tuple(map(float, std)), num_classes=num_classes,
-                        labels=labels, soft_temperature=soft_temperature,
-                        views=None if views is None else {**views,
-                                                          'steps_per_epoch': steps_per_epoch}),
+      step,
       in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
                     parallel.replicated(mesh)),
       out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
@@ -242,7 +282,7 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
         writer: metrics.Writer | None = None, labels: str = 'hard',
         soft_temperature: float = 1.0, views: dict | None = None,
         on_step: Callable[[int], None] | None = None,
-        init: dict | None = None) -> tuple[dict, dict[str, Any]]:
+        init: dict | None = None, dp: dict | None = None) -> tuple[dict, dict[str, Any]]:
   """Trains `model` from scratch (or resumes) and returns (variables, summary).
 
   Args:
@@ -252,6 +292,8 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
       simulate a kill).
     init: {'params', 'batch_stats'} to start from instead of a random
       initialisation (fine-tuning); a checkpoint in workdir still wins.
+    dp: DP-SGD ({'clip_norm', 'noise_multiplier', 'augmult', 'noise_key'}; `batches`
+      must then be privacy.SampledBatches).
   """
   mesh = parallel.make_mesh()
   parallel.check_batch(cfg.batch_size, f'{name}.batch_size', mesh)
@@ -259,14 +301,14 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
   total_steps = num_train_steps(cfg, steps_per_epoch)
   lr_schedule = create_learning_rate(cfg, steps_per_epoch, total_steps)
   init_key, step_key = jax.random.split(jax.random.key(seed))
-  state = create_train_state(init_key, model, image_shape,
-                             create_optimizer(cfg, lr_schedule), mesh, init=init)
+  tx = dp_optimizer(cfg, lr_schedule, dp) if dp else create_optimizer(cfg, lr_schedule)
+  state = create_train_state(init_key, model, image_shape, tx, mesh, init=init)
   ckpt_dir = fileio.path(workdir) / 'checkpoints'
   progress_file = fileio.path(workdir) / 'progress.json'
   state, start_step, elapsed_before, history = _resume(name, ckpt_dir, progress_file, state,
                                                        total_steps)
   step_fn = _jitted_train_step(cfg, mesh, step_key, mean, std, num_classes, labels,
-                               soft_temperature, views, steps_per_epoch)
+                               soft_temperature, views, steps_per_epoch, dp)
   run_eval = _test_evaluation(name, model, cfg, test, mean, std, mesh, steps_per_epoch,
                               history, writer)
   eval_every = (max(1, int(round(cfg.eval_every_epochs * steps_per_epoch)))
@@ -313,6 +355,7 @@ def fit_and_save(out, *, model_config, class_names, num_classes: int, image_shap
   from its checkpoints), and write the model artifact there, its manifest carrying
   `extra(summary)`. Returns (variables, summary)."""
   model = models.create_model(model_config.name, num_classes, stem=model_config.stem,
+                              norm=model_config.get('norm', 'batch'),
                               dtype=model_config.dtype)
   writer = metrics.Writer(tensorboard) if tensorboard else None
   variables, summary = fit(model=model, num_classes=num_classes, image_shape=image_shape,

@@ -1,0 +1,116 @@
+"""The privacy-utility trade-off table and plot, from finished canary audits.
+
+Each --audit=EPS:DIR is a folder written by `python -m bnsynth_jax.canary` (EPS 'inf' for the
+non-DP pipeline); the accuracies are the means over its shadow pipelines. --reference=DIR is
+a finished non-DP run of the same config with the evaluate stage: its real-subset student
+(same size and recipe as the synthetic-trained one) is the denominator of the ratio.
+
+  python benchmarks/privacy_tradeoff.py --dataset=digits \
+      --audit=inf:/work/runs/canary/digits_nondp --audit=8:/work/runs/canary/digits_eps8 \
+      --audit=1:/work/runs/canary/digits_eps1 --reference=/work/runs/digits_reference \
+      --plot=docs/privacy_utility.png
+
+Writes one RESULTS.md row per audit (section privacy_tradeoff_<dataset>) and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+from absl import app, flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import results_md  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('dataset', 'digits', 'Name used in the RESULTS.md section and the plot.')
+flags.DEFINE_multi_string('audit', [], 'EPS:DIR of a finished canary audit (EPS inf = no DP).')
+flags.DEFINE_string('reference', '', 'A finished non-DP run of the config with evaluate.')
+flags.DEFINE_string('plot', '', 'Where to write the plot (e.g. docs/privacy_utility.png).')
+flags.DEFINE_bool('write_results', True, 'Append the rows to benchmarks/RESULTS.md.')
+
+HEADER = ['requested epsilon', 'achieved (epsilon, delta)', 'teacher accuracy',
+          'synthetic-trained student accuracy', 'ratio to real subset',
+          'canary TPR @ 0.1% FPR: student', 'synthetic images', 'teacher',
+          'shadows x canaries', 'command']
+
+
+def _row(eps_text: str, folder: pathlib.Path, real_subset: float | None) -> tuple[list, dict]:
+  audit = json.loads((folder / 'canary_audit.json').read_text())
+  acc = audit['test_accuracy']
+  p = audit.get('privacy')
+  attacks = audit['attacks']
+  tpr = {t: attacks[t]['lira']['tpr_at_0.001_fpr'] for t in ('student', 'synthetic_nn',
+                                                             'teacher')}
+
+  def fmt(m):
+    ci = m.get('ci95')
+    return f"{100 * m['value']:.1f}%" + (f' [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]' if ci else '')
+
+  ratio = acc['student']['mean'] / real_subset if real_subset else None
+  s = audit['settings']
+  row = [eps_text, f"({p['epsilon']:.3g}, {p['delta']:g})" if p else 'not DP',
+         f"{100 * acc['teacher']['mean']:.2f}%", f"{100 * acc['student']['mean']:.2f}%",
+         f'{ratio:.3f}' if ratio else '—', fmt(tpr['student']), fmt(tpr['synthetic_nn']),
+         fmt(tpr['teacher']), f"{s['shadows']} x {s['canaries']} {s['kind']}",
+         f"`{audit['command']}`"]
+  point = {'epsilon': p['epsilon'] if p else math.inf, 'teacher': acc['teacher']['mean'],
+           'student': acc['student']['mean'], 'ratio': ratio,
+           'tpr_student': tpr['student']['value'], 'tpr_teacher': tpr['teacher']['value'],
+           'tpr_synthetic': tpr['synthetic_nn']['value']}
+  return row, point
+
+
+def _plot(points: list[dict], path: str, dataset: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  points = sorted(points, key=lambda q: q['epsilon'])
+  finite = [q['epsilon'] for q in points if math.isfinite(q['epsilon'])]
+  inf_x = (max(finite) * 3) if finite else 1.0
+  xs = [q['epsilon'] if math.isfinite(q['epsilon']) else inf_x for q in points]
+  labels = [f"{q['epsilon']:.2g}" if math.isfinite(q['epsilon']) else 'no DP' for q in points]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+  left.plot(xs, [100 * q['teacher'] for q in points], 'o-', label='teacher (DP-SGD)')
+  left.plot(xs, [100 * q['student'] for q in points], 's-', label='synthetic-trained student')
+  left.set(xscale='log', xlabel='epsilon (delta 1e-5)', ylabel='test accuracy (%)',
+           title=f'{dataset}: utility')
+  right.plot(xs, [100 * q['tpr_student'] for q in points], 's-', label='student')
+  right.plot(xs, [100 * q['tpr_synthetic'] for q in points], 'd-', label='synthetic images')
+  right.plot(xs, [100 * q['tpr_teacher'] for q in points], 'o-', label='teacher')
+  right.axhline(0.1, color='k', ls=':', label='chance (0.1%)')
+  right.set(xscale='log', yscale='symlog', xlabel='epsilon (delta 1e-5)',
+            ylabel='canary TPR at 0.1% FPR (%)', title=f'{dataset}: canary audit (LiRA)')
+  for ax in (left, right):
+    ax.set_xticks(xs, labels)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  real_subset = None
+  if FLAGS.reference:
+    report = json.loads((pathlib.Path(FLAGS.reference) / 'report.json').read_text())
+    real_subset = report['evaluate']['real_subset']['test_accuracy']
+  points = []
+  for spec in FLAGS.audit:
+    eps_text, folder = spec.split(':', 1)
+    row, point = _row(eps_text, pathlib.Path(folder), real_subset)
+    points.append(point)
+    print(' | '.join(row[:-1]))
+    if FLAGS.write_results:
+      results_md.append_row(f'privacy_tradeoff_{FLAGS.dataset}',
+                            f'Privacy-utility trade-off: {FLAGS.dataset}', HEADER, row)
+  if FLAGS.plot and points:
+    _plot(points, FLAGS.plot, FLAGS.dataset)
+    print(f'plot: {FLAGS.plot}')
+
+
+if __name__ == '__main__':
+  app.run(main)

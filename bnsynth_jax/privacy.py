@@ -1,0 +1,313 @@
+"""Differential privacy: the budget, its accounting, DP-SGD batches, and noised statistics.
+
+`--config.privacy.epsilon=E` (0 = off) makes the two things computed from private data
+and handed to synthesis differentially private, with one (epsilon, delta) for both:
+
+* the teacher's weights, by DP-SGD: every step a fixed-size batch drawn uniformly
+  without replacement (independently per step, from secret randomness), each example's
+  gradient (averaged over `privacy.augmult` augmentations of it) clipped to L2 norm
+  `privacy.clip_norm` by `jax_privacy.clipped_grad`, the sum noised by
+  `jax_privacy.noise_addition.gaussian_privatizer` with standard deviation
+  noise_multiplier x the clipped sum's sensitivity. BatchNorm mixes the examples of a
+  batch, so the teacher must be `model.norm=group` (GroupNorm + weight standardisation).
+* the class-wise statistics, by the Gaussian mechanism (`noisy_classwise_statistics`):
+  per example, the vector of its per-channel spatial means and spatial means of squares
+  over every recorded layer is clipped to L2 norm R = `privacy.stats_clip_norm`, and a
+  count coordinate of value R is appended. Per class, the sum of these vectors gets
+  Gaussian noise of standard deviation noise_multiplier x 2R: replacing one example
+  changes one class's sum by at most 2R, or two classes' sums by at most R*sqrt(2)
+  each (2R together, the count coordinates included). The counts are therefore noised
+  too (not public), and mean and variance are derived from the noised sums.
+
+Adjacency is replace-one (a record substituted), the relation of fixed-size batches:
+the teacher's steps are accounted as jax_privacy's DpsgdTrainingAccountant does for
+`SamplingMethod.FIXED_BATCH_SIZE` (Poisson-subsampled Gaussian with the sensitivity
+doubled), the statistics as one Gaussian mechanism, and the two are composed by a
+dp_accounting PLD accountant. The budget is split by `privacy.teacher_fraction`: each
+part is calibrated at delta/2 on its own, and the composition is what is reported
+(never more than the epsilon asked for; a plan that would exceed it is refused before
+training). Everything after the stats stage (synthesis, per-view labels, students,
+evaluation) only post-processes these two releases, so the synthetic set inherits the
+guarantee. Normalisation constants are public in this mode (data.mean/std, 0.5 by
+default), not computed from the private images.
+
+The noise and the batch sampling use a secret seed drawn from the OS when a stage first
+starts, kept in the stage's folder (`.noise_seed`, never copied into an artifact or
+the report) so a resumed run continues exactly; `privacy.noise_seed` fixes it for
+tests and audits.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnsynth_jax import fileio, parallel
+from bnsynth_jax.errors import UserError
+from bnsynth_jax.input_pipeline import PartitionedBatches
+
+ACCOUNTANT = 'pld'
+MAX_NOISE_MULTIPLIER = 500.0     # a budget needing more noise than this is refused
+MIN_NOISE_MULTIPLIER = 0.5       # less noise than this protects nothing (and PLD grows slow)
+PUBLIC_MEAN, PUBLIC_STD = 0.5, 0.5
+
+
+def enabled(config) -> bool:
+  return float(config.get('privacy', {}).get('epsilon', 0.0) or 0.0) > 0
+
+
+def validate(config) -> None:
+  """Config-only checks of DP mode (the preflight runs them with the teacher's)."""
+  if not enabled(config):
+    if config.get('privacy') and config.privacy.epsilon < 0:
+      raise UserError(f'privacy.epsilon={config.privacy.epsilon} is negative: give a positive '
+                      'epsilon, or 0 to turn DP mode off')
+    return
+  p = config.privacy
+  problems = []
+  if config.model.get('norm', 'batch') != 'group':
+    problems.append('privacy.epsilon > 0 trains the teacher with per-example gradients, which '
+                    'BatchNorm mixes across the batch: set --config.model.norm=group')
+  if config.stats.kind != 'classwise':
+    problems.append('privacy.epsilon > 0 noises the class-wise statistics (a GroupNorm teacher '
+                    'has no running statistics): set --config.stats.kind=classwise')
+  if config.teacher.pretrained or config.teacher.init_from:
+    problems.append('privacy.epsilon > 0 needs a teacher trained here by DP-SGD: unset '
+                    'teacher.pretrained / teacher.init_from')
+  if not 0 < p.delta < 1:
+    problems.append(f'privacy.delta={p.delta} must be in (0, 1), e.g. 1e-5')
+  if not 0 < p.teacher_fraction < 1:
+    problems.append(f'privacy.teacher_fraction={p.teacher_fraction} must be in (0, 1): the '
+                    'share of epsilon spent on the teacher, the rest on the statistics')
+  if not p.clip_norm > 0:
+    problems.append(f'privacy.clip_norm={p.clip_norm} must be positive')
+  if p.stats_clip_norm < 0:
+    problems.append(f'privacy.stats_clip_norm={p.stats_clip_norm} must be positive (0 = derived)')
+  if p.augmult < 1:
+    problems.append(f'privacy.augmult={p.augmult} must be at least 1')
+  if problems:
+    raise UserError('\n'.join(problems))
+
+
+# ----------------------------------------------------------------------------
+# Accounting
+
+
+def teacher_event(noise_multiplier: float, batch_size: int, num_samples: int,
+                  steps: int) -> dp_accounting.DpEvent:
+  """DP-SGD with fixed-size batches under replace-one adjacency, as jax_privacy's
+  DpsgdTrainingAccountant accounts SamplingMethod.FIXED_BATCH_SIZE."""
+  q = batch_size / float(num_samples)
+  step = dp_accounting.PoissonSampledDpEvent(
+      q, dp_accounting.GaussianDpEvent(noise_multiplier / 2.0))
+  return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+def stats_event(noise_multiplier: float) -> dp_accounting.DpEvent:
+  """The noised class-wise sums: one Gaussian mechanism, noise relative to the replace-one
+  sensitivity 2R."""
+  return dp_accounting.GaussianDpEvent(noise_multiplier)
+
+
+def epsilon_of(events, delta: float) -> float:
+  accountant = dp_accounting.pld.PLDAccountant()
+  accountant.compose(dp_accounting.ComposedDpEvent(list(events)))
+  return float(accountant.get_epsilon(delta))
+
+
+def _calibrate(make_event, target_epsilon: float, delta: float, what: str) -> float:
+  try:
+    sigma = dp_accounting.calibrate_dp_mechanism(
+        dp_accounting.pld.PLDAccountant, make_event, target_epsilon, delta,
+        dp_accounting.ExplicitBracketInterval(MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER),
+        tol=1e-3)
+  except (ValueError, RuntimeError):      # not bracketed: either end already meets it
+    sigma = (MIN_NOISE_MULTIPLIER if epsilon_of([make_event(MIN_NOISE_MULTIPLIER)], delta)
+             <= target_epsilon else math.inf)
+  if not sigma <= MAX_NOISE_MULTIPLIER or epsilon_of([make_event(sigma)], delta) > target_epsilon:
+    raise UserError(f'privacy: epsilon {target_epsilon:.4g} for the {what} needs a noise '
+                    f'multiplier above {MAX_NOISE_MULTIPLIER:g}, where nothing is learned: raise '
+                    'privacy.epsilon or privacy.delta, or (teacher) use fewer epochs / a '
+                    'smaller batch')
+  return float(sigma)
+
+
+def _calibrate_rest(teacher: dp_accounting.DpEvent, target: float, delta: float,
+                    upper: float) -> float:
+  """The smallest statistics noise multiplier (<= upper, which meets the budget by basic
+  composition) whose composition with `teacher` stays within `target`: bisection on the
+  teacher's privacy loss distribution, computed once."""
+  accountant = dp_accounting.pld.PLDAccountant()
+  accountant.compose(teacher)
+  teacher_pld = accountant._pld          # pylint: disable=protected-access
+  pld = dp_accounting.pld.privacy_loss_distribution
+
+  def total(sigma):
+    gaussian = pld.from_gaussian_mechanism(standard_deviation=sigma,
+                                           value_discretization_interval=1e-4)
+    return teacher_pld.compose(gaussian).get_epsilon_for_delta(delta)
+
+  lo, hi = MIN_NOISE_MULTIPLIER, upper
+  if total(hi) > target:
+    return upper
+  for _ in range(40):
+    mid = math.sqrt(lo * hi)
+    lo, hi = (lo, mid) if total(mid) <= target else (mid, hi)
+    if hi / lo < 1.001:
+      break
+  return hi
+
+
+def teacher_steps(config, train_size: int) -> int:
+  cfg = config.teacher
+  if cfg.get('num_steps', 0):
+    return int(cfg.num_steps)
+  return int(round(cfg.epochs * (train_size // cfg.batch_size)))
+
+
+def accounted_samples(train_size: int, num_partitions: int) -> int:
+  """Partitions differ in size by <= 1; each samples its share of the batch from itself,
+  so the accounting uses the smallest partition (a larger sampling rate, conservative)."""
+  return (train_size // num_partitions) * num_partitions
+
+
+def plan(config, train_size: int, num_partitions: int) -> dict:
+  """Calibrates the noise multipliers left at 0 and composes the budget; refuses a plan
+  whose epsilon exceeds privacy.epsilon. Returns the record written into every manifest."""
+  p = config.privacy
+  target, delta = float(p.epsilon), float(p.delta)
+  n = accounted_samples(train_size, num_partitions)
+  steps = teacher_steps(config, train_size)
+  batch = int(config.teacher.batch_size)
+  make_teacher = lambda s: teacher_event(s, batch, n, steps)
+  teacher_sigma = float(p.teacher_noise_multiplier) or _calibrate(
+      make_teacher, target * p.teacher_fraction, delta / 2, 'teacher (DP-SGD)')
+  stats_sigma = float(p.stats_noise_multiplier)
+  if not stats_sigma:
+    # The rest of the budget, measured on the composition (not at delta/2 on its own).
+    alone = _calibrate(stats_event, target * (1 - p.teacher_fraction), delta / 2, 'statistics')
+    stats_sigma = _calibrate_rest(make_teacher(teacher_sigma), target, delta, alone)
+  teacher_eps = epsilon_of([make_teacher(teacher_sigma)], delta)
+  stats_eps = epsilon_of([stats_event(stats_sigma)], delta)
+  total = epsilon_of([make_teacher(teacher_sigma), stats_event(stats_sigma)], delta)
+  if total > target * (1 + 1e-6):
+    raise UserError(f'privacy: this plan spends epsilon {total:.4g} > privacy.epsilon={target:g} '
+                    f'(teacher noise multiplier {teacher_sigma:.4g}, statistics '
+                    f'{stats_sigma:.4g}): leave privacy.*_noise_multiplier at 0 to calibrate, '
+                    'or raise them')
+  return {
+      'epsilon': total, 'delta': delta, 'target_epsilon': target,
+      'accountant': f'dp_accounting PLD ({ACCOUNTANT}), replace-one adjacency',
+      'teacher': {'mechanism': 'DP-SGD (fixed-size batches, per-example clipping, Gaussian)',
+                  'noise_multiplier': teacher_sigma, 'clip_norm': float(p.clip_norm),
+                  'batch_size': batch, 'steps': steps, 'accounted_examples': n,
+                  'sampling_rate': batch / n, 'augmult': int(p.augmult),
+                  'epsilon_alone': teacher_eps},
+      'stats': {'mechanism': 'Gaussian on clipped per-example moment vectors, per class, '
+                             'counts noised', 'noise_multiplier': stats_sigma,
+                'clip_norm': float(p.stats_clip_norm) or 'sqrt(vector length)',
+                'epsilon_alone': stats_eps},
+      'post_processing': 'synthesis, per-view labels, students and evaluation read only the '
+                         'DP teacher and the DP statistics',
+  }
+
+
+# ----------------------------------------------------------------------------
+# Secret randomness
+
+
+def secret_seed(config, directory) -> int:
+  """privacy.noise_seed if set, else a seed from the OS kept in DIRECTORY/.noise_seed."""
+  if config.privacy.noise_seed:
+    return int(config.privacy.noise_seed)
+  path = fileio.path(directory) / '.noise_seed'
+  seed = None
+  if parallel.is_main_process():
+    if path.exists():
+      seed = int(path.read_text().strip())
+    else:
+      seed = secrets.randbits(62)
+      fileio.atomic_write_bytes(path, str(seed).encode())
+  return int(parallel.broadcast_from_main(seed))
+
+
+class SampledBatches(PartitionedBatches):
+  """DP-SGD batches: at every step each partition draws its share of the batch uniformly
+  without replacement, independently of every other step (not an epoch permutation,
+  whose accounting differs). Deterministic in (seed, step), so resume is exact."""
+
+  def get(self, step: int) -> dict[str, np.ndarray]:
+    out: dict[str, list[np.ndarray]] = {}
+    for part in self.partitions:
+      rng = np.random.default_rng([self.seed, step, part.index])
+      idx = np.sort(rng.choice(len(part), self.sub_batch, replace=False))
+      fields = {'images': part.images, 'labels': part.labels, **part.extras}
+      for name, arr in fields.items():
+        out.setdefault(name, []).append(arr[idx])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------
+# Noised class-wise statistics
+
+
+def moment_vectors(captured: dict[str, jax.Array], scales: dict[str, float]) -> jax.Array:
+  """Per example, the per-channel spatial means / s and means of squares / s^2 of every
+  layer's input (s: the layer's public scale), concatenated in the order of `captured`
+  ([N, 2 * sum of channels]). The scales put every layer on one footing, so that the
+  clipping bound is not spent on the deep layers' large activations."""
+  parts = []
+  for name, a in captured.items():
+    a = a.astype(jnp.float32) / scales[name]
+    parts += [jnp.mean(a, axis=(1, 2)), jnp.mean(jnp.square(a), axis=(1, 2))]
+  return jnp.concatenate(parts, axis=1)
+
+
+def public_scales(model, variables, image_shape, num_probe: int = 64) -> dict[str, float]:
+  """Each normalisation layer's input RMS on uniform-noise images: a function of the (DP)
+  teacher and public noise only, so it costs no privacy."""
+  from bnsynth_jax import artifacts, models   # models imports nothing of ours; keep it lazy
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(-1.0, 1.0, (num_probe, *image_shape)), jnp.float32)
+  _, captured = models.capture_bn_inputs(model, variables, x)
+  return {artifacts.layer_key(p): float(jnp.sqrt(jnp.mean(jnp.square(a.astype(jnp.float32)))))
+          or 1.0 for p, a in captured.items()}
+
+
+def clipped_class_sums(vectors: jax.Array, labels: jax.Array, mask: jax.Array,
+                       num_classes: int, clip_norm: float):
+  """Per class: the sum of the example vectors clipped to L2 norm clip_norm, with a count
+  coordinate of value clip_norm appended ([C, D + 1]); and how many were clipped."""
+  norms = jnp.linalg.norm(vectors, axis=1)
+  clip_norm = clip_norm or math.sqrt(vectors.shape[1])
+  scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
+  clipped = vectors * scale[:, None]
+  rows = jnp.concatenate([clipped, jnp.full((len(norms), 1), clip_norm, jnp.float32)], axis=1)
+  weights = jax.nn.one_hot(labels, num_classes) * mask[:, None]
+  return weights.T @ rows, jnp.sum((norms > clip_norm) * mask)
+
+
+VAR_FLOOR = 1e-3      # of the layer's scale squared: a noised variance is at least this
+
+
+def noised_moments(sums: np.ndarray, layer_channels: dict[str, int], scales: dict[str, float],
+                   clip_norm: float, noise_multiplier: float, rng: np.random.Generator):
+  """Adds the Gaussian noise to the per-class sums ([C, D + 1], float64) and derives
+  {'mean', 'var'} per layer (in the layer's own units) and the noised counts. Returns
+  (statistics, counts)."""
+  clip_norm = clip_norm or math.sqrt(sums.shape[1] - 1)
+  noisy = sums + rng.normal(0.0, noise_multiplier * 2.0 * clip_norm, sums.shape)
+  counts = np.maximum(noisy[:, -1] / clip_norm, 1.0)
+  out, offset = {'mean': {}, 'var': {}}, 0
+  for name, c in layer_channels.items():
+    mean = noisy[:, offset:offset + c] / counts[:, None]
+    square = noisy[:, offset + c:offset + 2 * c] / counts[:, None]
+    out['mean'][name] = mean * scales[name]
+    out['var'][name] = np.maximum(square - np.square(mean), VAR_FLOOR) * scales[name] ** 2
+    offset += 2 * c
+  return out, counts

@@ -1,0 +1,321 @@
+"""DP mode (bnsynth_jax/privacy.py) and the canary audit (bnsynth_jax/canary_audit.py)."""
+
+import json
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bnsynth_jax import canary_audit, config_lib, models, privacy, train
+from bnsynth_jax.errors import UserError
+from conftest import run_main
+
+
+def dp_config(**privacy_overrides):
+  from bnsynth_jax.configs import digits
+  c = digits.get_config()
+  c.model.norm = 'group'
+  c.privacy.epsilon = 8.0
+  c.teacher.batch_size = 64
+  c.teacher.num_steps = 20
+  c.privacy.update(privacy_overrides)
+  return c
+
+
+# ----------------------------------------------------------------------------
+# The statistics mechanism
+
+
+@pytest.mark.parametrize('same_class', [True, False])
+def test_one_changed_example_moves_the_clipped_sums_by_at_most_the_sensitivity(same_class):
+  rng = np.random.default_rng(0)
+  num_classes, clip = 4, 3.0
+  vectors = rng.normal(0, 5, (40, 17)).astype(np.float32)     # most norms far above clip
+  labels = rng.integers(0, num_classes, 40)
+  mask = np.ones(40, np.float32)
+  base, _ = privacy.clipped_class_sums(jnp.asarray(vectors), jnp.asarray(labels),
+                                       jnp.asarray(mask), num_classes, clip)
+  worst = 0.0
+  for trial in range(20):
+    changed_v, changed_y = vectors.copy(), labels.copy()
+    i = trial % 40
+    changed_v[i] = rng.normal(0, 50, 17) * (-1) ** trial        # an extreme replacement
+    changed_y[i] = labels[i] if same_class else (labels[i] + 1 + trial % 3) % num_classes
+    moved, _ = privacy.clipped_class_sums(jnp.asarray(changed_v), jnp.asarray(changed_y),
+                                          jnp.asarray(mask), num_classes, clip)
+    worst = max(worst, float(np.linalg.norm(np.asarray(moved) - np.asarray(base))))
+  assert worst <= 2 * clip * (1 + 1e-5)          # the sensitivity the noise is scaled to
+  assert worst > 1.2 * clip                       # and the bound is nearly reached
+
+
+def test_the_statistics_noise_is_there_and_has_the_calibrated_scale():
+  rng = np.random.default_rng(1)
+  sums = np.zeros((3, 2 * 5 + 1))
+  sums[:, -1] = 100 * 2.0                          # 100 examples per class, count coord = R
+  scales = {'layer': 1.0}
+  clean, counts = privacy.noised_moments(sums, {'layer': 5}, scales, 2.0, 0.0, rng)
+  assert np.allclose(counts, 100)
+  draws = np.stack([privacy.noised_moments(sums, {'layer': 5}, scales, 2.0, 1.5, rng)[0]['mean']
+                    ['layer'] for _ in range(400)])
+  # mean = noisy sum / noisy count ~ N(0, (1.5 * 2R)^2) / 100
+  assert np.all(np.abs(draws - clean['mean']['layer']).max(axis=0) > 0)
+  assert np.std(draws) == pytest.approx(1.5 * 2 * 2.0 / 100, rel=0.1)
+
+
+# ----------------------------------------------------------------------------
+# Accounting
+
+
+def test_the_teacher_epsilon_matches_jax_privacy_and_dp_accounting_called_directly():
+  from jax_privacy import accounting
+  c = dp_config(teacher_noise_multiplier=1.3, stats_noise_multiplier=4.0)
+  record = privacy.plan(c, train_size=1438, num_partitions=1)
+  dp_params = accounting.DpParams(
+      noise_multipliers=1.3, num_samples=1438, delta=c.privacy.delta, batch_size=64,
+      sampling_method=accounting.SamplingMethod.FIXED_BATCH_SIZE)
+  direct = accounting.DpsgdTrainingAccountant(accounting.PldAccountantConfig()).compute_epsilon(
+      20, dp_params)
+  assert record['teacher']['epsilon_alone'] == pytest.approx(direct, rel=1e-6)
+  gaussian = dp_accounting.pld.PLDAccountant()
+  gaussian.compose(dp_accounting.GaussianDpEvent(4.0))
+  assert record['stats']['epsilon_alone'] == pytest.approx(gaussian.get_epsilon(c.privacy.delta),
+                                                           rel=1e-6)
+  both = max(record['teacher']['epsilon_alone'], record['stats']['epsilon_alone'])
+  assert both < record['epsilon'] <= (record['teacher']['epsilon_alone']
+                                      + record['stats']['epsilon_alone'])
+
+
+def test_calibration_meets_the_budget_and_spends_most_of_it():
+  record = privacy.plan(dp_config(epsilon=3.0), train_size=1438, num_partitions=1)
+  assert 0.8 * 3.0 < record['epsilon'] <= 3.0
+  assert record['teacher']['noise_multiplier'] > 0.5 and record['stats']['noise_multiplier'] > 0
+
+
+def test_a_plan_over_budget_or_impossible_is_refused():
+  with pytest.raises(UserError, match='spends epsilon'):
+    privacy.plan(dp_config(epsilon=1.0, teacher_noise_multiplier=0.6,
+                           stats_noise_multiplier=10.0), train_size=1438, num_partitions=1)
+  c = dp_config(epsilon=1e-4)
+  c.teacher.num_steps = 2000
+  with pytest.raises(UserError, match='noise multiplier above'):
+    privacy.plan(c, train_size=1438, num_partitions=1)
+
+
+@pytest.mark.parametrize('change,needle', [
+    ({'model.norm': 'batch'}, 'model.norm=group'),
+    ({'stats.kind': 'global'}, 'stats.kind=classwise'),
+    ({'privacy.delta': 0.0}, 'privacy.delta'),
+    ({'privacy.teacher_fraction': 1.0}, 'teacher_fraction')])
+def test_dp_mode_refuses_settings_it_cannot_guarantee(change, needle):
+  c = dp_config()
+  for key, value in change.items():
+    section, field = key.split('.')
+    c[section][field] = value
+  with pytest.raises(UserError, match=needle):
+    privacy.validate(c)
+
+
+def test_an_impossible_budget_is_refused_before_anything_is_written(tmp_path):
+  workdir = tmp_path / 'w'
+  result = run_main('--config=configs/digits.py', f'--workdir={workdir}',
+                    '--config.model.norm=group', '--config.privacy.epsilon=0.0001',
+                    '--config.teacher.epochs=500')
+  assert result.returncode == 2
+  assert 'error: privacy: epsilon' in result.stderr and 'raise privacy.epsilon' in result.stderr
+  assert not workdir.exists()
+
+
+# ----------------------------------------------------------------------------
+# DP-SGD
+
+
+def dp_recipe():
+  return config_lib.train_config(batch_size=8, crop_padding=0, flip=False, learning_rate=1.0,
+                                 momentum=0.0, nesterov=False, weight_decay=0.0)
+
+
+def test_the_dp_step_clips_each_example():
+  model = models.create_model('resnet_tiny', 3, norm='group')
+  cfg, clip = dp_recipe(), 1e-3
+  rng = np.random.default_rng(0)
+  batch = {'images': rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
+           'labels': rng.integers(0, 3, 8).astype(np.int32)}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  dp = {'clip_norm': clip, 'noise_multiplier': 0.0, 'augmult': 2,
+        'noise_key': jax.random.PRNGKey(0)}
+  state = train.create_train_state(jax.random.key(0), model, (8, 8, 3),
+                                   train.dp_optimizer(cfg, optax.constant_schedule(1.0), dp),
+                                   mesh)
+  new, metrics = jax.jit(lambda s, b: train.dp_train_step(
+      s, b, 0, base_key=jax.random.key(1), cfg=cfg, mean=(0.5,), std=(0.5,), num_classes=3,
+      clip_norm=clip, augmult=2))(state, batch)
+  delta = jax.tree.map(lambda a, b: a - b, new.params, state.params)
+  norm = float(jnp.sqrt(sum(jnp.sum(d ** 2) for d in jax.tree.leaves(delta))))
+  # Without noise the update is lr x the mean of 8 gradients clipped to 1e-3 (unclipped
+  # gradients of a fresh network are far larger than that).
+  assert clip / 8 < norm <= clip * (1 + 1e-4)
+  assert np.isfinite(float(metrics['loss']))
+
+
+def test_the_dp_optimizer_adds_noise_of_the_calibrated_scale():
+  cfg = dp_recipe()
+  dp = {'clip_norm': 2.0, 'noise_multiplier': 3.0, 'augmult': 1,
+        'noise_key': jax.random.PRNGKey(7)}
+  tx = train.dp_optimizer(cfg, optax.constant_schedule(1.0), dp)
+  params = {'w': jnp.zeros((200, 50))}
+  state = tx.init(params)
+  updates, state = tx.update({'w': jnp.zeros((200, 50))}, state, params)   # zero gradients
+  # noise std sigma x C on the sum, then the mean over the batch of 8, then SGD with lr 1
+  assert float(jnp.std(updates['w'])) == pytest.approx(3.0 * 2.0 / 8, rel=0.05)
+  again, _ = tx.update({'w': jnp.zeros((200, 50))}, state, params)
+  assert not np.allclose(updates['w'], again['w'])                 # fresh noise every step
+
+
+def test_sampled_batches_are_fixed_size_uniform_and_reproducible():
+  from bnsynth_jax.input_pipeline import Partition
+  parts = [Partition(0, np.zeros((100, 2, 2, 1), np.uint8), np.arange(100, dtype=np.int32))]
+  batches = privacy.SampledBatches(parts, 1, 100, 10, seed=5)
+  first = [batches.get(s)['labels'] for s in range(2000)]
+  assert all(len(set(b.tolist())) == 10 for b in first)          # without replacement
+  counts = np.bincount(np.concatenate(first), minlength=100)
+  assert counts.min() > 120 and counts.max() < 290               # each example ~ 200 times
+  again = privacy.SampledBatches(parts, 1, 100, 10, seed=5)
+  assert np.array_equal(again.get(1234)['labels'], first[1234])  # resume sees the same batch
+
+
+def test_dp_pipeline_records_epsilon_in_every_artifact_and_the_report(tmp_path):
+  workdir = tmp_path / 'w'
+  result = run_main(
+      '--config=configs/digits.py', f'--workdir={workdir}', '--stages=teacher,stats,'
+      'synthesize,student', '--config.model.norm=group', '--config.privacy.epsilon=8',
+      '--config.privacy.noise_seed=3', '--config.teacher.num_steps=10',
+      '--config.teacher.batch_size=128', '--config.synthesis.images_per_class=8',
+      '--config.synthesis.batch_size=40', '--config.synthesis.iterations=5',
+      '--config.synthesis.view_epochs=2', '--config.student.epochs=2',
+      '--config.student.batch_size=16')
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((workdir / 'report.json').read_text())
+  p = report['privacy']
+  assert 0 < p['epsilon'] <= 8 and p['delta'] == 1e-5 and 'PLD' in p['accountant']
+  assert p['teacher']['noise_multiplier'] > 0 and p['stats']['noise_multiplier'] > 0
+  assert p['stats']['clip_norm'] > 0                        # the bound actually applied
+  for manifest in ('teacher/manifest.json', 'stats/manifest.json', 'synthetic/manifest.json',
+                   'student/synthetic/manifest.json'):
+    got = json.loads((workdir / manifest).read_text())['privacy']
+    assert got['epsilon'] == pytest.approx(p['epsilon']), manifest
+  assert report['config']['data']['mean'] == [0.5]          # public normalisation
+  md = (workdir / 'report.md').read_text()
+  assert '(epsilon' in md and 'post-processing' in md
+  assert (workdir / 'teacher' / '.noise_seed').exists() is False   # the seed was given
+
+
+# ----------------------------------------------------------------------------
+# The canary audit's attack
+
+
+def test_lira_reports_chance_on_two_samples_of_one_distribution():
+  rng = np.random.default_rng(0)
+  design = canary_audit.balanced_design(16, 60, rng)
+  scores = rng.normal(0, 1, design.shape)                      # IN and OUT alike
+  result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=50, seed=0)['x']
+  for attack in ('lira', 'threshold'):
+    # jax_privacy's AUC allows randomising between thresholds: chance is its floor, 0.5.
+    assert result[attack]['auc']['value'] < 0.56 and result[attack]['auc']['ci95'][0] <= 0.5
+    assert result[attack]['tpr_at_0.01_fpr']['value'] < 0.06
+
+
+def test_lira_finds_a_canary_a_tiny_model_memorises():
+  """Logistic regressions on digits pixels, each trained to fit its training set (many
+  epochs, no regularisation); the mislabeled canaries a run holds get their planted label."""
+  from bnsynth_jax.sources import _digits_arrays
+  images, labels, split = _digits_arrays()
+  x = images[split['train']][:300].reshape(300, -1).astype(np.float32) / 255.0
+  y = labels[split['train']][:300]
+  rng = np.random.default_rng(0)
+  k, m = 20, 8
+  canaries = x[:k]
+  planted = (y[:k] + 1 + rng.integers(0, 9, k)) % 10
+  base_x, base_y = x[k:], y[k:]
+  design = canary_audit.balanced_design(m, k, rng)
+
+  @jax.jit
+  def fit(xs, ys):
+    def loss(w):
+      logits = xs @ w[:-1] + w[-1]
+      return -jnp.mean(jnp.sum(jax.nn.one_hot(ys, 10) * jax.nn.log_softmax(logits), -1))
+    w = jnp.zeros((65, 10))
+    for _ in range(300):
+      w = w - 2.0 * jax.grad(loss)(w)
+    return w
+
+  scores = np.zeros((m, k))
+  for r in range(m):
+    xs = np.concatenate([base_x, canaries[design[r]]])
+    ys = np.concatenate([base_y, planted[design[r]]])
+    w = np.asarray(fit(jnp.asarray(xs), jnp.asarray(ys)))
+    scores[r] = canary_audit.logit_margins(canaries @ w[:-1] + w[-1], planted)
+  result = canary_audit.evaluate_attacks({'lr': scores}, design, bootstrap=0, seed=0)['lr']
+  assert result['lira']['auc']['value'] > 0.9
+  assert result['lira']['tpr_at_0.01_fpr']['value'] > 0.3
+
+
+def test_canaries_and_design():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (100, 4, 4, 1), dtype=np.uint8)
+  labels = rng.integers(0, 5, 100).astype(np.int32)
+  canaries, keep = canary_audit.choose_canaries(images, labels, 5, 10, 'mislabeled', rng)
+  assert np.all(canaries.labels != canaries.true_labels) and keep.sum() == 90
+  assert np.array_equal(images[canaries.source_index], canaries.images)
+  design = canary_audit.balanced_design(6, 10, rng)
+  assert np.all(design.sum(0) == 3)
+  with pytest.raises(UserError, match='even'):
+    canary_audit.balanced_design(5, 10, rng)
+  assert canary_audit.parse_ids('0-2,5', 8) == [0, 1, 2, 5]
+  with pytest.raises(UserError, match='there are 8'):
+    canary_audit.parse_ids('7-9', 8)
+
+
+# ----------------------------------------------------------------------------
+# The GroupNorm teacher
+
+
+def test_a_groupnorm_model_treats_each_example_on_its_own():
+  """What makes per-example gradients meaningful: in training mode, changing one example
+  changes no other example's output (BatchNorm would)."""
+  model = models.create_model('resnet_tiny', 3, norm='group')
+  variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
+  assert variables['batch_stats'] == {}
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  y = x.at[2].set(10.0)
+  a = np.asarray(model.apply({'params': variables['params']}, x, train=True))
+  b = np.asarray(model.apply({'params': variables['params']}, y, train=True))
+  np.testing.assert_allclose(a[[0, 1, 3]], b[[0, 1, 3]], rtol=1e-5, atol=1e-6)
+  _, captured = models.capture_bn_inputs(model, variables, x)
+  assert len(captured) == 9 and all(p[-1] == 'norm' for p in captured)   # every GroupNorm
+
+
+def test_dp_statistics_without_clipping_or_noise_are_the_exact_classwise_moments():
+  from bnsynth_jax import input_pipeline, stats
+  model = models.create_model('resnet_tiny', 3, norm='group')
+  variables = models.init_variables(model, jax.random.key(0), (8, 8, 3))
+  rng = np.random.RandomState(0)
+  n = 45
+  images = rng.randint(0, 256, (n, 8, 8, 3)).astype(np.uint8)
+  labels = (np.arange(n) % 3).astype(np.int32)
+  parts = [input_pipeline.Partition(0, images, labels)]
+  exact, counts = stats.classwise_statistics(model, variables, parts, n, 1, 3, [0.5] * 3,
+                                             [0.5] * 3, batch_size=16)
+  got, noised_counts, applied = stats.dp_classwise_statistics(
+      model, variables, parts, n, 1, 3, [0.5] * 3, [0.5] * 3, 16, clip_norm=1e6,
+      noise_multiplier=0.0, seed=0)
+  np.testing.assert_allclose(noised_counts, counts)
+  assert applied['sensitivity'] == 2e6
+  scales = privacy.public_scales(model, variables, (8, 8, 3))
+  for name in exact['mean']:
+    np.testing.assert_allclose(got['mean'][name], exact['mean'][name], rtol=1e-4, atol=1e-5)
+    floor = privacy.VAR_FLOOR * scales[name] ** 2       # the floor a noised variance gets
+    np.testing.assert_allclose(got['var'][name], np.maximum(exact['var'][name], floor),
+                               rtol=2e-3, atol=1e-4)
