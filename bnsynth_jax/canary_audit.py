@@ -108,6 +108,9 @@ def attack_measures(in_scores, out_scores, bootstrap: int, seed: int) -> dict:
     result[f'tpr_at_{fpr:g}_fpr'] = with_interval(
         auditor.tpr_at_given_fpr(fpr),
         lambda p, fpr=fpr: auditor.tpr_at_given_fpr(fpr, bootstrap_params=p))
+  # A statistically valid lower bound on epsilon (Clopper-Pearson, 95%, Bonferroni over
+  # thresholds): a DP run's must stay below its guarantee.
+  result['epsilon_lower_bound_95'] = float(auditor.epsilon_clopper_pearson(0.05, delta=1e-5))
   result['num_in'], result['num_out'] = int(np.size(in_scores)), int(np.size(out_scores))
   return result
 
@@ -387,16 +390,21 @@ def markdown(summary: dict) -> str:
       f"# Canary audit: {s['canaries']} {s['kind']} canaries, {s['shadows']} shadow pipelines",
       '',
       f"- base train images: {summary['base_train_images']}; each canary IN half of the runs",
-      f"- privacy: {'(epsilon %.3g, delta %g), %s' % (p['epsilon'], p['delta'], p['accountant']) if p else 'none (not differentially private)'}",
+      '- privacy: ' + (f"(epsilon {p['epsilon']:.3g}, delta {p['delta']:g}), {p['accountant']}"
+                       if p else 'none (not differentially private)'),
       f"- test accuracy over the runs: teacher {100 * acc['teacher']['mean']:.2f}% "
       f"(sd {100 * acc['teacher']['std']:.2f}), synthetic-trained student "
       f"{100 * acc['student']['mean']:.2f}% (sd {100 * acc['student']['std']:.2f})",
-      '', '| target | attack | AUC | TPR at 1% FPR | TPR at 0.1% FPR |', '|---|---|---|---|---|']
+      '', '| target | attack | AUC | TPR at 1% FPR | TPR at 0.1% FPR | epsilon lower bound |',
+      '|---|---|---|---|---|---|']
   for target, attacks in summary['attacks'].items():
     for attack, m in attacks.items():
       lines.append(f"| {summary['targets'][target]} | {attack} | {_fmt(m['auc'])} | "
-                   f"{_fmt(m['tpr_at_0.01_fpr'])} | {_fmt(m['tpr_at_0.001_fpr'])} |")
-  lines += ['', 'Chance is AUC 50% and TPR equal to the FPR. Intervals: bootstrap 95% over the '
+                   f"{_fmt(m['tpr_at_0.01_fpr'])} | {_fmt(m['tpr_at_0.001_fpr'])} | "
+                   f"{m['epsilon_lower_bound_95']:.2f} |")
+  lines += ['', 'Chance is AUC 50% and TPR equal to the FPR. The epsilon lower bound holds with 95% '
+            'confidence (Clopper-Pearson, delta 1e-5): a DP run must stay below its epsilon. '
+            'Intervals: bootstrap 95% over the '
             f"{summary['attacks']['student']['lira']['num_in']} IN and "
             f"{summary['attacks']['student']['lira']['num_out']} OUT (run, canary) pairs.",
             '', f"Command: `{summary['command']}`", '']

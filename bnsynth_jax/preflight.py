@@ -234,8 +234,18 @@ def _derive(config, workdir, facts: Facts, data, problems, pending) -> list[str]
 
 def _derive_privacy(config, workdir, facts: Facts, problems, pending) -> list[str]:
   """DP mode: public normalisation constants, and the noise multipliers calibrated to the
-  budget (a plan over budget is a problem, before any training)."""
-  if not privacy.enabled(config) or 'teacher' not in pending or not facts.train_size:
+  budget (a plan over budget is a problem, before any training). A workdir whose teacher
+  recorded them keeps them (a resumed run's later stages must see the same config)."""
+  if not privacy.enabled(config):
+    return []
+  keys = ('data.mean', 'data.std', 'privacy.teacher_noise_multiplier',
+          'privacy.stats_noise_multiplier')
+  for key in keys:
+    section, field = key.split('.')
+    stored = _stored(workdir, 'teacher', key) if workdir else None
+    if stored and not config[section][field]:
+      config[section][field] = tuple(stored) if isinstance(stored, list) else stored
+  if 'teacher' not in pending or not facts.train_size or not config.teacher.batch_size:
     return []
   notes = []
   if not (config.data.mean or config.data.std) and facts.image_shape:
@@ -244,12 +254,6 @@ def _derive_privacy(config, workdir, facts: Facts, problems, pending) -> list[st
     config.data.std = (privacy.PUBLIC_STD,) * c
     notes.append(f'derived data.mean={config.data.mean}, data.std={config.data.std} (DP mode: '
                  'public constants, not statistics of the private images)')
-  for key in ('teacher_noise_multiplier', 'stats_noise_multiplier'):
-    stored = _stored(workdir, 'teacher', f'privacy.{key}') if workdir else None
-    if stored and not config.privacy[key]:
-      config.privacy[key] = stored
-  if not config.teacher.batch_size:
-    return notes
   try:
     record = privacy.plan(config, facts.train_size, facts.partitions)
   except UserError as e:
@@ -261,7 +265,8 @@ def _derive_privacy(config, workdir, facts: Facts, problems, pending) -> list[st
       notes.append(f'derived privacy.{key}={config.privacy[key]:.4g} (calibrated)')
   notes.append(f'privacy: (epsilon {record["epsilon"]:.4g}, delta {record["delta"]:g}) for the '
                f'teacher (alone {record["teacher"]["epsilon_alone"]:.4g}) and the statistics '
-               f'(alone {record["stats"]["epsilon_alone"]:.4g}), composed by {record["accountant"]}')
+               f'(alone {record["stats"]["epsilon_alone"]:.4g}), composed by '
+               f'{record["accountant"]}')
   return notes
 
 

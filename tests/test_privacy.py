@@ -137,27 +137,41 @@ def dp_recipe():
                                  momentum=0.0, nesterov=False, weight_decay=0.0)
 
 
-def test_the_dp_step_clips_each_example():
+def _dp_step_on(devices, clip, noise_multiplier):
+  from bnsynth_jax import parallel
   model = models.create_model('resnet_tiny', 3, norm='group')
-  cfg, clip = dp_recipe(), 1e-3
+  cfg = dp_recipe()
   rng = np.random.default_rng(0)
   batch = {'images': rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8),
            'labels': rng.integers(0, 3, 8).astype(np.int32)}
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  dp = {'clip_norm': clip, 'noise_multiplier': 0.0, 'augmult': 2,
+  mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+  dp = {'clip_norm': clip, 'noise_multiplier': noise_multiplier, 'augmult': 2,
         'noise_key': jax.random.PRNGKey(0)}
   state = train.create_train_state(jax.random.key(0), model, (8, 8, 3),
                                    train.dp_optimizer(cfg, optax.constant_schedule(1.0), dp),
                                    mesh)
-  new, metrics = jax.jit(lambda s, b: train.dp_train_step(
+  step = jax.jit(lambda s, b: train.dp_train_step(
       s, b, 0, base_key=jax.random.key(1), cfg=cfg, mean=(0.5,), std=(0.5,), num_classes=3,
-      clip_norm=clip, augmult=2))(state, batch)
-  delta = jax.tree.map(lambda a, b: a - b, new.params, state.params)
-  norm = float(jnp.sqrt(sum(jnp.sum(d ** 2) for d in jax.tree.leaves(delta))))
+      clip_norm=clip, augmult=2),
+      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
+  new, metrics = step(state, parallel.to_global(mesh, batch))
+  return jax.tree.map(lambda a, b: np.asarray(a - b), new.params, state.params), metrics
+
+
+def test_the_dp_step_clips_each_example_and_8_devices_match_1():
+  clip = 1e-3
+  delta, metrics = _dp_step_on(jax.devices()[:1], clip, 0.0)
+  norm = float(np.sqrt(sum(np.sum(d ** 2) for d in jax.tree.leaves(delta))))
   # Without noise the update is lr x the mean of 8 gradients clipped to 1e-3 (unclipped
   # gradients of a fresh network are far larger than that).
   assert clip / 8 < norm <= clip * (1 + 1e-4)
   assert np.isfinite(float(metrics['loss']))
+  # The batch sharded over 8 devices: the same clipped sum (the noise comes from the
+  # replicated optimizer state, the same on every device).
+  eight, _ = _dp_step_on(jax.devices(), clip, 0.0)
+  for a, b in zip(jax.tree.leaves(delta), jax.tree.leaves(eight)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-8)
 
 
 def test_the_dp_optimizer_adds_noise_of_the_calibrated_scale():
@@ -187,15 +201,18 @@ def test_sampled_batches_are_fixed_size_uniform_and_reproducible():
 
 
 def test_dp_pipeline_records_epsilon_in_every_artifact_and_the_report(tmp_path):
+  """Teacher first, the rest in a second run: the resumed run keeps the calibrated noise and
+  the public normalisation the teacher recorded."""
   workdir = tmp_path / 'w'
-  result = run_main(
-      '--config=configs/digits.py', f'--workdir={workdir}', '--stages=teacher,stats,'
-      'synthesize,student', '--config.model.norm=group', '--config.privacy.epsilon=8',
-      '--config.privacy.noise_seed=3', '--config.teacher.num_steps=10',
-      '--config.teacher.batch_size=128', '--config.synthesis.images_per_class=8',
-      '--config.synthesis.batch_size=40', '--config.synthesis.iterations=5',
-      '--config.synthesis.view_epochs=2', '--config.student.epochs=2',
-      '--config.student.batch_size=16')
+  args = ['--config=configs/digits.py', f'--workdir={workdir}', '--config.model.norm=group',
+          '--config.privacy.epsilon=8', '--config.privacy.noise_seed=3',
+          '--config.teacher.num_steps=10', '--config.teacher.batch_size=128',
+          '--config.synthesis.images_per_class=8', '--config.synthesis.batch_size=40',
+          '--config.synthesis.iterations=5', '--config.synthesis.view_epochs=2',
+          '--config.student.epochs=2', '--config.student.batch_size=16']
+  first = run_main(*args, '--stages=teacher')
+  assert first.returncode == 0, first.stderr[-3000:]
+  result = run_main(*args, '--stages=teacher,stats,synthesize,student')
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((workdir / 'report.json').read_text())
   p = report['privacy']
@@ -319,3 +336,32 @@ def test_dp_statistics_without_clipping_or_noise_are_the_exact_classwise_moments
     floor = privacy.VAR_FLOOR * scales[name] ** 2       # the floor a noised variance gets
     np.testing.assert_allclose(got['var'][name], np.maximum(exact['var'][name], floor),
                                rtol=2e-3, atol=1e-4)
+
+
+def test_canary_audit_command_end_to_end_and_resumes(tmp_path):
+  """4 shadow pipelines of a few steps each: folders, scores, report; a second call only
+  rescores (every run kept its scores)."""
+  import subprocess
+  import sys
+  from conftest import REPO
+  args = [sys.executable, '-m', 'bnsynth_jax.canary', '--config=configs/digits.py',
+          f'--workdir={tmp_path / "audit"}', '--canaries=4', '--shadows=4', '--bootstrap=10',
+          '--train_subset=200', '--config.teacher.num_steps=4',
+          '--config.synthesis.images_per_class=4', '--config.synthesis.batch_size=40',
+          '--config.synthesis.iterations=2', '--config.synthesis.view_epochs=1',
+          '--config.student.epochs=1', '--config.student.batch_size=8']
+  first = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert 'TPR at 0.1% FPR' in first.stdout
+  summary = json.loads((tmp_path / 'audit' / 'canary_audit.json').read_text())
+  assert summary['base_train_images'] == 200
+  assert set(summary['attacks']) == set(canary_audit.TARGETS)
+  for m in range(4):       # each run holds the base set and exactly its 2 IN canaries
+    files = list((tmp_path / 'audit' / f'shadow_{m}' / 'data' / 'train').glob('*/*.png'))
+    assert len(files) == 202
+  assert (tmp_path / 'audit' / 'canary_roc.png').stat().st_size > 0
+  again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0 and 'shadow run' not in again.stderr
+  changed = subprocess.run(args[:-1] + ['--canaries=6'], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+  assert changed.returncode == 2 and 'other settings' in changed.stderr
