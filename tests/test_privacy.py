@@ -239,8 +239,10 @@ def test_lira_reports_chance_on_two_samples_of_one_distribution():
   scores = rng.normal(0, 1, design.shape)                      # IN and OUT alike
   result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=50, seed=0)['x']
   for attack in ('lira', 'threshold'):
-    # jax_privacy's AUC allows randomising between thresholds: chance is its floor, 0.5.
-    assert result[attack]['auc']['value'] < 0.56 and result[attack]['auc']['ci95'][0] <= 0.5
+    # jax_privacy's AUC allows randomising between thresholds: chance is its floor, 0.5 (and
+    # the best of many thresholds sits a little above it on a finite sample).
+    assert result[attack]['auc']['value'] < 0.56
+    assert result[attack]['epsilon_lower_bound_95'] == 0.0    # no significant leak
     assert result[attack]['tpr_at_0.01_fpr']['value'] < 0.06
 
 
@@ -347,6 +349,7 @@ def test_canary_audit_command_end_to_end_and_resumes(tmp_path):
   args = [sys.executable, '-m', 'bnsynth_jax.canary', '--config=configs/digits.py',
           f'--workdir={tmp_path / "audit"}', '--canaries=4', '--shadows=4', '--bootstrap=10',
           '--train_subset=200', '--config.teacher.num_steps=4',
+          '--config.model.name=resnet_tiny', '--config.student.model.name=resnet_tiny',
           '--config.synthesis.images_per_class=4', '--config.synthesis.batch_size=40',
           '--config.synthesis.iterations=2', '--config.synthesis.view_epochs=1',
           '--config.student.epochs=1', '--config.student.batch_size=8']
@@ -356,9 +359,11 @@ def test_canary_audit_command_end_to_end_and_resumes(tmp_path):
   summary = json.loads((tmp_path / 'audit' / 'canary_audit.json').read_text())
   assert summary['base_train_images'] == 200
   assert set(summary['attacks']) == set(canary_audit.TARGETS)
-  for m in range(4):       # each run holds the base set and exactly its 2 IN canaries
+  design = np.load(tmp_path / 'audit' / 'canaries.npz')['design']
+  assert np.all(design.sum(0) == 2)              # each canary IN exactly half of the runs
+  for m in range(4):                             # each run: the base set and its IN canaries
     files = list((tmp_path / 'audit' / f'shadow_{m}' / 'data' / 'train').glob('*/*.png'))
-    assert len(files) == 202
+    assert len(files) == 200 + design[m].sum()
   assert (tmp_path / 'audit' / 'canary_roc.png').stat().st_size > 0
   again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0 and 'shadow run' not in again.stderr
