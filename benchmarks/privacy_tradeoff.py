@@ -78,11 +78,13 @@ def _plot(points: list[dict], path: str, dataset: str) -> None:
   left.plot(xs, [100 * q['student'] for q in points], 's-', label='synthetic-trained student')
   left.set(xscale='log', xlabel='epsilon (delta 1e-5)', ylabel='test accuracy (%)',
            title=f'{dataset}: utility')
-  right.plot(xs, [100 * q['tpr_student'] for q in points], 's-', label='student')
-  right.plot(xs, [100 * q['tpr_synthetic'] for q in points], 'd-', label='synthetic images')
-  right.plot(xs, [100 * q['tpr_teacher'] for q in points], 'o-', label='teacher')
+  floor = 0.05      # percent: a log axis, zero drawn at its bottom
+  for key, marker, label in (('tpr_student', 's-', 'student'),
+                             ('tpr_synthetic', 'd-', 'synthetic images'),
+                             ('tpr_teacher', 'o-', 'teacher')):
+    right.plot(xs, [max(100 * q[key], floor) for q in points], marker, label=label)
   right.axhline(0.1, color='k', ls=':', label='chance (0.1%)')
-  right.set(xscale='log', yscale='symlog', xlabel='epsilon (delta 1e-5)',
+  right.set(xscale='log', yscale='log', ylim=(floor, 100), xlabel='epsilon (delta 1e-5)',
             ylabel='canary TPR at 0.1% FPR (%)', title=f'{dataset}: canary audit (LiRA)')
   for ax in (left, right):
     ax.set_xticks(xs, labels)
