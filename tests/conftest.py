@@ -14,6 +14,13 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import signal  # noqa: E402
+
+# A suite started in the background of a non-interactive shell (`cmd &`) inherits SIGINT
+# ignored, and so would every subprocess it starts: the Ctrl-C tests would then test nothing.
+# Restore Python's own handler (subprocesses then start with the default disposition).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
