@@ -75,7 +75,8 @@ def _stop(message: str, code: int) -> None:
   real = os.dup(2)
   devnull = os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, 2)
-  os.write(real, f'error: {message}\n'.encode())
+  # A leading newline: a thread may have left a partial line on the real stderr.
+  os.write(real, f'\nerror: {message}\n'.encode())
   os._exit(code)
 
 
