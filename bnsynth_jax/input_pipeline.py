@@ -127,12 +127,16 @@ class PartitionedBatches:
       self._perm_cache[key] = rng.permutation(len(part))
     return self._perm_cache[key]
 
-  def get(self, step: int) -> dict[str, np.ndarray]:
+  def indices(self, part: Partition, step: int) -> np.ndarray:
+    """The (sorted) examples of `part` in global batch `step`."""
     epoch, within = divmod(step, self.steps_per_epoch)
+    perm = self._perm(part, epoch)
+    return np.sort(perm[within * self.sub_batch:(within + 1) * self.sub_batch])
+
+  def get(self, step: int) -> dict[str, np.ndarray]:
     out: dict[str, list[np.ndarray]] = {}
     for part in self.partitions:
-      perm = self._perm(part, epoch)
-      idx = np.sort(perm[within * self.sub_batch:(within + 1) * self.sub_batch])
+      idx = self.indices(part, step)
       fields = {'images': part.images, 'labels': part.labels, **part.extras}
       for name, arr in fields.items():
         out.setdefault(name, []).append(arr[idx])

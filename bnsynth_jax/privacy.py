@@ -241,15 +241,9 @@ class SampledBatches(PartitionedBatches):
   without replacement, independently of every other step (not an epoch permutation,
   whose accounting differs). Deterministic in (seed, step), so resume is exact."""
 
-  def get(self, step: int) -> dict[str, np.ndarray]:
-    out: dict[str, list[np.ndarray]] = {}
-    for part in self.partitions:
-      rng = np.random.default_rng([self.seed, step, part.index])
-      idx = np.sort(rng.choice(len(part), self.sub_batch, replace=False))
-      fields = {'images': part.images, 'labels': part.labels, **part.extras}
-      for name, arr in fields.items():
-        out.setdefault(name, []).append(arr[idx])
-    return {k: np.concatenate(v) for k, v in out.items()}
+  def indices(self, part, step: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, step, part.index])
+    return np.sort(rng.choice(len(part), self.sub_batch, replace=False))
 
 
 # ----------------------------------------------------------------------------

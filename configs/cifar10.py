@@ -43,7 +43,7 @@ def get_config(variant: str = 'gpu'):
     st.batch_size = 256
     st.epochs = 200
     st.learning_rate = 0.2
-  elif variant == 'cpu':
+  elif variant in ('cpu', 'cpu_audit'):
     c.data.source = 'imagefolder'
     c.data.root = '~/.cache/bnsynth/cifar10'
     c.model.name = 'resnet20'
@@ -59,27 +59,15 @@ def get_config(variant: str = 'gpu'):
     st.batch_size = 128
     st.epochs = 100
     st.checkpoint_every_steps = 300
-  elif variant == 'cpu_audit':
-    # The canary audit's shadow pipeline at a scale this CPU can repeat 16+ times (about 10
-    # minutes each): with --train_subset=5000, a 15-epoch ResNet-20 teacher, 200 synthetic
-    # images at 200 iterations, a 100-epoch per-view student.
-    #   python -m bnsynth_jax.canary --config=configs/cifar10.py:cpu_audit --train_subset=5000 \
-    #       --canaries=50 --shadows=16 --workdir=DIR
-    c.data.source = 'imagefolder'
-    c.data.root = '~/.cache/bnsynth/cifar10'
-    c.model.name = 'resnet20'
-    c.teacher.batch_size = 128
-    c.teacher.epochs = 15
-    c.teacher.learning_rate = 0.1
-    c.teacher.eval_every_epochs = 5
-    c.teacher.checkpoint_every_steps = 200
-    s.images_per_class = 20       # 200 images
-    s.batch_size = 200
-    s.iterations = 200
-    st.model.name = 'resnet20'
-    st.batch_size = 100
-    st.epochs = 100
-    st.checkpoint_every_steps = 300
+    if variant == 'cpu_audit':
+      # The canary audit's shadow pipeline at a scale this CPU can repeat 16+ times: with
+      # --train_subset=5000, a 15-epoch teacher, 200 synthetic images at 200 iterations.
+      #   python -m bnsynth_jax.canary --config=configs/cifar10.py:cpu_audit \
+      #       --train_subset=5000 --canaries=50 --shadows=16 --workdir=DIR
+      c.teacher.epochs = 15
+      s.images_per_class = 20
+      s.iterations = 200
+      st.batch_size = 100
   else:
     raise ValueError(f'unknown cifar10 config variant {variant!r}: use gpu, cpu or cpu_audit')
   # Common to both: class-wise statistics, DeepInversion's CIFAR settings, teacher soft
