@@ -39,9 +39,9 @@ PEAKS = {
     'TPU v4': (275.0, 275.0), 'TPU v5 lite': (197.0, 197.0), 'TPU v5': (459.0, 459.0),
 }
 IMAGE_SIZE = {'resnet20': 32, 'resnet32': 32, 'resnet56': 32, 'resnet18': 32, 'resnet50': 224}
-# One stem table for the JAX model and its PyTorch twin: ResNet-50 runs at 224x224 with the
-# ImageNet stem (7x7/2 conv + max-pool), the CIFAR models with the 3x3 CIFAR stem.
-STEM = {'resnet50': 'imagenet'}
+# One stem table for the JAX model and its PyTorch twin (torch_models.STEM): ResNet-50 runs
+# at 224x224 with the ImageNet stem (7x7/2 conv + max-pool), the CIFAR models with 3x3.
+from torch_models import STEM, torch_resnet  # noqa: E402  (torch is imported only when called)
 
 
 def time_interleaved(run_ones, warmup: int, steps: int, repeats: int) -> list[list[float]]:
@@ -173,69 +173,6 @@ def jax_train(model_name, batch, dtype, image_size):
 
 # ----------------------------------------------------------------------------
 # PyTorch eager (optional dependency)
-
-
-def torch_resnet(model_name: str, num_classes: int = 10):
-  """The same architectures as bnsynth_jax.models, in PyTorch (NCHW)."""
-  import torch.nn as tnn
-
-  class Basic(tnn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn1 = tnn.BatchNorm2d(cout)
-      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.bn2 = tnn.BatchNorm2d(cout)
-      self.proj = None
-      if stride != 1 or cin != cout:
-        self.proj = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   tnn.BatchNorm2d(cout))
-
-    def forward(self, x):
-      y = self.bn2(self.conv2(tnn.functional.relu(self.bn1(self.conv1(x)))))
-      return tnn.functional.relu(y + (self.proj(x) if self.proj is not None else x))
-
-  class Bottleneck(tnn.Module):
-    def __init__(self, cin, width, stride):
-      super().__init__()
-      cout = width * 4
-      self.c1, self.b1 = tnn.Conv2d(cin, width, 1, bias=False), tnn.BatchNorm2d(width)
-      self.c2 = tnn.Conv2d(width, width, 3, stride, 1, bias=False)
-      self.b2 = tnn.BatchNorm2d(width)
-      self.c3, self.b3 = tnn.Conv2d(width, cout, 1, bias=False), tnn.BatchNorm2d(cout)
-      self.proj = None
-      if stride != 1 or cin != cout:
-        self.proj = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   tnn.BatchNorm2d(cout))
-
-    def forward(self, x):
-      r = tnn.functional.relu
-      y = self.b3(self.c3(r(self.b2(self.c2(r(self.b1(self.c1(x))))))))
-      return r(y + (self.proj(x) if self.proj is not None else x))
-
-  if model_name.startswith('resnet') and model_name[6:].isdigit() and int(model_name[6:]) % 6 == 2:
-    n = (int(model_name[6:]) - 2) // 6
-    stages, widths, block, stem_w = [n] * 3, [16, 32, 64], Basic, 16
-  elif model_name == 'resnet18':
-    stages, widths, block, stem_w = [2, 2, 2, 2], [64, 128, 256, 512], Basic, 64
-  elif model_name == 'resnet50':
-    stages, widths, block, stem_w = [3, 4, 6, 3], [64, 128, 256, 512], Bottleneck, 64
-  else:
-    raise SystemExit(f'no PyTorch twin for {model_name}')
-  stem = STEM.get(model_name, 'cifar')
-  layers = []
-  if stem == 'cifar':
-    layers += [tnn.Conv2d(3, stem_w, 3, 1, 1, bias=False), tnn.BatchNorm2d(stem_w), tnn.ReLU()]
-  else:
-    layers += [tnn.Conv2d(3, stem_w, 7, 2, 3, bias=False), tnn.BatchNorm2d(stem_w), tnn.ReLU(),
-               tnn.MaxPool2d(3, 2, 1)]
-  cin = stem_w
-  for i, (nb, w) in enumerate(zip(stages, widths)):
-    for j in range(nb):
-      layers.append(block(cin, w, 2 if i > 0 and j == 0 else 1))
-      cin = w * (4 if block is Bottleneck else 1)
-  layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, num_classes)]
-  return tnn.Sequential(*layers)
 
 
 def torch_synthesis(model_name, batch, dtype, image_size):

@@ -28,24 +28,50 @@ def standardise(x01: jax.Array, mean, std) -> jax.Array:
   return (x01 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def crop_flip_one(key: jax.Array, img: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
-  """torchvision RandomCrop(padding=p, zero fill) + RandomHorizontalFlip of one [0,1] image."""
-  h, w, c = img.shape
+def view_params_one(key: jax.Array, crop_padding: int, flip: bool):
+  """The random part of one crop + flip: (offset [2] int32, the crop's top-left corner in
+  the zero-padded image, each in [0, 2p]; flip bool). Zero offset = p means no shift."""
   crop_key, flip_key = jax.random.split(key)
   if crop_padding:
+    offset = jax.random.randint(crop_key, (2,), 0, 2 * crop_padding + 1)
+  else:
+    offset = jnp.zeros((2,), jnp.int32)
+  do_flip = jax.random.bernoulli(flip_key) if flip else jnp.zeros((), bool)
+  return offset.astype(jnp.int32), do_flip
+
+
+def apply_view_one(img: jax.Array, offset: jax.Array, do_flip: jax.Array,
+                   crop_padding: int) -> jax.Array:
+  """Pads one [H, W, C] image by `crop_padding` zeros, takes the H x W window at `offset`,
+  then mirrors it left-right if `do_flip`. bnsynth_jax.views_np.apply_view is the NumPy
+  reference of this function (equal bit for bit)."""
+  h, w, c = img.shape
+  if crop_padding:
     p = crop_padding
-    offset = jax.random.randint(crop_key, (2,), 0, 2 * p + 1)
     img = jax.lax.dynamic_slice(jnp.pad(img, ((p, p), (p, p), (0, 0))),
                                 (offset[0], offset[1], 0), (h, w, c))
-  if flip:
-    img = jnp.where(jax.random.bernoulli(flip_key), img[:, ::-1, :], img)
-  return img
+  return jnp.where(do_flip, img[:, ::-1, :], img)
+
+
+def crop_flip_one(key: jax.Array, img: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
+  """torchvision RandomCrop(padding=p, zero fill) + RandomHorizontalFlip of one [0,1] image."""
+  offset, do_flip = view_params_one(key, crop_padding, flip)
+  return apply_view_one(img, offset, do_flip, crop_padding)
 
 
 def random_crop_flip(rng: jax.Array, x: jax.Array, crop_padding: int, flip: bool) -> jax.Array:
   """Crop + flip of a batch, an independent key per example."""
   keys = jax.random.split(rng, x.shape[0])
   return jax.vmap(lambda k, img: crop_flip_one(k, img, crop_padding, flip))(keys, x)
+
+
+def view_params(view_key: jax.Array, epoch, indices: jax.Array, crop_padding: int,
+                flip: bool):
+  """(offsets [B, 2] int32, flips [B] bool) of the views of examples `indices` in `epoch`:
+  a pure function of (view_key, epoch, index). The portable export writes them out."""
+  epoch_key = jax.random.fold_in(view_key, epoch)
+  keys = jax.vmap(lambda i: jax.random.fold_in(epoch_key, i))(indices)
+  return jax.vmap(lambda k: view_params_one(k, crop_padding, flip))(keys)
 
 
 def view_crop_flip(view_key: jax.Array, epoch, indices: jax.Array, x: jax.Array,
@@ -55,9 +81,8 @@ def view_crop_flip(view_key: jax.Array, epoch, indices: jax.Array, x: jax.Array,
   The synthesis stage labels these exact views with the teacher (per-view soft labels);
   the student replays them, so the teacher itself never has to be released.
   """
-  epoch_key = jax.random.fold_in(view_key, epoch)
-  keys = jax.vmap(lambda i: jax.random.fold_in(epoch_key, i))(indices)
-  return jax.vmap(lambda k, img: crop_flip_one(k, img, crop_padding, flip))(keys, x)
+  offsets, flips = view_params(view_key, epoch, indices, crop_padding, flip)
+  return jax.vmap(lambda img, o, f: apply_view_one(img, o, f, crop_padding))(x, offsets, flips)
 
 
 def mix(rng: jax.Array, x: jax.Array, targets: jax.Array, mixup_alpha: float,

@@ -18,7 +18,10 @@ Timings live apart (timings.json, report.json) so that the dataset itself is
 byte-identical however often the run was interrupted.
 
 Command line: python -m bnsynth_jax.synthetic_data --synthetic_dir=W/synthetic \
-                  --export_to=OUT   (lossless PNG folder OUT/train/<class>/NNNNNN.png)
+                  --export_to=OUT
+  the portable release: lossless PNG folder OUT/train/<class>/NNNNNN.png, OUT/views.npz
+  (per image and student epoch: crop offsets, flip bit, soft label) and OUT/release.json;
+  bnsynth_jax.views_np (NumPy only) documents them and replays the views in any framework.
 """
 
 from __future__ import annotations
@@ -145,13 +148,79 @@ def as_tf_dataset(directory):
       {k: getattr(ds, k) for k in ('images', 'labels', 'soft_labels')})
 
 
-def export_image_folder(directory, out_root, split: str = 'train') -> int:
-  """Writes OUT_ROOT/<split>/<class>/NNNNNN.png (lossless); returns the image count.
+def view_parameters(ds: SyntheticDataset) -> tuple[np.ndarray, np.ndarray]:
+  """(crop_offsets int32 [N, E, 2], flips bool [N, E]) of the views the teacher labelled:
+  augment.view_params for every image and student epoch (E = 0 without per-view labels)."""
+  views = ds.manifest.get('views')
+  n = len(ds)
+  if not views or ds.view_soft_labels is None:
+    return np.zeros((n, 0, 2), np.int32), np.zeros((n, 0), bool)
+  import jax
+  from bnsynth_jax import augment
+  key, indices = jax.random.key(views['seed']), np.arange(n, dtype=np.int32)
+  offsets, flips = [], []
+  for e in range(int(views['epochs'])):
+    o, f = augment.view_params(key, np.int32(e), indices, int(views['crop_padding']),
+                               bool(views['flip']))
+    offsets.append(np.asarray(o, np.int32))
+    flips.append(np.asarray(f, bool))
+  return np.stack(offsets, axis=1), np.stack(flips, axis=1)
 
-  The folder is built under a temporary name and renamed into place, so an
-  interrupted export leaves nothing half-written. tfds.ImageFolder reads it.
+
+def release_views(ds: SyntheticDataset, files: list[str]) -> dict[str, np.ndarray]:
+  """The arrays of OUT/views.npz (documented in bnsynth_jax.views_np)."""
+  views = ds.manifest.get('views') or {}
+  offsets, flips = view_parameters(ds)
+  k = int(ds.manifest['num_classes'])
+  view_labels = (ds.view_soft_labels.astype(np.float16) if offsets.shape[1]
+                 else np.zeros((len(ds), 0, k), np.float16))
+  return {'files': np.asarray(files, dtype=str), 'labels': ds.labels.astype(np.int32),
+          'soft_labels': ds.soft_labels.astype(np.float32), 'crop_offsets': offsets,
+          'flips': flips, 'view_soft_labels': view_labels,
+          'crop_padding': np.int32(views.get('crop_padding', 0)),
+          'temperature': np.float32(ds.manifest['soft_label_temperature']),
+          'epochs': np.int32(offsets.shape[1]),
+          'class_names': np.asarray(ds.class_names, dtype=str)}
+
+
+def release_info(ds: SyntheticDataset) -> dict[str, Any]:
+  """OUT/release.json: what a consumer in any framework needs besides the arrays."""
+  from bnsynth_jax import views_np
+  m = ds.manifest
+  views = m.get('views') or {}
+  return {
+      'format': views_np.RELEASE_FORMAT, 'num_images': len(ds), 'num_classes': m['num_classes'],
+      'class_names': ds.class_names, 'image_shape': m['image_shape'],
+      'mean': m['mean'], 'std': m['std'],
+      'soft_label_temperature': m['soft_label_temperature'],
+      'views': ({'epochs': views['epochs'], 'crop_padding': views['crop_padding'],
+                 'flip': views['flip']} if views else None),
+      'recipe': ('per-view labels: in epoch e (mod views.epochs) show image i as '
+                 'views_np.apply_view(image_i, crop_offsets[i, e], flips[i, e], crop_padding), '
+                 'normalised by (x / 255 - mean) / std, with target view_soft_labels[i, e] and '
+                 'loss T^2 * cross_entropy(target, softmax(logits / T)), T = '
+                 'soft_label_temperature; hard labels: labels'),
+      'views_file': views_np.VIEWS_FILE,
+      'fields': {'files': 'str [N]', 'labels': 'int32 [N]', 'soft_labels': 'float32 [N, K]',
+                 'crop_offsets': 'int32 [N, E, 2] (top, left) in the zero-padded image',
+                 'flips': 'bool [N, E] mirrored left-right after the crop',
+                 'view_soft_labels': 'float16 [N, E, K]'},
+      'privacy': m.get('privacy'),
+      'source': {k: m.get(k) for k in ('teacher_sha256', 'statistics_sha256') if k in m},
+  }
+
+
+def export_image_folder(directory, out_root, split: str = 'train') -> int:
+  """Writes the portable release; returns the image count:
+    OUT_ROOT/<split>/<class>/NNNNNN.png (lossless; NNNNNN = the image's index),
+    OUT_ROOT/views.npz and OUT_ROOT/release.json (bnsynth_jax.views_np documents both).
+
+  The folder is built under a temporary name and renamed into place last (views.npz and
+  release.json are written atomically before), so an interrupted export leaves nothing
+  half-written and can be run again. tfds.ImageFolder and torchvision's ImageFolder read it.
   """
   from PIL import Image
+  from bnsynth_jax import views_np
   ds = load_synthetic(directory)
   out_root = fileio.path(out_root)
   final = out_root / split
@@ -162,9 +231,14 @@ def export_image_folder(directory, out_root, split: str = 'train') -> int:
     shutil.rmtree(str(tmp))
   for name in ds.class_names:
     (tmp / name).mkdir(parents=True, exist_ok=True)
+  files = []
   for i, (image, label) in enumerate(zip(ds.images, ds.labels)):
     arr = image[..., 0] if image.shape[-1] == 1 else image
-    Image.fromarray(arr).save(str(tmp / ds.class_names[label] / f'{i:06d}.png'))
+    rel = f'{ds.class_names[label]}/{i:06d}.png'
+    Image.fromarray(arr).save(str(tmp / rel))
+    files.append(f'{split}/{rel}')
+  fileio.atomic_write_npz(out_root / views_np.VIEWS_FILE, **release_views(ds, files))
+  fileio.atomic_write_json(out_root / views_np.RELEASE_FILE, release_info(ds))
   tmp.rename(final)
   return len(ds)
 
@@ -173,14 +247,16 @@ def main(argv=None) -> int:
   import argparse
   parser = argparse.ArgumentParser(description='Export a bnsynth synthetic dataset.')
   parser.add_argument('--synthetic_dir', required=True, help='WORKDIR/synthetic')
-  parser.add_argument('--export_to', required=True, help='output root for the PNG folder')
+  parser.add_argument('--export_to', required=True,
+                      help='output root: OUT/train/<class>/*.png, OUT/views.npz, OUT/release.json')
   args = parser.parse_args(argv)
   try:
     n = export_image_folder(args.synthetic_dir, args.export_to)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  print(f'exported {n} images to {args.export_to}/train/<class>/')
+  print(f'exported {n} images to {args.export_to}/train/<class>/, with views.npz (per-view crop, '
+        'flip and soft label per image and epoch) and release.json')
   return 0
 
 
