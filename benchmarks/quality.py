@@ -63,6 +63,8 @@ VARIANTS = {
         'hard_cutmix': {'student.labels': 'hard', 'student.cutmix_alpha': 1.0},
         'hard_ce0_mixup': {'student.labels': 'hard', 'synthesis.ce_weight': 0.0,
                            'student.mixup_alpha': 0.4},
+        'hard_div1': {'student.labels': 'hard', 'synthesis.diversity_weight': 1.0},
+        'hard_div5': {'student.labels': 'hard', 'synthesis.diversity_weight': 5.0},
     },
     'cifar10_cpu': {
         'classwise_views': {'student.labels': 'views'},
@@ -76,6 +78,21 @@ VARIANTS = {
         'classwise_views_mixup': {'student.labels': 'views', 'student.mixup_alpha': 0.4},
         # No CE term during synthesis (class-wise BN matching alone; the best digits lever).
         'classwise_views_ce0': {'student.labels': 'views', 'synthesis.ce_weight': 0.0},
+        # Hard-label levers (issue 12): each against classwise_hard. ADI needs a student to
+        # compete with: --set synthesis.adi_weight=1 --set synthesis.adi_student=<a
+        # finished classwise_hard workdir>/student/synthetic.
+        'classwise_hard_rrc': {'student.labels': 'hard',
+                               'synthesis.augment': 'random_resized_crop',
+                               'synthesis.rrc_min_scale': 0.6},
+        'classwise_hard_ce0': {'student.labels': 'hard', 'synthesis.ce_weight': 0.0},
+        'classwise_hard_mixup': {'student.labels': 'hard', 'student.mixup_alpha': 0.4},
+        'classwise_hard_cutmix': {'student.labels': 'hard', 'student.cutmix_alpha': 1.0},
+        'classwise_hard_div': {'student.labels': 'hard', 'synthesis.diversity_weight': 1.0},
+        # More images at fewer iterations: 2.5x the images at 1/5 of the iterations (half
+        # the synthesis compute; the real-subset baseline is then 5,000 images too).
+        'classwise_hard_ipc500_it100': {'student.labels': 'hard',
+                                        'synthesis.images_per_class': 500,
+                                        'synthesis.iterations': 100},
     },
 }
 
@@ -190,6 +207,11 @@ def summarise(report: dict) -> dict:
       'real_subset_accuracy': g('evaluate.real_subset.test_accuracy'),
       'ratio': g('evaluate.ratio'),
       'synthesis_seconds': g('synthesis.seconds'),
+      'view_label_seconds': g('synthesis.view_label_seconds'),
+      'view_label_forward_passes': g('synthesis.view_label_forward_passes'),
+      'student_seconds': g('student.synthetic.train_seconds'),
+      'student_epochs': g('student.synthetic.epochs'),
+      'real_subset_seconds': g('evaluate.real_subset.train_seconds'),
       'audit': report.get('audit'),
   }
 

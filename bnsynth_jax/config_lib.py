@@ -112,6 +112,8 @@ def default_config() -> ml_collections.ConfigDict:
   s.adi_weight = 0.0            # adaptive competition (needs adi_student)
   s.adi_student = ''            # a model folder (teacher/student artifact format)
   s.adi_temperature = 3.0
+  s.diversity_weight = 0.0      # a_div: mean cosine similarity of the teacher's penultimate
+                                # features between images of one class in the batch (0 = off)
   s.augment = 'jitter_flip'     # jitter_flip | random_resized_crop | none
   s.jitter = 2                  # pixels
   s.flip = True

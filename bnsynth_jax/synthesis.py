@@ -8,7 +8,9 @@ Objective for a batch x (normalised input space) with target labels y:
          the images of class c in the batch, against m_lc, v_lc, averaged over the
          classes present. w_1 = first_bn_multiplier, other w_l = 1.
   L    = a_bn L_bn + a_ce CE(teacher(x~), y) + a_tv2 TV_l2(x) + a_tv1 TV_l1(x)
-         + a_l2 ||x|| [+ a_adi (1 - JS(student, teacher))]
+         + a_l2 ||x|| [+ a_adi (1 - JS(student, teacher))] [+ a_div D(x~)]
+         D = mean cosine similarity of the teacher's penultimate features over the pairs
+         of distinct images of one class in the batch (a batch-level diversity term)
 
 The BN inputs are captured inside the teacher's own Flax forward pass
 (`models.capture_bn_inputs`): the model code that trained the teacher is the code
@@ -136,6 +138,16 @@ def js_competition(teacher_logits, student_logits, temperature: float) -> jax.Ar
   return 1.0 - jnp.clip(js, 0.0, 1.0)
 
 
+def feature_similarity(features: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cosine similarity of features [N, D] over the pairs (i != j) of one class: the
+  diversity term (0 where no class has two images in the batch)."""
+  f = features * jax.lax.rsqrt(jnp.sum(jnp.square(features), -1, keepdims=True) + 1e-12)
+  same = labels[:, None] == labels[None, :]
+  pairs = same & ~jnp.eye(labels.shape[0], dtype=bool)
+  sims = jnp.where(pairs, f @ f.T, 0.0)
+  return jnp.sum(sims) / jnp.maximum(jnp.sum(pairs), 1)
+
+
 def downsample2(x):
   return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID') / 4.0
 
@@ -172,7 +184,11 @@ def make_loss_fn(problem: Problem, cfg, lowres: bool = False) -> Callable:
     x_aug = augment.augment(rng, x, cfg)
     if lowres:
       x_aug = downsample2(x_aug)
-    logits, captured = models.capture_bn_inputs(problem.model, teacher_vars, x_aug)
+    if cfg.diversity_weight:
+      (logits, features), captured = models.capture_bn_inputs(
+          problem.model, teacher_vars, x_aug, return_features=True)
+    else:
+      logits, captured = models.capture_bn_inputs(problem.model, teacher_vars, x_aug)
     logits = logits.astype(jnp.float32)
     bn, _ = bn_matching_loss(captured, targets, problem.layer_weights,
                              labels if problem.classwise else None, problem.num_classes,
@@ -183,6 +199,10 @@ def make_loss_fn(problem: Problem, cfg, lowres: bool = False) -> Callable:
     loss = (cfg.bn_weight * bn + cfg.ce_weight * ce + cfg.tv_l2_weight * tv_l2 +
             cfg.tv_l1_weight * tv_l1 + cfg.l2_weight * l2)
     terms = {'bn': bn, 'ce': ce, 'tv_l2': tv_l2, 'tv_l1': tv_l1, 'l2': l2}
+    if cfg.diversity_weight:
+      div = feature_similarity(features.astype(jnp.float32), labels)
+      loss = loss + cfg.diversity_weight * div
+      terms['diversity'] = div
     if problem.student is not None:
       student_logits = problem.student.apply(student_vars, x_aug, train=False)
       adi = js_competition(logits, student_logits.astype(jnp.float32), cfg.adi_temperature)
@@ -479,8 +499,9 @@ def _optimise_batch(run: _Run, i: int, state, labels, ckpt_dir, where: str):
   return state, start, t_loop
 
 
-def _finish_batch(run: _Run, i: int, state, labels, bn_initial) -> dict:
-  """The batch's images, per-image losses, BN losses and per-view labels, on the host."""
+def _finish_batch(run: _Run, i: int, state, labels, bn_initial) -> tuple[dict, float]:
+  """The batch's images, per-image losses, BN losses and per-view labels, on the host; and
+  the seconds the per-view labelling took (teacher forward passes, images x view epochs)."""
   cfg, batch = run.cfg, run.cfg.batch_size
   final_x = state.best_x if cfg.keep_best else state.x
   per_image, bn_final = run.finalize(final_x, labels, run.teacher_vars, run.targets)
@@ -490,6 +511,7 @@ def _finish_batch(run: _Run, i: int, state, labels, bn_initial) -> dict:
   if not (np.all(np.isfinite(host['loss'])) and np.all(np.isfinite(bn_values))):
     raise UserError(f'synthesis batch {i} ended with a non-finite loss: lower '
                     'synthesis.learning_rate; nothing of this batch was written')
+  t_label = time.perf_counter()
   if run.labeler is not None:   # per-view soft labels: [B, epochs, K], float16 to stay small
     indices = parallel.to_global(run.mesh, np.arange(i * batch, (i + 1) * batch,
                                                      dtype=np.int32)[_process_slice(batch)])
@@ -497,7 +519,8 @@ def _finish_batch(run: _Run, i: int, state, labels, bn_initial) -> dict:
                                               run.teacher_vars))
                  for e in range(cfg.view_epochs)]
     host['view_soft_labels'] = np.stack(per_epoch, axis=1).astype(np.float16)
-  return {**host, 'bn_loss_initial': bn_values[0], 'bn_loss_final': bn_values[1]}
+  label_seconds = time.perf_counter() - t_label
+  return {**host, 'bn_loss_initial': bn_values[0], 'bn_loss_final': bn_values[1]}, label_seconds
 
 
 def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | None = None,
@@ -534,7 +557,7 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
     state, start, t_loop = _optimise_batch(run, i, state, labels, ckpt_dir, where)
     jax.block_until_ready(state)
     loop_seconds = time.perf_counter() - t_loop
-    shard = _finish_batch(run, i, state, labels, bn_initial)
+    shard, label_seconds = _finish_batch(run, i, state, labels, bn_initial)
     checkpointing.close(ckpt_dir)
     if parallel.is_main_process():
       synthetic_data.write_shard(out_dir, i, shard)
@@ -542,7 +565,8 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
       # Steady-state rate: the first (compiling) iteration of each batch is not timed.
       timings[str(i)] = {'seconds': time.perf_counter() - t_batch,
                          'loop_seconds': loop_seconds,
-                         'loop_image_iterations': batch * (total_iterations - start - 1)}
+                         'loop_image_iterations': batch * (total_iterations - start - 1),
+                         'view_label_seconds': label_seconds}
       fileio.atomic_write_json(timings_path, timings)
       if ckpt_dir.exists():
         ckpt_dir.rmtree()
@@ -568,6 +592,9 @@ def finish(inputs: Inputs, cfg, out_dir, seed: int, num_batches: int, timings: d
       'mean_confidence': float(np.mean(cat['confidence'])),
       'seconds': sum(t['seconds'] for t in timings.values()),
       'image_iterations_per_second': image_iterations / loop_seconds if loop_seconds else None,
+      # Where the time went: the per-view labelling is images x view_epochs teacher forwards.
+      'view_label_seconds': sum(t.get('view_label_seconds', 0.0) for t in timings.values()),
+      'view_label_forward_passes': int(len(cat['labels'])) * int(cfg.view_epochs),
       'dtype': cfg.dtype, 'stats_scope': cfg.stats_scope,
   }
   if parallel.is_main_process():

@@ -43,7 +43,7 @@ def get_config(variant: str = 'gpu'):
     st.batch_size = 256
     st.epochs = 200
     st.learning_rate = 0.2
-  elif variant in ('cpu', 'cpu_audit'):
+  elif variant in ('cpu', 'cpu_audit', 'cpu_dp'):
     c.data.source = 'imagefolder'
     c.data.root = '~/.cache/bnsynth/cifar10'
     c.model.name = 'resnet20'
@@ -59,7 +59,7 @@ def get_config(variant: str = 'gpu'):
     st.batch_size = 128
     st.epochs = 100
     st.checkpoint_every_steps = 300
-    if variant == 'cpu_audit':
+    if variant in ('cpu_audit', 'cpu_dp'):
       # The canary audit's shadow pipeline at a scale this CPU can repeat 16+ times: with
       # --train_subset=5000, a 15-epoch teacher, 200 synthetic images at 200 iterations.
       #   python -m bnsynth_jax.canary --config=configs/cifar10.py:cpu_audit \
@@ -68,8 +68,23 @@ def get_config(variant: str = 'gpu'):
       s.images_per_class = 20
       s.iterations = 200
       st.batch_size = 100
+    if variant == 'cpu_dp':
+      # The audit scale in DP mode (epsilon 8 by default; --config.privacy.epsilon=E):
+      # a GroupNorm + weight-standardised teacher by DP-SGD with large batches and a high
+      # learning rate, no weight decay (as configs/digits_dp.py), noised class-wise stats.
+      #   python -m bnsynth_jax.canary --config=configs/cifar10.py:cpu_dp \
+      #       --train_subset=5000 --canaries=50 --shadows=16 --workdir=DIR
+      c.model.norm = 'group'
+      c.privacy.epsilon = 8.0
+      c.teacher.batch_size = 512
+      c.teacher.epochs = 30
+      c.teacher.learning_rate = 1.0
+      c.teacher.weight_decay = 0.0
+      c.teacher.warmup_epochs = 2
+      c.teacher.eval_every_epochs = 10
   else:
-    raise ValueError(f'unknown cifar10 config variant {variant!r}: use gpu, cpu or cpu_audit')
+    raise ValueError(f'unknown cifar10 config variant {variant!r}: use gpu, cpu, cpu_audit or '
+                     'cpu_dp')
   # Common to both: class-wise statistics, DeepInversion's CIFAR settings, teacher soft
   # labels at T=3 stored with the dataset, and per-view labels for every student epoch
   # (student.labels = hard | soft | views picks which the student uses; views by default).

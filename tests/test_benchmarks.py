@@ -35,3 +35,31 @@ def test_throughput_benchmark_rows(tmp_path):
     assert synth['rounds'] == 2 and low <= synth['jax_over_torch'] <= high
     assert synth['torch_per_second'] > 0
   assert 'jax_over_torch' not in rows[1]
+
+
+def test_utility_sweep_reads_finished_runs_into_rows_and_a_plot(tmp_path):
+  """benchmarks/utility.py turns quality.py results (one per value and label kind) into a
+  row per value and the figure; finished runs are read back, not run again."""
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import utility
+  root = tmp_path / 'results' / 'workdirs'
+  for ipc, (real, views, hard) in {'10': (0.60, 0.50, 0.30), '20': (0.70, 0.66, 0.40)}.items():
+    for variant, acc in (('views', views), ('hard', hard)):
+      result = {'num_images': 10 * int(ipc), 'iterations': 100, 'synthesis_seconds': 50.0,
+                'view_label_seconds': 5.0, 'view_label_forward_passes': 1000 * int(ipc),
+                'student_seconds': 7.0, 'bn_loss_final': 1.5, 'teacher_agreement': 0.9,
+                'real_subset_accuracy': real, 'synthetic_accuracy': acc, 'ratio': acc / real}
+      tag = utility._tag(variant, {'synthesis.images_per_class': ipc})
+      (tmp_path / 'results').mkdir(exist_ok=True)
+      (tmp_path / 'results' / f'quality-digits-{tag}.json').write_text(json.dumps(result))
+  results_md = tmp_path / 'RESULTS.md'
+  utility.append_row = lambda *a, **k: __import__('results_md').append_row(*a, path=results_md)
+  rc = utility.main(['--suite=digits', '--sweep=synthesis.images_per_class', '--values=10,20',
+                     f'--root={root}', f'--plot={tmp_path / "scaling.png"}'])
+  assert rc == 0 and (tmp_path / 'scaling.png').stat().st_size > 10_000
+  rows = [line for line in results_md.read_text().splitlines() if line.startswith('| 10 |')
+          or line.startswith('| 20 |')]
+  assert len(rows) == 2
+  cells = [c.strip() for c in rows[1].strip('|').split('|')]
+  assert cells[1] == '200' and cells[3] == '100 (45 s)' and cells[4] == '20000 (5 s)'
+  assert cells[9] == '0.6600' and cells[10] == '0.943' and cells[12] == '0.571'
