@@ -155,7 +155,8 @@ def dp_train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std,
   grads, aux = grad_fn(state.params, batch['images'], batch['labels'],
                        jax.random.fold_in(base_key, step))
   state = state.apply_gradients(grads=grads)
-  logits = aux.aux[:, 0]
+  # Each example's first augmented view's logits (jax_privacy stacks them: [B, K]).
+  logits = aux.aux.reshape(batch['labels'].shape[0], -1)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['labels'])
   return state, {'loss': jnp.mean(aux.values), 'accuracy': accuracy}
 

@@ -156,6 +156,12 @@ def _dp_step_on(devices, clip, noise_multiplier):
       in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
       out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
   new, metrics = step(state, parallel.to_global(mesh, batch))
+  # No augmentation in this recipe: the step's accuracy is that of the model it started from
+  # on the batch as it is.
+  logits = model.apply({'params': state.params}, (batch['images'] / 255.0 - 0.5) / 0.5,
+                       train=False)
+  expected = float(np.mean(np.argmax(np.asarray(logits), -1) == batch['labels']))
+  assert float(metrics['accuracy']) == pytest.approx(expected), (metrics, expected)
   return jax.tree.map(lambda a, b: np.asarray(a - b), new.params, state.params), metrics
 
 
