@@ -124,6 +124,12 @@ def apply_overrides(config, overrides: dict[str, object]) -> None:
     node[leaf] = value
 
 
+def variant_tag(variant: str, extra: dict[str, str]) -> str:
+  """The name of a variant with its --set overrides: its workdir and result file name (a
+  path in an override must not nest folders)."""
+  return (variant + ''.join(f'+{k}={v}' for k, v in sorted(extra.items()))).replace('/', '_')
+
+
 def _same(a: dict, b: dict) -> bool:
   return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
@@ -210,8 +216,6 @@ def summarise(report: dict) -> dict:
       'view_label_seconds': g('synthesis.view_label_seconds'),
       'view_label_forward_passes': g('synthesis.view_label_forward_passes'),
       'student_seconds': g('student.synthetic.train_seconds'),
-      'student_epochs': g('student.synthetic.epochs'),
-      'real_subset_seconds': g('evaluate.real_subset.train_seconds'),
       'audit': report.get('audit'),
   }
 
@@ -265,7 +269,7 @@ def main(argv=None) -> int:
       config.data.root = os.path.expanduser(args.cifar_root)
     apply_overrides(config, {**suite['overrides'], **VARIANTS[args.suite][variant], **extra})
     tag = variant + ''.join(f'+{k}={v}' for k, v in sorted(extra.items()))
-    safe_tag = tag.replace('/', '_')     # a path in an override must not nest folders
+    safe_tag = variant_tag(variant, extra)
     workdir = root / safe_tag
     reuse_finished_stages(root, workdir, config)
     stages = 'teacher,stats,synthesize,student,evaluate' + (',audit' if args.audit else '')

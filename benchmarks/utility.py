@@ -39,18 +39,13 @@ DEFAULT_VARIANTS = {'cifar10_cpu': ('classwise_views', 'classwise_hard'),
                     'digits': ('views', 'hard')}
 
 
-def _tag(variant: str, sets: dict[str, str]) -> str:
-  """quality.py's workdir / result name of a variant with its --set overrides."""
-  return (variant + ''.join(f'+{k}={v}' for k, v in sorted(sets.items()))).replace('/', '_')
-
-
 def run_value(args, value: str, extra: list[str]) -> dict[str, dict]:
   """Runs (or reads back) the views and hard variants at SWEEP=value; {kind: result}."""
   sets = [f'{args.sweep}={value}', *extra]
   out = {}
   for kind, variant in zip(('views', 'hard'), args.variants.split(',')):
-    result_file = (pathlib.Path(args.root).parent /
-                   f'quality-{args.suite}-{_tag(variant, dict(s.split("=", 1) for s in sets))}.json')
+    tag = quality.variant_tag(variant, dict(s.split('=', 1) for s in sets))
+    result_file = pathlib.Path(args.root).parent / f'quality-{args.suite}-{tag}.json'
     if not result_file.exists() or args.rerun:
       argv = [f'--suite={args.suite}', f'--variant={variant}', f'--root={args.root}',
               f'--cifar_root={args.cifar_root}'] + [f'--set={s}' for s in sets]

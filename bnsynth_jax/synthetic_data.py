@@ -158,13 +158,11 @@ def view_parameters(ds: SyntheticDataset) -> tuple[np.ndarray, np.ndarray]:
   import jax
   from bnsynth_jax import augment
   key, indices = jax.random.key(views['seed']), np.arange(n, dtype=np.int32)
-  offsets, flips = [], []
-  for e in range(int(views['epochs'])):
-    o, f = augment.view_params(key, np.int32(e), indices, int(views['crop_padding']),
-                               bool(views['flip']))
-    offsets.append(np.asarray(o, np.int32))
-    flips.append(np.asarray(f, bool))
-  return np.stack(offsets, axis=1), np.stack(flips, axis=1)
+  per_epoch = jax.vmap(lambda e: augment.view_params(key, e, indices, int(views['crop_padding']),
+                                                     bool(views['flip'])))
+  offsets, flips = per_epoch(np.arange(int(views['epochs']), dtype=np.int32))   # [E, N, ...]
+  return (np.asarray(offsets, np.int32).transpose(1, 0, 2),
+          np.asarray(flips, bool).transpose(1, 0))
 
 
 def release_views(ds: SyntheticDataset, files: list[str]) -> dict[str, np.ndarray]:
@@ -172,7 +170,7 @@ def release_views(ds: SyntheticDataset, files: list[str]) -> dict[str, np.ndarra
   views = ds.manifest.get('views') or {}
   offsets, flips = view_parameters(ds)
   k = int(ds.manifest['num_classes'])
-  view_labels = (ds.view_soft_labels.astype(np.float16) if offsets.shape[1]
+  view_labels = (ds.view_soft_labels if offsets.shape[1]      # float16, as synthesised
                  else np.zeros((len(ds), 0, k), np.float16))
   return {'files': np.asarray(files, dtype=str), 'labels': ds.labels.astype(np.int32),
           'soft_labels': ds.soft_labels.astype(np.float32), 'crop_offsets': offsets,

@@ -49,7 +49,7 @@ def test_utility_sweep_reads_finished_runs_into_rows_and_a_plot(tmp_path):
                 'view_label_seconds': 5.0, 'view_label_forward_passes': 1000 * int(ipc),
                 'student_seconds': 7.0, 'bn_loss_final': 1.5, 'teacher_agreement': 0.9,
                 'real_subset_accuracy': real, 'synthetic_accuracy': acc, 'ratio': acc / real}
-      tag = utility._tag(variant, {'synthesis.images_per_class': ipc})
+      tag = utility.quality.variant_tag(variant, {'synthesis.images_per_class': ipc})
       (tmp_path / 'results').mkdir(exist_ok=True)
       (tmp_path / 'results' / f'quality-digits-{tag}.json').write_text(json.dumps(result))
   results_md = tmp_path / 'RESULTS.md'
