@@ -338,7 +338,9 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
             'history': history})
     if on_step is not None:
       on_step(done)
-  checkpointing.wait()
+  # Commit the last save and close the manager: its helper threads end with this fit
+  # rather than living on in the process (a later fit or resume opens a new one).
+  checkpointing.close(ckpt_dir)
   summary = {'train_seconds': elapsed_before + time.perf_counter() - t_run, 'steps': total_steps,
              'steps_per_epoch': steps_per_epoch, 'epochs': total_steps / steps_per_epoch,
              'batch_size': cfg.batch_size, 'history': history}
