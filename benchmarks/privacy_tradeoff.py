@@ -10,7 +10,11 @@ a finished non-DP run of the same config with the evaluate stage: its real-subse
       --audit=1:/work/runs/canary/digits_eps1 --reference=/work/runs/digits_reference \
       --plot=docs/privacy_utility.png
 
-Writes one RESULTS.md row per audit (section privacy_tradeoff_<dataset>) and the plot.
+--run=EPS:DIR adds a row from one finished pipeline run (`python -m bnsynth_jax.main`, with
+the evaluate stage) where an audit of 16+ shadow pipelines is more CPU than the scale allows
+(CIFAR-10 in DP mode here): its teacher and student accuracies, no canary figures.
+
+Writes one RESULTS.md row per audit or run (section privacy_tradeoff_<dataset>) and the plot.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import results_md  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string('dataset', 'digits', 'Name used in the RESULTS.md section and the plot.')
 flags.DEFINE_multi_string('audit', [], 'EPS:DIR of a finished canary audit (EPS inf = no DP).')
+flags.DEFINE_multi_string('run', [], 'EPS:DIR of a finished pipeline run with evaluate (no '
+                          'canary audit: accuracies only).')
 flags.DEFINE_string('reference', '', 'A finished non-DP run of the config with evaluate.')
 flags.DEFINE_string('plot', '', 'Where to write the plot (e.g. docs/privacy_utility.png).')
 flags.DEFINE_bool('write_results', True, 'Append the rows to benchmarks/RESULTS.md.')
@@ -64,6 +70,29 @@ def _row(eps_text: str, folder: pathlib.Path, real_subset: float | None) -> tupl
   return row, point
 
 
+def _run_row(eps_text: str, folder: pathlib.Path, real_subset: float | None) -> tuple[list, dict]:
+  """A row from one pipeline run: accuracies and the privacy record, no canary audit."""
+  report = json.loads((folder / 'report.json').read_text())
+  if 'evaluate' not in report:
+    raise SystemExit(f'{folder}/report.json has no evaluate stage: run the pipeline with '
+                     'evaluate (the default stages) before adding it with --run')
+  p = report.get('privacy')
+  teacher = report['teacher']['test_accuracy']
+  student = report['evaluate']['synthetic']['test_accuracy']
+  real_subset = real_subset or report['evaluate'].get('real_subset', {}).get('test_accuracy')
+  ratio = student / real_subset if real_subset else None
+  command = report.get('environment', {}).get('command') or \
+      f'python -m bnsynth_jax.main --workdir={folder} (see its report.json config)'
+  missing = 'not audited (one run)'
+  row = [eps_text, f"({p['epsilon']:.3g}, {p['delta']:g})" if p else 'not DP',
+         f'{100 * teacher:.2f}%', f'{100 * student:.2f}%', f'{ratio:.3f}' if ratio else '—',
+         missing, missing, missing, '1 run, no canaries', f'`{command}`']
+  nan = float('nan')
+  point = {'epsilon': p['epsilon'] if p else math.inf, 'teacher': teacher, 'student': student,
+           'ratio': ratio, 'tpr_student': nan, 'tpr_teacher': nan, 'tpr_synthetic': nan}
+  return row, point
+
+
 def _plot(points: list[dict], path: str, dataset: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
@@ -82,7 +111,10 @@ def _plot(points: list[dict], path: str, dataset: str) -> None:
   for key, marker, label in (('tpr_student', 's-', 'student'),
                              ('tpr_synthetic', 'd-', 'synthetic images'),
                              ('tpr_teacher', 'o-', 'teacher')):
-    right.plot(xs, [max(100 * q[key], floor) for q in points], marker, label=label)
+    audited = [(x, q[key]) for x, q in zip(xs, points) if math.isfinite(q[key])]
+    if audited:   # single runs (--run) have no canary figures
+      right.plot([x for x, _ in audited], [max(100 * v, floor) for _, v in audited], marker,
+                 label=label)
   right.axhline(0.1, color='k', ls=':', label='chance (0.1%)')
   right.set(xscale='log', yscale='log', ylim=(floor, 100), xlabel='epsilon (delta 1e-5)',
             ylabel='canary TPR at 0.1% FPR (%)', title=f'{dataset}: canary audit (LiRA)')
@@ -101,9 +133,10 @@ def main(argv):
     report = json.loads((pathlib.Path(FLAGS.reference) / 'report.json').read_text())
     real_subset = report['evaluate']['real_subset']['test_accuracy']
   points = []
-  for spec in FLAGS.audit:
+  specs = [(_row, spec) for spec in FLAGS.audit] + [(_run_row, spec) for spec in FLAGS.run]
+  for make_row, spec in specs:
     eps_text, folder = spec.split(':', 1)
-    row, point = _row(eps_text, pathlib.Path(folder), real_subset)
+    row, point = make_row(eps_text, pathlib.Path(folder), real_subset)
     points.append(point)
     print(' | '.join(row[:-1]))
     if FLAGS.write_results:

@@ -6,6 +6,7 @@ is rewritten atomically and only by process 0.
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -226,6 +227,18 @@ def write_markdown(workdir) -> str:
   return text
 
 
+def command_line() -> str:
+  """This process's command line as a user would type it (`python -m bnsynth_jax.main ...`)."""
+  import shlex
+  import sys
+  script = pathlib.Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+  if script is not None and script.parent.name == 'bnsynth_jax':
+    head = f'python -m bnsynth_jax.{script.stem}'
+  else:
+    head = 'python ' + (shlex.quote(sys.argv[0]) if script is not None else '-c ...')
+  return ' '.join([head] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
 def environment() -> dict[str, Any]:
   import platform
   from importlib import metadata
@@ -237,6 +250,6 @@ def environment() -> dict[str, Any]:
     except metadata.PackageNotFoundError:
       pass
   d = jax.devices()[0]
-  return {'python': platform.python_version(), 'packages': versions,
+  return {'command': command_line(), 'python': platform.python_version(), 'packages': versions,
           'device_kind': d.device_kind, 'platform': d.platform,
           'device_count': jax.device_count(), 'process_count': jax.process_count()}

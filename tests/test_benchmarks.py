@@ -63,3 +63,36 @@ def test_utility_sweep_reads_finished_runs_into_rows_and_a_plot(tmp_path):
   cells = [c.strip() for c in rows[1].strip('|').split('|')]
   assert cells[1] == '200' and cells[3] == '100 (45 s)' and cells[4] == '20000 (5 s)'
   assert cells[9] == '0.6600' and cells[10] == '0.943' and cells[12] == '0.571'
+
+
+def test_privacy_tradeoff_rows_from_a_single_run_and_its_refusal(tmp_path):
+  """--run=EPS:DIR: accuracies and the privacy record from report.json, canary cells marked."""
+  run = tmp_path / 'run'
+  run.mkdir()
+  report = {'teacher': {'test_accuracy': 0.5},
+            'evaluate': {'synthetic': {'test_accuracy': 0.3},
+                         'real_subset': {'test_accuracy': 0.6}},
+            'privacy': {'epsilon': 7.99, 'delta': 1e-5},
+            'environment': {'command': 'python -m bnsynth_jax.main --workdir=X'}}
+  (run / 'report.json').write_text(json.dumps(report))
+  plot = tmp_path / 'tradeoff.png'
+  cmd = [sys.executable, 'benchmarks/privacy_tradeoff.py', '--dataset=t', f'--run=8:{run}',
+         '--nowrite_results', f'--plot={plot}']
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = result.stdout.splitlines()[0].split(' | ')
+  assert row[:5] == ['8', '(7.99, 1e-05)', '50.00%', '30.00%', '0.500']
+  assert row[5] == 'not audited (one run)'
+  assert plot.stat().st_size > 0
+  del report['evaluate']
+  (run / 'report.json').write_text(json.dumps(report))
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and 'no evaluate stage' in result.stderr
+
+
+def test_report_records_the_command_line(monkeypatch):
+  from bnsynth_jax import report
+  monkeypatch.setattr(sys, 'argv', ['/x/bnsynth_jax/main.py', '--config=c.py', '--workdir=a b'])
+  assert report.command_line() == "python -m bnsynth_jax.main --config=c.py '--workdir=a b'"
+  monkeypatch.setattr(sys, 'argv', ['benchmarks/quality.py', '--suite=digits'])
+  assert report.command_line() == 'python benchmarks/quality.py --suite=digits'
