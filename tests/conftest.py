@@ -8,8 +8,15 @@ import sys
 # 8 simulated devices share 2 cores, with other test processes beside them: XLA's CPU
 # collectives abort a process whose devices wait long for each other, which a busy
 # machine can reach without anything being wrong; give them longer.
+#
+# Single-threaded Eigen inside each device: XLA CPU's multi-threaded Eigen pool can wedge,
+# leaving a program's result never ready with the machine idle (PyAutoLabs/PyAutoFit#1528:
+# 14 of 16 CI runs hung with it, 0 of 12 without it, on recent jaxlib); a run of this suite
+# on the CI machine stopped that way, once in a train step, once between two tests. The 8
+# simulated devices still run in parallel, one thread each.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8'
+                           ' --xla_cpu_multi_thread_eigen=false'
                            ' --xla_cpu_collective_call_terminate_timeout_seconds=900').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
