@@ -8,16 +8,19 @@ import sys
 # 8 simulated devices share 2 cores, with other test processes beside them: XLA's CPU
 # collectives abort a process whose devices wait long for each other, which a busy
 # machine can reach without anything being wrong; give them longer.
-#
-# Single-threaded Eigen inside each device: XLA CPU's multi-threaded Eigen pool can wedge,
-# leaving a program's result never ready with the machine idle (PyAutoLabs/PyAutoFit#1528:
-# 14 of 16 CI runs hung with it, 0 of 12 without it, on recent jaxlib); a run of this suite
-# on the CI machine stopped that way, once in a train step, once between two tests. The 8
-# simulated devices still run in parallel, one thread each.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8'
-                           ' --xla_cpu_multi_thread_eigen=false'
                            ' --xla_cpu_collective_call_terminate_timeout_seconds=900').strip()
+# XLA's CPU client sizes its two thread pools max(cores, devices): 8 on a 2-core machine. A
+# program with a collective occupies up to two threads per simulated device while it waits
+# for the others (a launching thread blocked until the run is ready, a runner inside the
+# all-reduce); when one device's launch also waits, for its previous program's release, on
+# the last free thread, no thread is left to release it and the suite hangs with the CPU
+# idle. gdb on a hung run here: 7 devices in InProcessCommunicator::AllReduce, the 8th in
+# Semaphore::Acquire, all 8 client-pool threads blocked; `pytest tests/test_audit.py -k
+# "memorised or 8_devices"` hung 2 times in 12 with 8 threads, 0 in 16 with 32
+# (PJRT_NPROC, which XLA reads for the pool size).
+os.environ.setdefault('PJRT_NPROC', '32')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
@@ -32,11 +35,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# Synchronous CPU dispatch in the test process: with 8 simulated devices, asynchronously
-# dispatched programs that contain collectives could interleave on the device threads and
-# deadlock (seen once in a CI run of this suite: a train step waiting in
-# PjRtLoadedExecutable::Execute with the machine idle). Each program now finishes before
-# the next starts; results are unchanged.
+# Synchronous CPU dispatch in the test process: each program finishes before the next
+# starts, so a failure points at the program that caused it; results are unchanged.
 jax.config.update('jax_cpu_enable_async_dispatch', False)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
