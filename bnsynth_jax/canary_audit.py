@@ -362,7 +362,7 @@ def run(config, workdir, *, num_canaries: int = 50, num_shadows: int = 16,
                             'std': float(np.std([r[f'{t}_test_accuracy'] for r in runs]))}
                         for t in ('teacher', 'student')},
       'targets': TARGETS, 'attacks': results,
-      'command': 'python -m bnsynth_jax.canary ' + ' '.join(__import__('sys').argv[1:]),
+      'command': report_command(__import__('sys').argv[1:]),
   }
   fileio.atomic_write_json(workdir / 'canary_audit.json', summary)
   table = markdown(summary)
@@ -380,6 +380,21 @@ def _fmt(measure: dict) -> str:
   ci = measure.get('ci95')
   text = f"{100 * measure['value']:.1f}%"
   return text + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else '')
+
+
+def report_command(args: list[str]) -> str:
+  """The command that reproduces the report: these flags without --shadow_ids (the report
+  covers every shadow run, whichever process happened to finish the last one)."""
+  import shlex
+  kept, skip = [], False
+  for a in args:
+    if skip:
+      skip = False
+    elif a == '--shadow_ids':
+      skip = True
+    elif not a.startswith('--shadow_ids='):
+      kept.append(shlex.quote(a))
+  return ' '.join(['python -m bnsynth_jax.canary'] + kept)
 
 
 def markdown(summary: dict) -> str:

@@ -376,3 +376,13 @@ def test_canary_audit_command_end_to_end_and_resumes(tmp_path):
   changed = subprocess.run(args[:-1] + ['--canaries=6'], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
   assert changed.returncode == 2 and 'other settings' in changed.stderr
+
+
+def test_the_audit_report_command_drops_shadow_ids():
+  """Whichever --shadow_ids process finishes the last shadow run writes the report: its
+  command must be the one that reproduces the whole audit."""
+  args = ['--config=configs/cifar10.py:cpu_audit', '--shadow_ids=0-7', '--workdir=/a b',
+          '--shadow_ids', '8-15', '--canaries=50']
+  assert canary_audit.report_command(args) == (
+      "python -m bnsynth_jax.canary --config=configs/cifar10.py:cpu_audit '--workdir=/a b' "
+      '--canaries=50')
