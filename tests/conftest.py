@@ -18,7 +18,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 # the last free thread, no thread is left to release it and the suite hangs with the CPU
 # idle. gdb on a hung run here: 7 devices in InProcessCommunicator::AllReduce, the 8th in
 # Semaphore::Acquire, all 8 client-pool threads blocked; `pytest tests/test_audit.py -k
-# "memorised or 8_devices"` hung 2 times in 12 with 8 threads, 0 in 16 with 32
+# "memorised or 8_devices"` hung 2 times in 12 with 8 threads, 0 in 32 with 32
 # (PJRT_NPROC, which XLA reads for the pool size).
 os.environ.setdefault('PJRT_NPROC', '32')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
