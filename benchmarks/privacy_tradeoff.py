@@ -44,6 +44,10 @@ HEADER = ['requested epsilon', 'achieved (epsilon, delta)', 'teacher accuracy',
           'shadows x canaries', 'command']
 
 
+def _privacy_cell(p: dict | None) -> str:
+  return f"({p['epsilon']:.3g}, {p['delta']:g})" if p else 'not DP'
+
+
 def _row(eps_text: str, folder: pathlib.Path, real_subset: float | None) -> tuple[list, dict]:
   audit = json.loads((folder / 'canary_audit.json').read_text())
   acc = audit['test_accuracy']
@@ -58,7 +62,7 @@ def _row(eps_text: str, folder: pathlib.Path, real_subset: float | None) -> tupl
 
   ratio = acc['student']['mean'] / real_subset if real_subset else None
   s = audit['settings']
-  row = [eps_text, f"({p['epsilon']:.3g}, {p['delta']:g})" if p else 'not DP',
+  row = [eps_text, _privacy_cell(p),
          f"{100 * acc['teacher']['mean']:.2f}%", f"{100 * acc['student']['mean']:.2f}%",
          f'{ratio:.3f}' if ratio else '—', fmt(tpr['student']), fmt(tpr['synthetic_nn']),
          fmt(tpr['teacher']), f"{s['shadows']} x {s['canaries']} {s['kind']}",
@@ -84,7 +88,7 @@ def _run_row(eps_text: str, folder: pathlib.Path, real_subset: float | None) -> 
   command = report.get('environment', {}).get('command') or \
       f'python -m bnsynth_jax.main --workdir={folder} (see its report.json config)'
   missing = 'not audited (one run)'
-  row = [eps_text, f"({p['epsilon']:.3g}, {p['delta']:g})" if p else 'not DP',
+  row = [eps_text, _privacy_cell(p),
          f'{100 * teacher:.2f}%', f'{100 * student:.2f}%', f'{ratio:.3f}' if ratio else '—',
          missing, missing, missing, '1 run, no canaries', f'`{command}`']
   nan = float('nan')

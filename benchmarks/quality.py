@@ -124,10 +124,15 @@ def apply_overrides(config, overrides: dict[str, object]) -> None:
     node[leaf] = value
 
 
+def variant_name(variant: str, extra: dict[str, str]) -> str:
+  """A variant with its --set overrides, as RESULTS.md names it."""
+  return variant + ''.join(f'+{k}={v}' for k, v in sorted(extra.items()))
+
+
 def variant_tag(variant: str, extra: dict[str, str]) -> str:
-  """The name of a variant with its --set overrides: its workdir and result file name (a
-  path in an override must not nest folders)."""
-  return (variant + ''.join(f'+{k}={v}' for k, v in sorted(extra.items()))).replace('/', '_')
+  """variant_name as its workdir and result file name (a path in an override must not nest
+  folders)."""
+  return variant_name(variant, extra).replace('/', '_')
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -268,8 +273,7 @@ def main(argv=None) -> int:
     if args.suite.startswith('cifar10'):
       config.data.root = os.path.expanduser(args.cifar_root)
     apply_overrides(config, {**suite['overrides'], **VARIANTS[args.suite][variant], **extra})
-    tag = variant + ''.join(f'+{k}={v}' for k, v in sorted(extra.items()))
-    safe_tag = variant_tag(variant, extra)
+    tag, safe_tag = variant_name(variant, extra), variant_tag(variant, extra)
     workdir = root / safe_tag
     reuse_finished_stages(root, workdir, config)
     stages = 'teacher,stats,synthesize,student,evaluate' + (',audit' if args.audit else '')

@@ -385,16 +385,8 @@ def _fmt(measure: dict) -> str:
 def report_command(args: list[str]) -> str:
   """The command that reproduces the report: these flags without --shadow_ids (the report
   covers every shadow run, whichever process happened to finish the last one)."""
-  import shlex
-  kept, skip = [], False
-  for a in args:
-    if skip:
-      skip = False
-    elif a == '--shadow_ids':
-      skip = True
-    elif not a.startswith('--shadow_ids='):
-      kept.append(shlex.quote(a))
-  return ' '.join(['python -m bnsynth_jax.canary'] + kept)
+  from bnsynth_jax import report
+  return report.format_command('python -m bnsynth_jax.canary', args, drop=('--shadow_ids',))
 
 
 def markdown(summary: dict) -> str:

@@ -227,6 +227,20 @@ def write_markdown(workdir) -> str:
   return text
 
 
+def format_command(head: str, args: list[str], drop: tuple[str, ...] = ()) -> str:
+  """`head` and shell-quoted `args`, without the flags named in `drop` (--flag=v or --flag v)."""
+  import shlex
+  kept, skip = [], False
+  for a in args:
+    if skip:
+      skip = False
+    elif a in drop:
+      skip = True
+    elif a.split('=', 1)[0] not in drop:
+      kept.append(shlex.quote(a))
+  return ' '.join([head] + kept)
+
+
 def command_line() -> str:
   """This process's command line as a user would type it (`python -m bnsynth_jax.main ...`)."""
   import shlex
@@ -236,7 +250,7 @@ def command_line() -> str:
     head = f'python -m bnsynth_jax.{script.stem}'
   else:
     head = 'python ' + (shlex.quote(sys.argv[0]) if script is not None else '-c ...')
-  return ' '.join([head] + [shlex.quote(a) for a in sys.argv[1:]])
+  return format_command(head, sys.argv[1:])
 
 
 def environment() -> dict[str, Any]:
