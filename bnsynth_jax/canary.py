@@ -20,7 +20,8 @@ Here:
 3. Scores per canary and run, from what each pipeline produced: the logit margin
    (z_y - logsumexp of the others, y the planted label) of the synthetic-trained student
    (the release's consumer) and of the teacher (trained on the real data: the contrast
-   that must show leakage), and for the synthetic images themselves the negative pixel L2
+   that must show leakage; with --real_student also a student of the student's recipe
+   trained on the run's real data), and for the synthetic images themselves the negative pixel L2
    distance from the canary to its nearest synthetic image, over all of them and over
    those of the planted class (no model involved).
 4. Attacks: online LiRA (Carlini et al. 2022) -- per canary, Gaussians fitted to its IN
@@ -55,6 +56,10 @@ flags.DEFINE_string('shadow_ids', '', 'Runs to train here, e.g. 0-7 (empty = all
                     'report is written when every run has its scores.')
 flags.DEFINE_integer('bootstrap', 200, 'Bootstrap resamples for the intervals.')
 flags.DEFINE_integer('audit_seed', 0, 'Seed of the canary choice and the IN/OUT design.')
+flags.DEFINE_bool('real_student', False, 'Also attack a student of the student recipe trained '
+                  'on each run\'s real training data (its IN canaries included): the contrast '
+                  'to the synthetic-trained student; one more real-data training per run, '
+                  'added to finished runs without retraining them.')
 
 
 def main(argv):
@@ -70,7 +75,8 @@ def main(argv):
     result = canary_audit.run(
         FLAGS.config, FLAGS.workdir, num_canaries=FLAGS.canaries, num_shadows=FLAGS.shadows,
         kind=FLAGS.kind, train_subset=FLAGS.train_subset, shadow_ids=FLAGS.shadow_ids,
-        bootstrap=FLAGS.bootstrap, audit_seed=FLAGS.audit_seed)
+        bootstrap=FLAGS.bootstrap, audit_seed=FLAGS.audit_seed,
+        real_student=FLAGS.real_student)
   except UserError as e:
     for line in str(e).splitlines():
       print(f'error: {line}', file=sys.stderr, flush=True)

@@ -20,6 +20,10 @@ TARGETS = {
     'synthetic_nn_class': 'synthetic images of the planted class: negative nearest distance',
     'teacher': 'teacher (trained on the real data): logit margin on the planted label',
 }
+# With --real_student: a model of the student's recipe trained on the run's real training
+# data (its IN canaries included), the contrast to the synthetic-trained student.
+REAL_STUDENT = {'real_student': 'student trained on the real data (same recipe): logit margin '
+                                'on the planted label'}
 
 
 @dataclasses.dataclass
@@ -170,18 +174,24 @@ def nearest_distances(canaries: Canaries, synthetic_images, synthetic_labels):
   return -d.min(1), -np.where(same, d, np.inf).min(1)
 
 
+def model_scores(folder, canaries: Canaries, test) -> tuple[np.ndarray, np.float64]:
+  """A saved model's logit margins on the canaries' planted labels, and its test accuracy."""
+  from bnsynth_jax import artifacts
+  model, variables, manifest = artifacts.load_model(folder)
+  margins = logit_margins(model_logits(model, variables, manifest, canaries.images),
+                          canaries.labels)
+  test_logits = model_logits(model, variables, manifest, test[0])
+  return margins, np.float64(np.mean(np.argmax(test_logits, 1) == test[1]))
+
+
 def score_run(run_dir, canaries: Canaries, test) -> dict[str, np.ndarray]:
   """Each target's scores of the K canaries, and the two models' test accuracy."""
-  from bnsynth_jax import artifacts, synthetic_data
+  from bnsynth_jax import synthetic_data
   run_dir = fileio.path(run_dir)
   out = {}
   for target, folder in (('student', run_dir / 'student' / 'synthetic'),
                          ('teacher', run_dir / 'teacher')):
-    model, variables, manifest = artifacts.load_model(folder)
-    logits = model_logits(model, variables, manifest, canaries.images)
-    out[target] = logit_margins(logits, canaries.labels)
-    test_logits = model_logits(model, variables, manifest, test[0])
-    out[f'{target}_test_accuracy'] = np.float64(np.mean(np.argmax(test_logits, 1) == test[1]))
+    out[target], out[f'{target}_test_accuracy'] = model_scores(folder, canaries, test)
   ds = synthetic_data.load_synthetic(run_dir / 'synthetic')
   out['synthetic_nn'], out['synthetic_nn_class'] = nearest_distances(canaries, ds.images,
                                                                      ds.labels)
@@ -300,23 +310,37 @@ def _paths(root, names, labels, prefix):
           for i, y in enumerate(labels)]
 
 
-def run_shadow(config, workdir, m: int, plan: dict) -> dict[str, np.ndarray]:
-  """Shadow run m (resumable: the pipeline's stages resume), then its scores (kept)."""
+def run_shadow(config, workdir, m: int, plan: dict,
+               real_student: bool = False) -> dict[str, np.ndarray]:
+  """Shadow run m (resumable: the pipeline's stages resume), then its scores (kept). With
+  `real_student`, also the evaluate stage's student on the run's whole real training split
+  (added to a finished run's scores without retraining anything else)."""
   from bnsynth_jax import pipeline
+  from bnsynth_jax.workdir import stage_dir
   workdir = fileio.path(workdir)
   scores_file = workdir / f'shadow_{m}' / 'scores.npz'
-  if scores_file.exists():
-    return fileio.read_npz(scores_file)
+  scores = dict(fileio.read_npz(scores_file)) if scores_file.exists() else None
+  if scores is not None and (not real_student or 'real_student' in scores):
+    return scores
   names = plan['class_names']
   base_paths = sorted((workdir / 'base' / 'train').glob('*/*.png'))
   canary_paths = _paths(workdir / 'base' / 'canaries', names, plan['canaries'].labels, 'canary')
   root = shadow_data(workdir, m, base_paths, canary_paths, plan['design'][m])
-  logging.info('canary audit: shadow run %d of %d (%d canaries IN)', m + 1,
-               len(plan['design']), int(plan['design'][m].sum()))
   run_dir = workdir / f'shadow_{m}' / 'run'
-  pipeline.run(shadow_config(config, m, root), str(run_dir), STAGES)
   test = fileio.read_npz(workdir / 'test.npz')
-  scores = score_run(run_dir, plan['canaries'], (test['images'], test['labels']))
+  test = (test['images'], test['labels'])
+  if scores is None:
+    logging.info('canary audit: shadow run %d of %d (%d canaries IN)', m + 1,
+                 len(plan['design']), int(plan['design'][m].sum()))
+    pipeline.run(shadow_config(config, m, root), str(run_dir), STAGES)
+    scores = score_run(run_dir, plan['canaries'], test)
+  if real_student:
+    logging.info('canary audit: shadow run %d: the student on the real data', m + 1)
+    c = shadow_config(config, m, root)
+    c.evaluate.real_subset, c.evaluate.full_real = False, True
+    pipeline.run(c, str(run_dir), 'evaluate')
+    scores['real_student'], scores['real_student_test_accuracy'] = model_scores(
+        stage_dir(run_dir, 'evaluate') / 'full_real', plan['canaries'], test)
   fileio.atomic_write_npz(scores_file, **scores)
   return scores
 
@@ -340,7 +364,7 @@ def parse_ids(spec: str, num_shadows: int) -> list[int]:
 
 def run(config, workdir, *, num_canaries: int = 50, num_shadows: int = 16,
         kind: str = 'mislabeled', train_subset: int = 0, shadow_ids: str = '',
-        bootstrap: int = 200, audit_seed: int = 0) -> str | None:
+        bootstrap: int = 200, audit_seed: int = 0, real_student: bool = False) -> str | None:
   """Trains the missing shadow runs among `shadow_ids`, then (all runs scored) writes the
   report and returns its table; None while runs are missing."""
   workdir = fileio.path(workdir)
@@ -348,20 +372,23 @@ def run(config, workdir, *, num_canaries: int = 50, num_shadows: int = 16,
   plan = prepare(config, workdir, num_canaries=num_canaries, num_shadows=num_shadows,
                  kind=kind, train_subset=train_subset, audit_seed=audit_seed)
   for m in parse_ids(shadow_ids, num_shadows):
-    run_shadow(config, workdir, m, plan)
+    run_shadow(config, workdir, m, plan, real_student)
   files = [workdir / f'shadow_{m}' / 'scores.npz' for m in range(num_shadows)]
   if not all(f.exists() for f in files):
     return None
   runs = [fileio.read_npz(f) for f in files]
-  scores = {t: np.stack([r[t] for r in runs]) for t in TARGETS}
+  targets = dict(TARGETS, **(REAL_STUDENT if real_student else {}))
+  if not all(t in r for r in runs for t in targets):
+    return None   # another process (--shadow_ids) still adds the real-data students
+  scores = {t: np.stack([r[t] for r in runs]) for t in targets}
   results = evaluate_attacks(scores, plan['design'], bootstrap, audit_seed)
   summary = {
       'settings': plan['settings'], 'base_train_images': plan['base_size'],
       'privacy': _privacy_of(workdir),
       'test_accuracy': {t: {'mean': float(np.mean([r[f'{t}_test_accuracy'] for r in runs])),
                             'std': float(np.std([r[f'{t}_test_accuracy'] for r in runs]))}
-                        for t in ('teacher', 'student')},
-      'targets': TARGETS, 'attacks': results,
+                        for t in ('teacher', 'student', 'real_student') if t in targets},
+      'targets': targets, 'attacks': results,
       'command': report_command(__import__('sys').argv[1:]),
   }
   fileio.atomic_write_json(workdir / 'canary_audit.json', summary)
@@ -401,7 +428,9 @@ def markdown(summary: dict) -> str:
                        if p else 'none (not differentially private)'),
       f"- test accuracy over the runs: teacher {100 * acc['teacher']['mean']:.2f}% "
       f"(sd {100 * acc['teacher']['std']:.2f}), synthetic-trained student "
-      f"{100 * acc['student']['mean']:.2f}% (sd {100 * acc['student']['std']:.2f})",
+      f"{100 * acc['student']['mean']:.2f}% (sd {100 * acc['student']['std']:.2f})"
+      + (f", student trained on the real data {100 * acc['real_student']['mean']:.2f}% "
+         f"(sd {100 * acc['real_student']['std']:.2f})" if 'real_student' in acc else ''),
       '', '| target | attack | AUC | TPR at 1% FPR | TPR at 0.1% FPR | epsilon lower bound |',
       '|---|---|---|---|---|---|']
   for target, attacks in summary['attacks'].items():

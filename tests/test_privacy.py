@@ -376,6 +376,20 @@ def test_canary_audit_command_end_to_end_and_resumes(tmp_path):
   changed = subprocess.run(args[:-1] + ['--canaries=6'], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
   assert changed.returncode == 2 and 'other settings' in changed.stderr
+  # --real_student adds the real-data student to the finished runs, nothing else retrained.
+  before = np.load(tmp_path / 'audit' / 'shadow_0' / 'scores.npz')
+  real = subprocess.run(args + ['--real_student'], cwd=REPO, capture_output=True, text=True,
+                        timeout=900)
+  assert real.returncode == 0, real.stderr[-3000:]
+  assert 'shadow run 1 of' not in real.stderr and 'student on the real data' in real.stderr
+  summary = json.loads((tmp_path / 'audit' / 'canary_audit.json').read_text())
+  assert set(summary['attacks']) == set(canary_audit.TARGETS) | {'real_student'}
+  assert 0 <= summary['test_accuracy']['real_student']['mean'] <= 1
+  after = np.load(tmp_path / 'audit' / 'shadow_0' / 'scores.npz')
+  for key in before.files:
+    np.testing.assert_array_equal(before[key], after[key])
+  assert after['real_student'].shape == before['student'].shape
+  assert (tmp_path / 'audit' / 'shadow_0' / 'run' / 'evaluate' / 'full_real').is_dir()
 
 
 def test_the_audit_report_command_drops_shadow_ids():
