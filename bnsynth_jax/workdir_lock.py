@@ -4,7 +4,10 @@ The lock file holds the holder's pid, host and start time (JSON), and is created
 with O_CREAT | O_EXCL, so two runs racing for it cannot both win. A second run
 stops at once with one line naming the holder. A lock whose pid is dead on this
 host is stale (its run was killed with -9 or the machine rebooted): it is taken
-over with a warning. A lock held from another host cannot be checked from here:
+over with a warning. Pids are reused (after a reboot, or when a container's pid
+namespace starts again), so where /proc exists the lock also records the
+holder's process identity (boot id and process start tick): a live pid with
+another identity is a new process, and the lock is stale too. A lock held from another host cannot be checked from here:
 the message says how to remove it if that run is gone.
 
 Process 0 decides and every process learns the outcome, so a multi-host run
@@ -39,6 +42,31 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _process_identity(pid: int) -> str | None:
+  """'BOOT_ID:START_TICKS' of a live pid, or None where /proc cannot tell (macOS)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      stat = f.read()
+    with open('/proc/sys/kernel/random/boot_id') as f:
+      boot = f.read().strip()
+  except OSError:
+    return None
+  # Field 22 (starttime); the command name (field 2) may hold spaces: split after its ')'.
+  return f'{boot}:{stat.rsplit(")", 1)[1].split()[19]}'
+
+
+def _holder_gone(holder: dict) -> bool:
+  """True when the holder (on this host) is no longer running: pid dead, or reused."""
+  pid = holder.get('pid')
+  if not isinstance(pid, int):
+    return False
+  if not _pid_alive(pid):
+    return True
+  recorded = holder.get('process')
+  current = _process_identity(pid)
+  return bool(recorded and current and recorded != current)
+
+
 def _describe(holder: dict) -> str:
   return (f'pid {holder.get("pid")} on host {holder.get("host")} since '
           f'{holder.get("started", "?")}')
@@ -68,14 +96,14 @@ def _acquire(workdir) -> str | None:
   """Takes the lock (process 0). Returns an error message, or None on success."""
   path = str(fileio.path(workdir) / LOCK_FILE)
   record = {'pid': os.getpid(), 'host': socket.gethostname(),
-            'started': datetime.datetime.now().astimezone().isoformat(timespec='seconds')}
+            'started': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+            'process': _process_identity(os.getpid())}
   for _ in range(3):
     if _try_create(path, record):
       return None
     holder = _read(path)
     same_host = holder.get('host') == socket.gethostname()
-    pid = holder.get('pid')
-    if same_host and isinstance(pid, int) and not _pid_alive(pid):
+    if same_host and _holder_gone(holder):
       logging.warning('workdir %s: taking over the stale lock of %s (that process is gone)',
                       workdir, _describe(holder))
       with contextlib.suppress(FileNotFoundError):

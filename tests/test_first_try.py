@@ -394,6 +394,8 @@ def test_second_run_on_a_workdir_stops_at_once_naming_the_holder(tmp_path):
   _wait_for(workdir / '.lock', first)
   holder = json.loads((workdir / '.lock').read_text())
   assert holder['pid'] == first.pid
+  if os.path.exists(f'/proc/{first.pid}/stat'):
+    assert holder['process'], holder      # its identity, so a reused pid is not taken for it
   second = run_main('--config=configs/digits.py', f'--workdir={workdir}', '--stages=teacher',
                     '--config.teacher.num_steps=300')
   assert_user_error(second, 'in use by another run', f'pid {first.pid}')
@@ -415,6 +417,15 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path):
                     '--config.teacher.num_steps=2')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'taking over the stale lock' in result.stderr and str(dead_pid) in result.stderr
+  # A live pid that is not the process that wrote the lock (pids are reused after a reboot or
+  # in a new container): this test's own pid, with another process identity, is stale too.
+  if os.path.exists(f'/proc/{os.getpid()}/stat'):
+    (workdir / '.lock').write_text(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
+                                               'started': 'earlier', 'process': 'other:1'}))
+    result = run_main('--config=configs/digits.py', f'--workdir={workdir}', '--stages=teacher',
+                      '--config.teacher.num_steps=2')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'taking over the stale lock' in result.stderr and str(os.getpid()) in result.stderr
   # A lock from another host is not judged from here: refused, with how to remove it.
   (workdir / '.lock').write_text(json.dumps({'pid': 1, 'host': 'elsewhere', 'started': 'x'}))
   assert_user_error(run_main('--config=configs/digits.py', f'--workdir={workdir}',
