@@ -246,6 +246,10 @@ def main(argv=None) -> int:
   parser.add_argument('--root', default=str(REPO / 'benchmarks' / 'results' / 'workdirs'))
   parser.add_argument('--cifar_root', default='~/.cache/bnsynth/cifar10')
   parser.add_argument('--audit', action='store_true', help='also run the audit stage')
+  parser.add_argument('--stages', default='',
+                      help='run only these stages, e.g. teacher,stats,synthesize to prepare '
+                      'the synthetic set while another process trains students; no result is '
+                      'written unless evaluate runs')
   parser.add_argument('--list', action='store_true')
   parser.add_argument('--no_results_md', action='store_true', help='do not touch RESULTS.md')
   args = parser.parse_args(argv)
@@ -276,9 +280,13 @@ def main(argv=None) -> int:
     tag, safe_tag = variant_name(variant, extra), variant_tag(variant, extra)
     workdir = root / safe_tag
     reuse_finished_stages(root, workdir, config)
-    stages = 'teacher,stats,synthesize,student,evaluate' + (',audit' if args.audit else '')
+    stages = args.stages or (
+        'teacher,stats,synthesize,student,evaluate' + (',audit' if args.audit else ''))
     t0 = time.time()
     report = pipeline.run(config, str(workdir), stages)
+    if 'evaluate' not in stages.split(','):
+      print(f'{tag}: ran {stages} in {workdir}; no result without the evaluate stage', flush=True)
+      continue
     result = {'suite': args.suite, 'variant': tag, 'command': command,
               'overrides': {**VARIANTS[args.suite][variant], **extra},
               'wall_seconds': time.time() - t0, **summarise(report)}
