@@ -279,9 +279,12 @@ def main(argv=None) -> int:
     apply_overrides(config, {**suite['overrides'], **VARIANTS[args.suite][variant], **extra})
     tag, safe_tag = variant_name(variant, extra), variant_tag(variant, extra)
     workdir = root / safe_tag
-    reuse_finished_stages(root, workdir, config)
     stages = args.stages or (
         'teacher,stats,synthesize,student,evaluate' + (',audit' if args.audit else ''))
+    # The preflight first: the values it derives (image size, ...) are part of every stage's
+    # recorded configuration, so siblings' stages only compare equal after it.
+    pipeline.prepare(config, str(workdir), stages)
+    reuse_finished_stages(root, workdir, config)
     t0 = time.time()
     report = pipeline.run(config, str(workdir), stages)
     if 'evaluate' not in stages.split(','):

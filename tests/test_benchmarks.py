@@ -96,3 +96,28 @@ def test_report_records_the_command_line(monkeypatch):
   assert report.command_line() == "python -m bnsynth_jax.main --config=c.py '--workdir=a b'"
   monkeypatch.setattr(sys, 'argv', ['benchmarks/quality.py', '--suite=digits'])
   assert report.command_line() == 'python benchmarks/quality.py --suite=digits'
+
+
+def test_quality_variants_reuse_a_siblings_finished_stages(tmp_path):
+  """A variant that only changes the student's labels reuses its sibling's teacher, statistics
+  and synthetic set (compared after the preflight's derived values, e.g. the image size):
+  run with --stages up to synthesize, the second variant trains and synthesises nothing."""
+  def quality(variant):
+    return subprocess.run(
+        [sys.executable, 'benchmarks/quality.py', '--suite=digits', f'--variant={variant}',
+         f'--root={tmp_path / "w"}', '--stages=teacher,stats,synthesize', '--no_results_md',
+         '--set=teacher.epochs=1', '--set=synthesis.iterations=2',
+         '--set=synthesis.images_per_class=8', '--set=synthesis.view_epochs=2'],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+  first = quality('views')
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert 'no result without the evaluate stage' in first.stdout
+  second = quality('hard')
+  assert second.returncode == 0, second.stderr[-3000:]
+  for stage in ('teacher', 'stats', 'synthesize'):
+    assert f'reusing {stage} from views' in second.stdout, second.stdout[-3000:]
+  assert 'stage synthesize: starting' not in second.stderr
+  views, hard = (next((tmp_path / 'w' / 'digits').glob(f'{v}+*')) / 'synthetic'
+                 for v in ('views', 'hard'))
+  assert (views / 'manifest.json').read_text() == (hard / 'manifest.json').read_text()
+  assert not (tmp_path / 'results').exists()    # no result without the evaluate stage
