@@ -7,8 +7,9 @@ host is stale (its run was killed with -9 or the machine rebooted): it is taken
 over with a warning. Pids are reused (after a reboot, or when a container's pid
 namespace starts again), so where /proc exists the lock also records the
 holder's process identity (boot id and process start tick): a live pid with
-another identity is a new process, and the lock is stale too. A lock held from another host cannot be checked from here:
-the message says how to remove it if that run is gone.
+another identity is a new process, and the lock is stale too. A lock held from
+another host cannot be checked from here: the message says how to remove it if
+that run is gone.
 
 Process 0 decides and every process learns the outcome, so a multi-host run
 either starts everywhere or stops everywhere. Remote workdirs (gs://) have no
