@@ -283,10 +283,10 @@ def main(argv=None) -> int:
         'teacher,stats,synthesize,student,evaluate' + (',audit' if args.audit else ''))
     # The preflight first: the values it derives (image size, ...) are part of every stage's
     # recorded configuration, so siblings' stages only compare equal after it.
-    pipeline.prepare(config, str(workdir), stages)
+    prepared = pipeline.prepare(config, str(workdir), stages)
     reuse_finished_stages(root, workdir, config)
     t0 = time.time()
-    report = pipeline.run(config, str(workdir), stages)
+    report = pipeline.run(config, str(workdir), stages, prepared=prepared)
     if 'evaluate' not in stages.split(','):
       print(f'{tag}: ran {stages} in {workdir}; no result without the evaluate stage', flush=True)
       continue

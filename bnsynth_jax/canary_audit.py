@@ -329,14 +329,14 @@ def run_shadow(config, workdir, m: int, plan: dict,
   run_dir = workdir / f'shadow_{m}' / 'run'
   test = fileio.read_npz(workdir / 'test.npz')
   test = (test['images'], test['labels'])
+  c = shadow_config(config, m, root)
   if scores is None:
     logging.info('canary audit: shadow run %d of %d (%d canaries IN)', m + 1,
                  len(plan['design']), int(plan['design'][m].sum()))
-    pipeline.run(shadow_config(config, m, root), str(run_dir), STAGES)
+    pipeline.run(c, str(run_dir), STAGES)
     scores = score_run(run_dir, plan['canaries'], test)
   if real_student:
     logging.info('canary audit: shadow run %d: the student on the real data', m + 1)
-    c = shadow_config(config, m, root)
     c.evaluate.real_subset, c.evaluate.full_real = False, True
     pipeline.run(c, str(run_dir), 'evaluate')
     scores['real_student'], scores['real_student_test_accuracy'] = model_scores(

@@ -178,9 +178,11 @@ def prepare(config, workdir: str, stages: str = 'all') -> tuple[list[Stage], Pri
   return selected, data
 
 
-def run(config, workdir: str, stages: str = 'all', overwrite: bool = False) -> dict:
-  """Runs the selected stages in order; returns the final report."""
-  selected, data = prepare(config, workdir, stages)
+def run(config, workdir: str, stages: str = 'all', overwrite: bool = False,
+        prepared: tuple[list[Stage], PrivateData] | None = None) -> dict:
+  """Runs the selected stages in order; returns the final report. `prepared`: what
+  prepare(config, workdir, stages) returned, where the caller ran the preflight already."""
+  selected, data = prepared or prepare(config, workdir, stages)
   check_workdir_writable(workdir)
   with workdir_lock.hold(workdir):
     return _run_stages(config, workdir, selected, data, overwrite)

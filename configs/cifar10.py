@@ -22,7 +22,8 @@ synthesis.iterations = 500 (the CPU variant), measured against 50, 100, 200 at 2
 (python benchmarks/utility.py --suite=cifar10_cpu --sweep=synthesis.iterations
 --values=50,100,200,500; benchmarks/RESULTS.md section utility-cifar10_cpu-synthesis.iterations):
 per-view student 31.47% / 33.43% / 33.07% / 41.18%, hard-label 23.28% / 21.88% / 23.61% /
-26.81% (real subset 60.36%); the optimisation takes 369 / 1,433 / 3,681 s of one core, each student ~1,600 s.
+26.81% (real subset 60.36%); the optimisation takes 369 / 721 / 1,433 / 3,681 s of one
+core, each student ~1,600 s.
 Fewer iterations cost 8+ points here, so 500 stays until the same sweep with global statistics
 is in.
 """
