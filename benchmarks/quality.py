@@ -136,6 +136,11 @@ def variant_tag(variant: str, extra: dict[str, str]) -> str:
 
 
 def _same(a: dict, b: dict) -> bool:
+  """Equal configurations; a key only one side has counts as equal when its value there is
+  None (an option added since, at its default: e.g. student.seed), as the pipeline's resume
+  check treats it."""
+  a = {k: v for k, v in a.items() if k in b or v is not None}
+  b = {k: v for k, v in b.items() if k in a or v is not None}
   return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
 

@@ -173,11 +173,22 @@ def evaluate(model, images, labels, release, batch: int = 500) -> float:
   return correct / len(images)
 
 
-def jax_accuracy(workdir: str | None) -> tuple[float | None, str | None]:
-  """(test accuracy, labels) of the JAX student of a workdir, from its report.json."""
+def jax_accuracy(workdir: str | None, release: dict | None = None
+                 ) -> tuple[float | None, str | None]:
+  """(test accuracy, labels) of the JAX student of a workdir, from its report.json; with
+  `release`, refuses a workdir whose synthetic set has another teacher, statistics or size."""
   if not workdir:
     return None, None
   report = json.loads((pathlib.Path(workdir) / 'report.json').read_text())
+  if release is not None:
+    manifest = json.loads((pathlib.Path(workdir) / 'synthetic' / 'manifest.json').read_text())
+    source = release.get('source', {})
+    for key, want in (('teacher_sha256', source.get('teacher_sha256')),
+                      ('statistics_sha256', source.get('statistics_sha256')),
+                      ('num_images', release.get('num_images'))):
+      if want is not None and manifest.get(key) != want:
+        raise SystemExit(f'{workdir}: its synthetic set differs from the release ({key}); '
+                         'compare JAX students trained on the exported images only')
   acc = report.get('evaluate', {}).get('synthetic', {}).get('test_accuracy')
   return acc, report.get('student', {}).get('synthetic', {}).get('labels')
 
@@ -189,6 +200,9 @@ def main(argv=None) -> int:
                       help='a workdir: its JAX student recipe, test split and accuracy')
   parser.add_argument('--jax_hard_workdir', default='',
                       help='a workdir whose JAX student used hard labels on the same images')
+  parser.add_argument('--jax_workdirs', default='',
+                      help='comma list of more workdirs with JAX students on the same images '
+                      '(e.g. --config.student.seed=1, 2): the JAX side is their mean')
   parser.add_argument('--test', default='', help='test set: image folder root or .npz')
   parser.add_argument('--labels', default='views,hard', help='comma list of views, hard')
   parser.add_argument('--epochs', type=int, default=0, help='override the recipe (0 = keep)')
@@ -232,10 +246,10 @@ def main(argv=None) -> int:
   print(f'release {args.release}: {len(images)} images, {int(views["epochs"])} view epochs; '
         f'test {len(test_images)} images; recipe {recipe}')
   jax_by_labels = {}
-  for wd in (args.recipe_from, args.jax_hard_workdir):
-    acc, kind = jax_accuracy(wd)
+  for wd in [args.recipe_from, args.jax_hard_workdir, *args.jax_workdirs.split(',')]:
+    acc, kind = jax_accuracy(wd, release)
     if acc is not None:
-      jax_by_labels[kind] = acc
+      jax_by_labels.setdefault(kind, []).append(acc)
   command = 'python benchmarks/torch_student.py ' + ' '.join(shlex.quote(a) for a in
                                                              (argv or sys.argv[1:]))
   for labels in args.labels.split(','):
@@ -247,8 +261,11 @@ def main(argv=None) -> int:
       print(f'torch student ({labels}, seed {seed}): test accuracy {100 * accs[-1]:.2f}% '
             f'in {secs:.0f}s')
     acc, spread = float(np.mean(accs)), float(np.std(accs))
-    ref = jax_by_labels.get(labels)
-    gap = '' if ref is None else f', JAX student {100 * ref:.2f}% (gap {100 * (acc - ref):+.2f})'
+    refs = jax_by_labels.get(labels)
+    ref = None if refs is None else float(np.mean(refs))
+    jax_text = '' if refs is None else (f'{100 * ref:.2f}%' if len(refs) == 1 else
+                                        f'{100 * ref:.2f}% ({100 * np.std(refs):.2f}, {len(refs)})')
+    gap = '' if ref is None else f', JAX student {jax_text} (gap {100 * (acc - ref):+.2f})'
     print(f'torch student ({labels}): test accuracy {100 * acc:.2f}% (sd {100 * spread:.2f}, '
           f'{len(seeds)} seeds){gap}')
     if not args.no_results:
@@ -259,7 +276,7 @@ def main(argv=None) -> int:
            'JAX acc', 'gap', 'seconds / student', 'command'],
           [args.name or args.release, len(images), labels, recipe['model'], recipe['epochs'],
            f'{100 * acc:.2f}% ({100 * spread:.2f}, {len(seeds)})',
-           '' if ref is None else f'{100 * ref:.2f}%',
+           jax_text,
            '' if ref is None else f'{100 * (acc - ref):+.2f}', f'{np.mean(seconds):.0f}',
            f'`{command}`'])
   return 0

@@ -9,6 +9,12 @@ from __future__ import annotations
 import ml_collections
 
 
+def student_seed(config) -> int:
+  """The seed of the students (synthetic and real-subset): student.seed, else seed."""
+  seed = config.student.get('seed')
+  return int(config.seed if seed is None else seed)
+
+
 def train_config(**overrides) -> ml_collections.ConfigDict:
   """The recipe of one supervised run (teacher, student or baseline)."""
   c = ml_collections.ConfigDict()
@@ -142,6 +148,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.student.model.stem = 'cifar'
   c.student.model.dtype = 'float32'
   c.student.labels = 'hard'     # hard | soft (teacher soft labels) | views (per-view soft labels)
+  # The students' seed (batch order and initialisation; also the real-subset baseline's, whose
+  # members stay those of `seed`). None = `seed`; set it to retrain on the same synthetic set
+  # for seed-to-seed spread: --config.student.seed=1.
+  c.student.seed = ml_collections.config_dict.placeholder(int)
 
   # --- evaluate (the data owner's side: real test split, and the fair baseline)
   c.evaluate = ml_collections.ConfigDict()

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 from absl import logging
 
-from bnsynth_jax import (artifacts, fileio, input_pipeline, parallel, report, synthetic_data,
-                         train)
+from bnsynth_jax import (artifacts, config_lib, fileio, input_pipeline, parallel, report,
+                         synthetic_data, train)
 from bnsynth_jax.sources import PrivateData
 from bnsynth_jax.workdir import stage_dir
 
@@ -23,8 +23,9 @@ MEMBERS_FILE = 'real_subset_members.npz'
 
 def _train_real_student(config, workdir, data, name, parts, size, teacher_manifest):
   cfg = config.student
+  seed = config_lib.student_seed(config)
   batches = input_pipeline.PartitionedBatches(parts, data.num_partitions, size, cfg.batch_size,
-                                              seed=config.seed)
+                                              seed=seed)
 
   def summary_values(summary):
     return {'test_accuracy': summary['test_accuracy'],
@@ -37,7 +38,7 @@ def _train_real_student(config, workdir, data, name, parts, size, teacher_manife
       image_shape=teacher_manifest['image_shape'], mean=teacher_manifest['mean'],
       std=teacher_manifest['std'], extra=lambda s: {'trained_on': name, **summary_values(s)},
       tensorboard=fileio.path(workdir) / 'tensorboard' / name,
-      name=name, cfg=cfg, batches=batches, seed=config.seed + 1,
+      name=name, cfg=cfg, batches=batches, seed=seed + 1,
       test=(data.split('test'), data.split_size('test'), data.num_partitions))
   return summary_values(summary)
 

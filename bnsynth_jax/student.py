@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from bnsynth_jax import fileio, input_pipeline, parallel, report, synthetic_data, train
+from bnsynth_jax import config_lib, fileio, input_pipeline, parallel, report, synthetic_data, train
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 
@@ -55,13 +55,14 @@ def validate(config) -> None:
 
 def run(config, workdir) -> dict:
   cfg = config.student
+  seed = config_lib.student_seed(config)
   ds = synthetic_data.load_synthetic(stage_dir(workdir, 'synthesize'))
   manifest = ds.manifest
   num_partitions, partition_ids = input_pipeline.local_partitions(config.data)
   views = check_views(cfg, manifest) if cfg.labels == 'views' else None
   parts = synthetic_partitions(ds, num_partitions, partition_ids, with_views=views is not None)
   batches = input_pipeline.PartitionedBatches(parts, num_partitions, len(ds), cfg.batch_size,
-                                              seed=config.seed)
+                                              seed=seed)
   def summary_values(summary):
     return {'train_seconds': summary['train_seconds'], 'labels': cfg.labels,
             'num_images': len(ds), 'model': cfg.model.name, 'epochs': summary['epochs'],
@@ -74,7 +75,7 @@ def run(config, workdir) -> dict:
       extra=lambda s: {'trained_on': 'synthetic', **summary_values(s),
                        **({'privacy': manifest['privacy']} if manifest.get('privacy') else {})},
       tensorboard=fileio.path(workdir) / 'tensorboard' / 'student',
-      name='student', cfg=cfg, batches=batches, seed=config.seed + 1, labels=cfg.labels,
+      name='student', cfg=cfg, batches=batches, seed=seed + 1, labels=cfg.labels,
       soft_temperature=manifest['soft_label_temperature'],
       views=None if views is None else {'key': jax.random.key(views['seed']),
                                         'epochs': views['epochs']})

@@ -121,3 +121,16 @@ def test_quality_variants_reuse_a_siblings_finished_stages(tmp_path):
                  for v in ('views', 'hard'))
   assert (views / 'manifest.json').read_text() == (hard / 'manifest.json').read_text()
   assert not (tmp_path / 'results').exists()    # no result without the evaluate stage
+
+
+def test_stage_records_from_an_older_version_match_when_the_new_key_is_at_its_default():
+  """quality.py's reuse: a key one record lacks is equal only if the other has it None."""
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  try:
+    import quality
+  finally:
+    sys.path.pop(0)
+  old = {'seed': 0, 'student.epochs': 100.0}
+  assert quality._same(old, {**old, 'student.seed': None})
+  assert not quality._same(old, {**old, 'student.seed': 1})
+  assert not quality._same(old, {**old, 'student.epochs': 50.0})

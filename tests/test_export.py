@@ -152,6 +152,20 @@ def test_torch_student_runs_end_to_end_on_a_tiny_release(tmp_path, capsys):
   assert set(accuracy) == {'views', 'hard'}
   # 12 noise images with hard labels are memorised: the training loop does learn.
   assert accuracy['hard'] >= 75.0, out
+  # A JAX workdir to compare with is read only if its synthetic set is the release's.
+  workdir = tmp_path / 'jax_run'
+  (workdir / 'synthetic').mkdir(parents=True)
+  (workdir / 'report.json').write_text(json.dumps(
+      {'evaluate': {'synthetic': {'test_accuracy': 0.5}},
+       'student': {'synthetic': {'labels': 'views'}}}))
+  manifest = json.loads((directory / 'manifest.json').read_text())
+  (workdir / 'synthetic' / 'manifest.json').write_text(json.dumps(manifest))
+  release = json.loads((tmp_path / 'release' / 'release.json').read_text())
+  assert torch_student.jax_accuracy(str(workdir), release) == (0.5, 'views')
+  manifest['statistics_sha256'] = 'f' * 64
+  (workdir / 'synthetic' / 'manifest.json').write_text(json.dumps(manifest))
+  with pytest.raises(SystemExit, match='differs from the release'):
+    torch_student.jax_accuracy(str(workdir), release)
   # A recipe whose views differ from the release's is refused.
   with pytest.raises(SystemExit, match='differ'):
     torch_student.main([f'--release={tmp_path / "release"}', f'--test={tmp_path / "test.npz"}',
