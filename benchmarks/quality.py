@@ -114,7 +114,10 @@ def apply_overrides(config, overrides: dict[str, object]) -> None:
     if leaf not in node:
       raise SystemExit(f'error: unknown config key {dotted}')
     current = node[leaf]
-    if isinstance(value, str) and not isinstance(current, str):
+    if current is None and isinstance(value, str):   # a placeholder: its declared type
+      kind = node.get_ref(leaf).get_type()
+      value = kind(value)
+    elif isinstance(value, str) and not isinstance(current, str):
       if isinstance(current, bool):
         value = value.lower() in ('1', 'true', 'yes')
       elif isinstance(current, tuple):

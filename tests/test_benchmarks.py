@@ -124,7 +124,8 @@ def test_quality_variants_reuse_a_siblings_finished_stages(tmp_path):
 
 
 def test_stage_records_from_an_older_version_match_when_the_new_key_is_at_its_default():
-  """quality.py's reuse: a key one record lacks is equal only if the other has it None."""
+  """quality.py's reuse: a key one record lacks is equal only if the other has it None;
+  its --set parses a placeholder key by its declared type."""
   sys.path.insert(0, str(REPO / 'benchmarks'))
   try:
     import quality
@@ -134,3 +135,9 @@ def test_stage_records_from_an_older_version_match_when_the_new_key_is_at_its_de
   assert quality._same(old, {**old, 'student.seed': None})
   assert not quality._same(old, {**old, 'student.seed': 1})
   assert not quality._same(old, {**old, 'student.epochs': 50.0})
+  # --set on a key whose default is None (a placeholder) takes the declared type.
+  from bnsynth_jax import config_lib
+  config = config_lib.default_config()
+  quality.apply_overrides(config, {'student.seed': '2', 'student.epochs': '3'})
+  assert config.student.seed == 2 and isinstance(config.student.seed, int)
+  assert config.student.epochs == 3.0
