@@ -13,7 +13,8 @@ student differs) with `--set SWEEP=VALUE` (plus any --set given here), and the r
 student of the same size and recipe. Each finished run is a workdir under
 benchmarks/results/workdirs/<suite>/, so an interrupted sweep resumes where it stopped
 (stages resume inside a run; finished runs are read back). A row per value goes to
-benchmarks/RESULTS.md (section utility-<suite>-<sweep>), with where the hours go: the
+benchmarks/RESULTS.md (section utility-<suite>-<sweep>, plus -<views>-<hard> for a --variants
+pair other than the suite's default), with where the hours go: the
 synthesis optimisation (image-iterations per image, seconds), the per-view labelling (teacher
 forward passes = images x view epochs, seconds), and the student's training seconds.
 --plot draws test accuracy (real subset, synthetic per-view, synthetic hard) and the ratios
@@ -130,9 +131,13 @@ def main(argv=None) -> int:
     points.append(point)
     print(json.dumps(point), flush=True)
     if not args.no_results_md:
+      # Other variants than the suite's default pair get a section of their own.
+      pair = ('' if args.variants == ','.join(DEFAULT_VARIANTS[args.suite]) else
+              '-' + args.variants.replace(',', '-'))
       append_row(
-          f'utility-{args.suite}-{args.sweep}',
-          f'Utility sweep: {args.suite}, {args.sweep}' + ''.join(f', {s}' for s in args.set),
+          f'utility-{args.suite}-{args.sweep}{pair}',
+          f'Utility sweep: {args.suite}, {args.sweep}' + (f', {args.variants}' if pair else '')
+          + ''.join(f', {s}' for s in args.set),
           [args.sweep, 'images', 'iterations', 'image-its per image (optimise s)',
            'view-label forwards (s)', 'student s', 'BN loss end', 'teacher agreement',
            'real-subset acc', 'per-view acc', 'per-view ratio', 'hard acc', 'hard ratio',

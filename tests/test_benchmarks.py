@@ -63,6 +63,14 @@ def test_utility_sweep_reads_finished_runs_into_rows_and_a_plot(tmp_path):
   cells = [c.strip() for c in rows[1].strip('|').split('|')]
   assert cells[1] == '200' and cells[3] == '100 (45 s)' and cells[4] == '20000 (5 s)'
   assert cells[9] == '0.6600' and cells[10] == '0.943' and cells[12] == '0.571'
+  assert '<!-- begin utility-digits-synthesis.images_per_class -->' in results_md.read_text()
+  # Another pair of variants gets its own section (here the same runs, roles swapped).
+  rc = utility.main(['--suite=digits', '--sweep=synthesis.images_per_class', '--values=20',
+                     '--variants=hard,views', f'--root={root}'])
+  text = results_md.read_text()
+  section = text.split('<!-- begin utility-digits-synthesis.images_per_class-hard-views -->')[1]
+  cells = [c.strip() for c in section.split('| 20 |')[1].split('|')]
+  assert rc == 0 and cells[8] == '0.4000' and cells[10] == '0.6600'
 
 
 def test_privacy_tradeoff_rows_from_a_single_run_and_its_refusal(tmp_path):
