@@ -26,9 +26,10 @@ per-view student 31.47% / 33.43% / 33.07% / 41.18%, hard-label 23.28% / 21.88% /
 core, each student ~1,600 s.
 Fewer iterations cost 8+ points here. With global statistics (--variants=global_views,
 global_hard, section utility-cifar10_cpu-synthesis.iterations-global_views-global_hard) 200
-iterations (1,482 s) give a per-view student of 44.53%, above the class-wise default at 500
-(41.18%) for 2.5x less optimisation, but a hard-label student of 14.61% (the teacher agrees
-with 69% of the intended classes): the fast choice for per-view releases,
+iterations (1,482 s) give a per-view student of 44.53%, on par with the class-wise default at
+500 (42.23% mean of student seeds 0 / 1 / 2: 41.18 / 44.58 / 40.93%) for 2.5x less
+optimisation, but a hard-label student of 14.61% (the teacher agrees with 69% of the intended
+classes): the fast choice for per-view releases,
   --config.stats.kind=global --config.synthesis.iterations=200
 not the default while hard labels need class-wise images. Global at 500 (48.93% per view, an
 earlier row) is being re-measured with its hard-label student in the same sweep.
