@@ -31,8 +31,8 @@ iterations (1,482 s) give a per-view student of 44.53%, on par with the class-wi
 optimisation, but a hard-label student of 14.61% (the teacher agrees with 69% of the intended
 classes): the fast choice for per-view releases,
   --config.stats.kind=global --config.synthesis.iterations=200
-not the default while hard labels need class-wise images. Global at 500 (48.93% per view, an
-earlier row) is being re-measured with its hard-label student in the same sweep.
+not the default while hard labels need class-wise images. Global at 500: 48.80% per view
+(48.93% in an earlier run); its hard-label student is being measured.
 """
 
 from bnsynth_jax import config_lib
