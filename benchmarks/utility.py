@@ -76,7 +76,7 @@ def row(value: str, r: dict[str, dict]) -> tuple[list[str], dict]:
   return cells, point
 
 
-def plot(points: list[dict], sweep: str, path: str, suite: str) -> None:
+def plot(points: list[dict], sweep: str, path: str, title: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -88,12 +88,12 @@ def plot(points: list[dict], sweep: str, path: str, suite: str) -> None:
                              ('views', 's-', 'synthetic, per-view labels'),
                              ('hard', 'd-', 'synthetic, hard labels')):
     left.plot(xs, [100 * p[key] for p in points], marker, label=label)
-  left.set(xscale='log', xlabel=xlabel, ylabel='test accuracy (%)', title=f'{suite}: students')
+  left.set(xscale='log', xlabel=xlabel, ylabel='test accuracy (%)', title=f'{title}: students')
   for key, marker, label in (('ratio_views', 's-', 'per-view labels'),
                              ('ratio_hard', 'd-', 'hard labels')):
     right.plot(xs, [p[key] for p in points], marker, label=label)
   right.set(xscale='log', ylim=(0, 1.05), xlabel=xlabel,
-            ylabel='synthetic / real-subset accuracy', title=f'{suite}: ratio')
+            ylabel='synthetic / real-subset accuracy', title=f'{title}: ratio')
   for ax in (left, right):
     ax.minorticks_off()
     ax.set_xticks(xs, [str(x) for x in xs])
@@ -143,7 +143,9 @@ def main(argv=None) -> int:
            'real-subset acc', 'per-view acc', 'per-view ratio', 'hard acc', 'hard ratio',
            'command'], cells + [f'`{command}`'])
   if args.plot:
-    plot(points, args.sweep, args.plot, args.suite)
+    plot(points, args.sweep, args.plot,
+         args.suite + (f' ({args.variants})'
+                       if args.variants != ','.join(DEFAULT_VARIANTS[args.suite]) else ''))
     print(f'wrote {args.plot}')
   return 0
 

@@ -31,8 +31,12 @@ iterations (1,482 s) give a per-view student of 44.53%, on par with the class-wi
 optimisation, but a hard-label student of 14.61% (the teacher agrees with 69% of the intended
 classes): the fast choice for per-view releases,
   --config.stats.kind=global --config.synthesis.iterations=200
-not the default while hard labels need class-wise images. Global at 500: 48.80% per view
-(48.93% in an earlier run); its hard-label student is being measured.
+not the default while hard labels need class-wise images. Global at 500 (3,927 s, the
+default's compute; --values=200,500 with the same --variants, docs/utility_compute_cifar10_global.png):
+48.80% per view (+6.6 points over the class-wise default; 48.93% in an earlier run) but 20.68%
+with hard labels (-6.1). No statistics kind wins on both label kinds at equal compute, so the
+default stays class-wise at 500 iterations: a release's consumer who ignores the per-view labels
+keeps the better images, and --config.stats.kind=global is the choice for per-view releases.
 """
 
 from bnsynth_jax import config_lib
