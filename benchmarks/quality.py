@@ -4,7 +4,9 @@ Each (suite, variant) runs teacher -> stats -> synthesize -> student -> evaluate
 (-> audit with --audit) in its own workdir, writes a results JSON and appends a row,
 with the exact command, to benchmarks/RESULTS.md. Finished stages of sibling
 workdirs whose recorded configuration is identical are reused (copied), so that a
-variant that changes only the student does not synthesise again.
+variant that changes only the student does not synthesise again; one that changes only
+the image count (the scaling curve) copies the batches a sibling made already
+(synthesis.reuse_from: batch i does not depend on the image count).
 
   python benchmarks/quality.py --suite=digits --variant=views,hard,soft,global_hard
   python benchmarks/quality.py --suite=cifar10_cpu --variant=classwise_views --audit
@@ -193,6 +195,22 @@ def reuse_finished_stages(root: pathlib.Path, workdir: pathlib.Path, config) -> 
         break
     else:
       break   # a later stage cannot be reused if this one is not
+  # A synthesis with another image count but otherwise the same: its batches are this run's
+  # first ones (or all of them); synthesis.reuse_from copies them (the sibling with the most).
+  if not (stage_dir(workdir, 'synthesize') / 'manifest.json').exists():
+    from bnsynth_jax import synthesis
+    want = pipeline.stage_config(config, 'synthesize', workdir)
+    best, most = None, 0
+    for sib in siblings:
+      src = stage_dir(sib, 'synthesize')
+      record = src / 'stage_config.json'
+      count = len(list((src / 'shards').glob('shard-*.npz'))) if (src / 'shards').exists() else 0
+      if count > most and record.exists() and not synthesis.reuse_differences(
+          want, json.loads(record.read_text())):
+        best, most = src, count
+    if best is not None:
+      config.synthesis.reuse_from = str(best)
+      print(f'reusing {most} synthesis batches of {best.parent.name}', flush=True)
   # The real-subset baseline: the same recipe gives the same model; resume it at its end.
   fp = real_subset_fingerprint(config)
   target = stage_dir(workdir, 'evaluate') / 'real_subset'

@@ -140,6 +140,11 @@ def default_config() -> ml_collections.ConfigDict:
   s.checkpoint_every_iterations = 100   # mid-batch checkpoints (0 = only whole batches)
   s.teacher_dir = ''            # '' = WORKDIR/teacher; a third party points at the files it got
   s.stats_dir = ''              # '' = WORKDIR/stats
+  # Grow (or shrink) a synthetic set: copy the finished batches of another synthesis (a
+  # workdir or its synthetic/ folder) made with the same teacher, statistics and settings
+  # but another images_per_class. Batch i is fold_in(seed, i) with labels (arange % C) in
+  # both, so the copied batches are the ones this run would compute (tests/test_main.py).
+  s.reuse_from = ''
 
   # --- student (reads only the synthetic dataset)
   c.student = train_config(epochs=100.0, eval_every_epochs=0.0, warmup_epochs=2.0)
@@ -179,7 +184,7 @@ def default_config() -> ml_collections.ConfigDict:
 # other values of these.
 VOLATILE_KEYS = frozenset({
     'data.root', 'data.data_dir', 'data.decode_threads', 'stats.batch_size',
-    'synthesis.teacher_dir', 'synthesis.stats_dir', 'audit.block_size',
+    'synthesis.teacher_dir', 'synthesis.stats_dir', 'synthesis.reuse_from', 'audit.block_size',
     'log_every_steps', 'checkpoint_every_steps', 'eval_batch_size', 'eval_every_epochs',
     'log_every_iterations', 'checkpoint_every_iterations',
 })

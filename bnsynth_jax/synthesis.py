@@ -27,12 +27,16 @@ Dataset-scale generation: N = images_per_class x classes images in batches of B,
 K iterations each. Batch i uses the key fold_in(seed, i) and the labels
 (arange(N) % C)[iB:(i+1)B], so the output does not depend on device or process
 count, and a resumed run repeats nothing: finished batches are shards on disk,
-the batch in flight resumes from its last orbax checkpoint.
+the batch in flight resumes from its last orbax checkpoint. Nor does batch i depend
+on N: synthesis.reuse_from copies the batches of a set made with the same teacher,
+statistics and settings but another image count (grow 2,000 images to 10,000, or
+take the first 1,000 of them) instead of computing them again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from typing import Any, Callable, Mapping
@@ -401,7 +405,7 @@ def _process_slice(global_batch: int) -> slice:
 
 
 def _check_run_info(inputs: Inputs, cfg, out_dir, seed: int, num_images: int,
-                    total_iterations: int) -> None:
+                    total_iterations: int) -> dict:
   """A resumed run must be the same run: same teacher, statistics and settings."""
   run_info = {'teacher_sha256': inputs.teacher_manifest['variables_sha256'],
               'statistics_sha256': inputs.stats_manifest['statistics_sha256'],
@@ -416,6 +420,83 @@ def _check_run_info(inputs: Inputs, cfg, out_dir, seed: int, num_images: int,
                       'differ): use a new workdir, or --overwrite')
   elif parallel.is_main_process():
     fileio.atomic_write_json(info_path, run_info)
+  return run_info
+
+
+# Stage-config keys a reused synthesis may differ in: the image count, and the sections whose
+# effect on synthesis is pinned by the teacher and statistics sha256 (inputs.*, compared).
+_REUSE_FREE = ('synthesis.images_per_class',)
+_REUSE_PINNED = ('teacher.', 'privacy.', 'stats.')
+
+
+def reuse_source(reuse_from) -> Any:
+  """The synthetic folder synthesis.reuse_from names (a workdir or its synthetic/ folder)."""
+  root = fileio.path(reuse_from)
+  for candidate in (root / 'synthetic', root):
+    if (candidate / 'run_info.json').exists():
+      return candidate
+  raise UserError(f'synthesis.reuse_from={reuse_from} holds no synthesis (no run_info.json in it '
+                  'or in its synthetic/ folder): point it at a workdir whose synthesize stage '
+                  'has started, or drop it')
+
+
+def reuse_differences(own: dict, other: dict) -> list[str]:
+  """The stage-config keys that make another synthesis's batches not this run's."""
+  diffs = [k for k in ('inputs.teacher_sha256', 'inputs.statistics_sha256')
+           if own.get(k) is None or own.get(k) != other.get(k)]
+  return sorted(diffs + [
+      k for k in own.keys() & other.keys()
+      if k not in _REUSE_FREE and not k.startswith(_REUSE_PINNED) and not k.startswith('inputs.')
+      and fileio.to_json(own[k]) != fileio.to_json(other[k])])
+
+
+def _reuse_batches(out_dir, reuse_from, run_info: dict, labels_all: np.ndarray,
+                   num_batches: int, timings: dict) -> int:
+  """Copies the batches this run lacks from another synthesis made with the same teacher,
+  statistics and settings (any image count); returns how many. Main process only."""
+  source = reuse_source(reuse_from)
+  own_record, other_record = out_dir / 'stage_config.json', source / 'stage_config.json'
+  if not own_record.exists() or not other_record.exists():
+    missing = own_record if not own_record.exists() else other_record
+    raise UserError(f'synthesis.reuse_from needs both syntheses made by the pipeline ({missing} '
+                    'is missing): run them with python -m bnsynth_jax.main, or drop reuse_from')
+  diffs = reuse_differences(fileio.read_json(own_record), fileio.read_json(other_record))
+  other_info = fileio.read_json(source / 'run_info.json')
+  diffs += sorted(f'run_info.{k}' for k in run_info
+                  if k != 'num_images' and other_info.get(k) != run_info[k])
+  if diffs:
+    raise UserError(f'synthesis.reuse_from={reuse_from} was made with other settings '
+                    f'({", ".join(diffs[:4])}{" ..." if len(diffs) > 4 else ""} differ): its '
+                    'batches are not this run\'s; point it at a synthesis that differs only in '
+                    'images_per_class, or drop it')
+  # A finished source records each shard's sha256: a copied shard must match it.
+  manifest = source / 'manifest.json'
+  recorded = ({e['file']: e['sha256'] for e in fileio.read_json(manifest)['shards']}
+              if manifest.exists() else {})
+  other_timings = (fileio.read_json(source / 'timings.json')
+                   if (source / 'timings.json').exists() else {})
+  batch, copied = len(labels_all) // num_batches, 0
+  for i in range(num_batches):
+    mine, theirs = synthetic_data.shard_path(out_dir, i), synthetic_data.shard_path(source, i)
+    if mine.exists() or not theirs.exists():
+      continue
+    data = theirs.read_bytes()
+    if theirs.name in recorded and hashlib.sha256(data).hexdigest() != recorded[theirs.name]:
+      raise UserError(f'{theirs} was altered since its synthesis finished (sha256 differs from '
+                      f'{manifest}): drop synthesis.reuse_from or use another source')
+    if not np.array_equal(fileio.read_npz_bytes(data)['labels'],
+                          labels_all[i * batch:(i + 1) * batch]):
+      raise UserError(f'{theirs} holds other labels than batch {i} of this run: drop '
+                      'synthesis.reuse_from or use another source')
+    fileio.atomic_write_bytes(mine, data)
+    if str(i) in other_timings:
+      timings[str(i)] = {**other_timings[str(i)], 'reused_from': str(source)}
+    copied += 1
+  if copied:
+    fileio.atomic_write_json(out_dir / 'timings.json', timings)
+  logging.info('synthesize: reused %d of %d batches from %s (same teacher, statistics and '
+               'settings)', copied, num_batches, source)
+  return copied
 
 
 @dataclasses.dataclass
@@ -532,11 +613,14 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
   num_batches = num_images // batch
   total_iterations = cfg.multires_iterations + cfg.iterations
   labels_all = target_labels(num_images, inputs.problem.num_classes)
-  _check_run_info(inputs, cfg, out_dir, seed, num_images, total_iterations)
-  run = _prepare_run(inputs, cfg, seed, total_iterations)
-  run.writer, run.on_iteration = writer, on_iteration
+  run_info = _check_run_info(inputs, cfg, out_dir, seed, num_images, total_iterations)
   timings_path = out_dir / 'timings.json'
   timings = fileio.read_json(timings_path) if timings_path.exists() else {}
+  if cfg.get('reuse_from') and parallel.is_main_process():
+    _reuse_batches(out_dir, cfg.reuse_from, run_info, labels_all, num_batches, timings)
+  parallel.sync('synthesis-reuse')
+  run = _prepare_run(inputs, cfg, seed, total_iterations)
+  run.writer, run.on_iteration = writer, on_iteration
   # Process 0 decides what is left to do (hosts may see the filesystem at different times).
   todo = parallel.broadcast_from_main(
       [i for i in range(num_batches) if not synthetic_data.shard_path(out_dir, i).exists()])
@@ -596,6 +680,8 @@ def finish(inputs: Inputs, cfg, out_dir, seed: int, num_batches: int, timings: d
       'view_label_seconds': sum(t.get('view_label_seconds', 0.0) for t in timings.values()),
       'view_label_forward_passes': int(len(cat['labels'])) * int(cfg.view_epochs),
       'dtype': cfg.dtype, 'stats_scope': cfg.stats_scope,
+      # Batches copied by synthesis.reuse_from (their seconds are the source's).
+      'reused_batches': sum(1 for t in timings.values() if 'reused_from' in t),
   }
   if parallel.is_main_process():
     synthetic_data.write_samples(out_dir, num_batches, problem.num_classes)
@@ -635,6 +721,8 @@ def validate(config) -> None:
   for key, allowed in checks:
     if cfg[key] not in allowed:
       raise UserError(f'unknown synthesis.{key} {cfg[key]!r}: use one of {", ".join(allowed)}')
+  if cfg.get('reuse_from'):
+    reuse_source(cfg.reuse_from)
   if cfg.images_per_class < 0 or cfg.batch_size < 0 or cfg.iterations < 1:
     raise UserError(f'synthesis.images_per_class={cfg.images_per_class}, batch_size='
                     f'{cfg.batch_size}, iterations={cfg.iterations}: use images_per_class and '

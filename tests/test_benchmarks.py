@@ -109,13 +109,14 @@ def test_report_records_the_command_line(monkeypatch):
 def test_quality_variants_reuse_a_siblings_finished_stages(tmp_path):
   """A variant that only changes the student's labels reuses its sibling's teacher, statistics
   and synthetic set (compared after the preflight's derived values, e.g. the image size):
-  run with --stages up to synthesize, the second variant trains and synthesises nothing."""
-  def quality(variant):
+  run with --stages up to synthesize, the second variant trains and synthesises nothing; a
+  third with twice the images copies the first half of its synthesis (synthesis.reuse_from)."""
+  def quality(variant, *extra):
     return subprocess.run(
         [sys.executable, 'benchmarks/quality.py', '--suite=digits', f'--variant={variant}',
          f'--root={tmp_path / "w"}', '--stages=teacher,stats,synthesize', '--no_results_md',
          '--set=teacher.epochs=1', '--set=synthesis.iterations=2',
-         '--set=synthesis.images_per_class=8', '--set=synthesis.view_epochs=2'],
+         '--set=synthesis.images_per_class=8', '--set=synthesis.view_epochs=2', *extra],
         cwd=REPO, capture_output=True, text=True, timeout=600)
   first = quality('views')
   assert first.returncode == 0, first.stderr[-3000:]
@@ -129,6 +130,15 @@ def test_quality_variants_reuse_a_siblings_finished_stages(tmp_path):
                  for v in ('views', 'hard'))
   assert (views / 'manifest.json').read_text() == (hard / 'manifest.json').read_text()
   assert not (tmp_path / 'results').exists()    # no result without the evaluate stage
+  third = quality('views', '--set=synthesis.images_per_class=16')
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert 'reusing teacher from' in third.stdout and 'reusing synthesize' not in third.stdout
+  assert 'synthesis batches of' in third.stdout, third.stdout[-3000:]
+  big = next((tmp_path / 'w' / 'digits').glob('views+synthesis.images_per_class=16+*'))
+  big = big / 'synthetic'
+  first_half = json.loads((views / 'manifest.json').read_text())['shards']
+  assert first_half == json.loads((big / 'manifest.json').read_text())['shards'][:len(first_half)]
+  assert json.loads((big / 'metrics.json').read_text())['reused_batches'] == len(first_half)
 
 
 def test_stage_records_from_an_older_version_match_when_the_new_key_is_at_its_default():

@@ -207,6 +207,55 @@ def test_student_seed_retrains_on_the_same_synthetic_set(tmp_path):
   assert recorded['student.seed'] == 1 and recorded['seed'] == 0
 
 
+def test_synthesis_reuse_from_grows_and_shrinks_a_set_bit_for_bit(tmp_path):
+  """synthesis.reuse_from copies the batches another image count already computed: the
+  grown set equals one made from scratch, byte for byte; other settings are refused."""
+  import shutil
+  tiny = ('--config=configs/digits.py', '--config.model.name=resnet_tiny',
+          '--config.teacher.num_steps=2', '--config.synthesis.batch_size=40',
+          '--config.synthesis.iterations=3', '--config.synthesis.view_epochs=1')
+  shards = lambda w: {p.name: p.read_bytes() for p in (w / 'synthetic' / 'shards').iterdir()}
+  small = tmp_path / 'small'
+  first = run_main(*tiny, f'--workdir={small}', '--stages=teacher,stats,synthesize',
+                   '--config.synthesis.images_per_class=4')          # 1 batch
+  assert first.returncode == 0, first.stderr[-3000:]
+
+  def copy_inputs(name):
+    shutil.copytree(small, tmp_path / name, ignore=shutil.ignore_patterns('synthetic'))
+    return tmp_path / name
+
+  fresh, grown, shrunk = copy_inputs('fresh'), copy_inputs('grown'), copy_inputs('shrunk')
+  assert run_main(*tiny, f'--workdir={fresh}', '--stages=synthesize',
+                  '--config.synthesis.images_per_class=12').returncode == 0     # 3 batches
+  result = run_main(*tiny, f'--workdir={grown}', '--stages=synthesize',
+                    '--config.synthesis.images_per_class=12',
+                    f'--config.synthesis.reuse_from={small}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'reused 1 of 3 batches' in result.stderr
+  assert sorted(shards(grown)) == ['shard-00000.npz', 'shard-00001.npz', 'shard-00002.npz']
+  assert shards(grown) == shards(fresh)            # the grown set is the from-scratch set
+  summary = json.loads((grown / 'report.json').read_text())['synthesis']
+  assert summary['reused_batches'] == 1 and summary['num_images'] == 120
+  # Shrinking takes the first batches of a larger set: nothing left to compute.
+  result = run_main(*tiny, f'--workdir={shrunk}', '--stages=synthesize',
+                    '--config.synthesis.images_per_class=4',
+                    f'--config.synthesis.reuse_from={fresh}/synthetic')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'reused 1 of 1 batches' in result.stderr and 'iteration' not in result.stderr
+  assert shards(shrunk) == shards(small)
+  # Another setting, or a folder with no synthesis: one line, nothing written.
+  other = copy_inputs('other')
+  assert_user_error(run_main(*tiny, f'--workdir={other}', '--stages=synthesize',
+                             '--config.synthesis.images_per_class=12',
+                             '--config.synthesis.learning_rate=0.05',
+                             f'--config.synthesis.reuse_from={small}'),
+                    'other settings', 'synthesis.learning_rate')
+  assert not (other / 'synthetic' / 'shards').exists()
+  assert_user_error(run_main(*tiny, f'--workdir={other}', '--stages=synthesize',
+                             f'--config.synthesis.reuse_from={tmp_path / "nowhere"}'),
+                    'holds no synthesis')
+
+
 def test_stages_after_stats_do_not_see_the_private_data_location():
   from bnsynth_jax import config_lib, pipeline
   config = config_lib.default_config()
