@@ -757,9 +757,10 @@ def run(config, workdir) -> dict:
   if cfg.multires_iterations and any(s % 2 for s in inputs.problem.image_shape[:2]):
     raise UserError('synthesis.multires_iterations needs even image sizes: set it to 0')
   writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / 'synthesis')
-  summary = generate(inputs, cfg, stage_dir(workdir, 'synthesize'), config.seed,
-                     writer)
-  writer.close()
+  try:   # closed on a refusal too (an open event writer fails at interpreter exit)
+    summary = generate(inputs, cfg, stage_dir(workdir, 'synthesize'), config.seed, writer)
+  finally:
+    writer.close()
   report.update(workdir, {'synthesis': summary})
   if parallel.is_main_process():
     print(f"synthesis: {summary['num_images']} images, BN loss {summary['bn_loss_initial']:.4f} "

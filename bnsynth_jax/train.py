@@ -361,10 +361,12 @@ def fit_and_save(out, *, model_config, class_names, num_classes: int, image_shap
                               norm=model_config.get('norm', 'batch'),
                               dtype=model_config.dtype)
   writer = metrics.Writer(tensorboard) if tensorboard else None
-  variables, summary = fit(model=model, num_classes=num_classes, image_shape=image_shape,
-                           mean=mean, std=std, workdir=out, writer=writer, **fit_args)
-  if writer:
-    writer.close()
+  try:   # closed on an error too (an open event writer fails at interpreter exit)
+    variables, summary = fit(model=model, num_classes=num_classes, image_shape=image_shape,
+                             mean=mean, std=std, workdir=out, writer=writer, **fit_args)
+  finally:
+    if writer:
+      writer.close()
   artifacts.save_model(out, model_config=model_config, variables=variables,
                        class_names=class_names, image_shape=image_shape, mean=mean, std=std,
                        extra=extra(summary))
