@@ -450,10 +450,9 @@ def reuse_differences(own: dict, other: dict) -> list[str]:
       and fileio.to_json(own[k]) != fileio.to_json(other[k])])
 
 
-def _reuse_batches(out_dir, reuse_from, run_info: dict, labels_all: np.ndarray,
-                   num_batches: int, timings: dict) -> int:
-  """Copies the batches this run lacks from another synthesis made with the same teacher,
-  statistics and settings (any image count); returns how many. Main process only."""
+def _reusable_source(out_dir, reuse_from, run_info: dict):
+  """The synthetic folder reuse_from names, if it was made with the same teacher, statistics
+  and settings as this run (any image count); else UserError naming the differences."""
   source = reuse_source(reuse_from)
   own_record, other_record = out_dir / 'stage_config.json', source / 'stage_config.json'
   if not own_record.exists() or not other_record.exists():
@@ -469,6 +468,13 @@ def _reuse_batches(out_dir, reuse_from, run_info: dict, labels_all: np.ndarray,
                     f'({", ".join(diffs[:4])}{" ..." if len(diffs) > 4 else ""} differ): its '
                     'batches are not this run\'s; point it at a synthesis that differs only in '
                     'images_per_class, or drop it')
+  return source
+
+
+def _reuse_batches(out_dir, source, labels_all: np.ndarray, num_batches: int,
+                   timings: dict) -> int:
+  """Copies the batches this run lacks from `source` (checked by _reusable_source); returns
+  how many. Main process only."""
   # A finished source records each shard's sha256: a copied shard must match it.
   manifest = source / 'manifest.json'
   recorded = ({e['file']: e['sha256'] for e in fileio.read_json(manifest)['shards']}
@@ -616,9 +622,17 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
   run_info = _check_run_info(inputs, cfg, out_dir, seed, num_images, total_iterations)
   timings_path = out_dir / 'timings.json'
   timings = fileio.read_json(timings_path) if timings_path.exists() else {}
-  if cfg.get('reuse_from') and parallel.is_main_process():
-    _reuse_batches(out_dir, cfg.reuse_from, run_info, labels_all, num_batches, timings)
-  parallel.sync('synthesis-reuse')
+  if cfg.get('reuse_from'):
+    # Every process checks (a refusal stops all of them); process 0 copies.
+    source, error = _reusable_source(out_dir, cfg.reuse_from, run_info), None
+    if parallel.is_main_process():
+      try:
+        _reuse_batches(out_dir, source, labels_all, num_batches, timings)
+      except UserError as e:   # an altered source shard: every process stops with it
+        error = str(e)
+    error = parallel.broadcast_from_main(error)
+    if error:
+      raise UserError(error)
   run = _prepare_run(inputs, cfg, seed, total_iterations)
   run.writer, run.on_iteration = writer, on_iteration
   # Process 0 decides what is left to do (hosts may see the filesystem at different times).

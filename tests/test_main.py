@@ -254,6 +254,15 @@ def test_synthesis_reuse_from_grows_and_shrinks_a_set_bit_for_bit(tmp_path):
   assert_user_error(run_main(*tiny, f'--workdir={other}', '--stages=synthesize',
                              f'--config.synthesis.reuse_from={tmp_path / "nowhere"}'),
                     'holds no synthesis')
+  shard = small / 'synthetic' / 'shards' / 'shard-00000.npz'     # a source altered since
+  data = bytearray(shard.read_bytes())
+  data[-100] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  again = copy_inputs('again')
+  assert_user_error(run_main(*tiny, f'--workdir={again}', '--stages=synthesize',
+                             '--config.synthesis.images_per_class=12',
+                             f'--config.synthesis.reuse_from={small}'), 'was altered')
+  assert not (again / 'synthetic' / 'shards').exists()
 
 
 def test_stages_after_stats_do_not_see_the_private_data_location():
