@@ -46,6 +46,9 @@ class Stage:
   report_keys: tuple[str, ...]      # report.json dot-paths it writes
   validate: Callable[[Any], None] | None = None      # config-only checks (the preflight runs them)
   inputs: Callable[[Any, Any], dict] | None = None   # fingerprints of the artifacts it reads
+  # precheck(config, workdir, its stage config): checks that need the upstream artifacts,
+  # run before the stage records anything (a refusal leaves the workdir as it was)
+  precheck: Callable[[Any, Any, dict], None] | None = None
 
 
 STAGES = (
@@ -53,7 +56,7 @@ STAGES = (
           ('teacher', 'privacy'), teacher.validate),
     Stage('stats', stats.run, ('stats',), True, ('stats',), stats.validate),
     Stage('synthesize', synthesis.run, ('synthesis',), False, ('synthesis',),
-          synthesis.validate, synthesis.input_fingerprints),
+          synthesis.validate, synthesis.input_fingerprints, synthesis.precheck),
     Stage('student', student.run, ('student',), False, ('student',), student.validate),
     Stage('evaluate', evaluation.run, ('evaluate',), True, ('evaluate',)),
     Stage('audit', audit.run, ('audit',), True, ('audit',), audit.validate),
@@ -193,6 +196,8 @@ def _run_stages(config, workdir, selected: list[Stage], data, overwrite) -> dict
   report.update(workdir, {'environment': report.environment(),
                           'config': json.loads(config.to_json_best_effort())})
   for stage in selected:
+    if stage.precheck and not is_done(workdir, stage.name):
+      stage.precheck(config, workdir, stage_config(config, stage.name, workdir))
     claim_stage(config, workdir, stage.name, overwrite)
     if is_done(workdir, stage.name):
       logging.info('stage %s: done already (%s), skipping', stage.name,

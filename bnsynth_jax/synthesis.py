@@ -450,19 +450,21 @@ def reuse_differences(own: dict, other: dict) -> list[str]:
       and fileio.to_json(own[k]) != fileio.to_json(other[k])])
 
 
-def _reusable_source(out_dir, reuse_from, run_info: dict):
+def _reusable_source(own_config: dict | None, reuse_from, run_info: dict | None = None):
   """The synthetic folder reuse_from names, if it was made with the same teacher, statistics
-  and settings as this run (any image count); else UserError naming the differences."""
+  and settings as this run (`own_config`: its stage config; any image count); else UserError
+  naming the differences."""
   source = reuse_source(reuse_from)
-  own_record, other_record = out_dir / 'stage_config.json', source / 'stage_config.json'
-  if not own_record.exists() or not other_record.exists():
-    missing = own_record if not own_record.exists() else other_record
+  other_record = source / 'stage_config.json'
+  if own_config is None or not other_record.exists():
+    missing = 'this run\'s stage config' if own_config is None else other_record
     raise UserError(f'synthesis.reuse_from needs both syntheses made by the pipeline ({missing} '
                     'is missing): run them with python -m bnsynth_jax.main, or drop reuse_from')
-  diffs = reuse_differences(fileio.read_json(own_record), fileio.read_json(other_record))
-  other_info = fileio.read_json(source / 'run_info.json')
-  diffs += sorted(f'run_info.{k}' for k in run_info
-                  if k != 'num_images' and other_info.get(k) != run_info[k])
+  diffs = reuse_differences(own_config, fileio.read_json(other_record))
+  if run_info is not None:
+    other_info = fileio.read_json(source / 'run_info.json')
+    diffs += sorted(f'run_info.{k}' for k in run_info
+                    if k != 'num_images' and other_info.get(k) != run_info[k])
   if diffs:
     raise UserError(f'synthesis.reuse_from={reuse_from} was made with other settings '
                     f'({", ".join(diffs[:4])}{" ..." if len(diffs) > 4 else ""} differ): its '
@@ -624,7 +626,10 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
   timings = fileio.read_json(timings_path) if timings_path.exists() else {}
   if cfg.get('reuse_from'):
     # Every process checks (a refusal stops all of them); process 0 copies.
-    source, error = _reusable_source(out_dir, cfg.reuse_from, run_info), None
+    own = out_dir / 'stage_config.json'
+    source = _reusable_source(fileio.read_json(own) if own.exists() else None, cfg.reuse_from,
+                              run_info)
+    error = None
     if parallel.is_main_process():
       try:
         _reuse_batches(out_dir, source, labels_all, num_batches, timings)
@@ -741,6 +746,13 @@ def validate(config) -> None:
     raise UserError(f'synthesis.images_per_class={cfg.images_per_class}, batch_size='
                     f'{cfg.batch_size}, iterations={cfg.iterations}: use images_per_class and '
                     'batch_size >= 1 (0 = derived) and iterations >= 1')
+
+
+def precheck(config, workdir, stage_config: dict) -> None:
+  """Before the stage records anything: synthesis.reuse_from must name a synthesis made with
+  this run's teacher, statistics and settings (generate checks again, with run_info)."""
+  if config.synthesis.get('reuse_from'):
+    _reusable_source(stage_config, config.synthesis.reuse_from)
 
 
 def input_fingerprints(config, workdir) -> dict:

@@ -250,7 +250,7 @@ def test_synthesis_reuse_from_grows_and_shrinks_a_set_bit_for_bit(tmp_path):
                              '--config.synthesis.learning_rate=0.05',
                              f'--config.synthesis.reuse_from={small}'),
                     'other settings', 'synthesis.learning_rate')
-  assert not (other / 'synthetic' / 'shards').exists()
+  assert not (other / 'synthetic').exists()      # refused before the stage recorded anything
   assert_user_error(run_main(*tiny, f'--workdir={other}', '--stages=synthesize',
                              f'--config.synthesis.reuse_from={tmp_path / "nowhere"}'),
                     'holds no synthesis')
