@@ -405,7 +405,7 @@ def _process_slice(global_batch: int) -> slice:
 
 
 def _check_run_info(inputs: Inputs, cfg, out_dir, seed: int, num_images: int,
-                    total_iterations: int) -> dict:
+                    total_iterations: int) -> None:
   """A resumed run must be the same run: same teacher, statistics and settings."""
   run_info = {'teacher_sha256': inputs.teacher_manifest['variables_sha256'],
               'statistics_sha256': inputs.stats_manifest['statistics_sha256'],
@@ -420,7 +420,6 @@ def _check_run_info(inputs: Inputs, cfg, out_dir, seed: int, num_images: int,
                       'differ): use a new workdir, or --overwrite')
   elif parallel.is_main_process():
     fileio.atomic_write_json(info_path, run_info)
-  return run_info
 
 
 # Stage-config keys a reused synthesis may differ in: the image count, and the sections whose
@@ -450,33 +449,29 @@ def reuse_differences(own: dict, other: dict) -> list[str]:
       and fileio.to_json(own[k]) != fileio.to_json(other[k])])
 
 
-def _reusable_source(own_config: dict | None, reuse_from, run_info: dict | None = None):
-  """The synthetic folder reuse_from names, if it was made with the same teacher, statistics
-  and settings as this run (`own_config`: its stage config; any image count); else UserError
-  naming the differences."""
-  source = reuse_source(reuse_from)
-  other_record = source / 'stage_config.json'
-  if own_config is None or not other_record.exists():
-    missing = 'this run\'s stage config' if own_config is None else other_record
-    raise UserError(f'synthesis.reuse_from needs both syntheses made by the pipeline ({missing} '
-                    'is missing): run them with python -m bnsynth_jax.main, or drop reuse_from')
-  diffs = reuse_differences(own_config, fileio.read_json(other_record))
-  if run_info is not None:
-    other_info = fileio.read_json(source / 'run_info.json')
-    diffs += sorted(f'run_info.{k}' for k in run_info
-                    if k != 'num_images' and other_info.get(k) != run_info[k])
+def precheck(config, workdir, stage_config: dict) -> None:
+  """Before the stage records anything (pipeline.Stage.precheck): synthesis.reuse_from must
+  name a synthesis made with this run's teacher, statistics and settings (its stage config
+  covers every run_info field but the image count); else UserError naming the differences."""
+  reuse_from = config.synthesis.get('reuse_from')
+  if not reuse_from:
+    return
+  other_record = reuse_source(reuse_from) / 'stage_config.json'
+  if not other_record.exists():
+    raise UserError(f'synthesis.reuse_from needs a synthesis made by the pipeline ({other_record} '
+                    'is missing): run it with python -m bnsynth_jax.main, or drop reuse_from')
+  diffs = reuse_differences(stage_config, fileio.read_json(other_record))
   if diffs:
     raise UserError(f'synthesis.reuse_from={reuse_from} was made with other settings '
                     f'({", ".join(diffs[:4])}{" ..." if len(diffs) > 4 else ""} differ): its '
                     'batches are not this run\'s; point it at a synthesis that differs only in '
                     'images_per_class, or drop it')
-  return source
 
 
 def _reuse_batches(out_dir, source, labels_all: np.ndarray, num_batches: int,
                    timings: dict) -> int:
-  """Copies the batches this run lacks from `source` (checked by _reusable_source); returns
-  how many. Main process only."""
+  """Copies the batches this run lacks from `source` (checked by precheck); returns how
+  many. Main process only."""
   # A finished source records each shard's sha256: a copied shard must match it.
   manifest = source / 'manifest.json'
   recorded = ({e['file']: e['sha256'] for e in fileio.read_json(manifest)['shards']}
@@ -621,18 +616,15 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
   num_batches = num_images // batch
   total_iterations = cfg.multires_iterations + cfg.iterations
   labels_all = target_labels(num_images, inputs.problem.num_classes)
-  run_info = _check_run_info(inputs, cfg, out_dir, seed, num_images, total_iterations)
+  _check_run_info(inputs, cfg, out_dir, seed, num_images, total_iterations)
   timings_path = out_dir / 'timings.json'
   timings = fileio.read_json(timings_path) if timings_path.exists() else {}
   if cfg.get('reuse_from'):
-    # Every process checks (a refusal stops all of them); process 0 copies.
-    own = out_dir / 'stage_config.json'
-    source = _reusable_source(fileio.read_json(own) if own.exists() else None, cfg.reuse_from,
-                              run_info)
+    # The pipeline's precheck compared the settings on every process; process 0 copies.
     error = None
     if parallel.is_main_process():
       try:
-        _reuse_batches(out_dir, source, labels_all, num_batches, timings)
+        _reuse_batches(out_dir, reuse_source(cfg.reuse_from), labels_all, num_batches, timings)
       except UserError as e:   # an altered source shard: every process stops with it
         error = str(e)
     error = parallel.broadcast_from_main(error)
@@ -746,13 +738,6 @@ def validate(config) -> None:
     raise UserError(f'synthesis.images_per_class={cfg.images_per_class}, batch_size='
                     f'{cfg.batch_size}, iterations={cfg.iterations}: use images_per_class and '
                     'batch_size >= 1 (0 = derived) and iterations >= 1')
-
-
-def precheck(config, workdir, stage_config: dict) -> None:
-  """Before the stage records anything: synthesis.reuse_from must name a synthesis made with
-  this run's teacher, statistics and settings (generate checks again, with run_info)."""
-  if config.synthesis.get('reuse_from'):
-    _reusable_source(stage_config, config.synthesis.reuse_from)
 
 
 def input_fingerprints(config, workdir) -> dict:
