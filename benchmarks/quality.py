@@ -80,6 +80,12 @@ VARIANTS = {
         'classwise_views_mixup': {'student.labels': 'views', 'student.mixup_alpha': 0.4},
         # No CE term during synthesis (class-wise BN matching alone; the best digits lever).
         'classwise_views_ce0': {'student.labels': 'views', 'synthesis.ce_weight': 0.0},
+        # The hard-label synthesis levers below, with per-view labels (the default student):
+        # a lever is adopted only if it does not cost the per-view student.
+        'classwise_views_rrc': {'student.labels': 'views',
+                                'synthesis.augment': 'random_resized_crop',
+                                'synthesis.rrc_min_scale': 0.6},
+        'classwise_views_div': {'student.labels': 'views', 'synthesis.diversity_weight': 1.0},
         # Hard-label levers (issue 12): each against classwise_hard. ADI needs a student to
         # compete with: --set synthesis.adi_weight=1 --set synthesis.adi_student=<a
         # finished classwise_hard workdir>/student/synthetic.
@@ -90,6 +96,9 @@ VARIANTS = {
         'classwise_hard_mixup': {'student.labels': 'hard', 'student.mixup_alpha': 0.4},
         'classwise_hard_cutmix': {'student.labels': 'hard', 'student.cutmix_alpha': 1.0},
         'classwise_hard_div': {'student.labels': 'hard', 'synthesis.diversity_weight': 1.0},
+        # Two levers at once: no CE term in synthesis, mixup in the student (digits: 0.980).
+        'classwise_hard_ce0_mixup': {'student.labels': 'hard', 'synthesis.ce_weight': 0.0,
+                                     'student.mixup_alpha': 0.4},
         # More images at fewer iterations: 2.5x the images at 1/5 of the iterations (half
         # the synthesis compute; the real-subset baseline is then 5,000 images too).
         'classwise_hard_ipc500_it100': {'student.labels': 'hard',

@@ -103,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
                                 # 256 that divides the images and the devices; logged)
   s.iterations = 500            # per batch, at full resolution
   s.multires_iterations = 0     # extra iterations first, the teacher seeing 2x-downsampled images
+                                # (no speed-up on 32x32 CIFAR-10: benchmarks/README.md)
   s.optimizer = 'adam'          # adam | sgd | lion
   s.learning_rate = 0.1
   s.b1 = 0.5

@@ -291,7 +291,10 @@ def make_step(problem: Problem, cfg, tx, mesh, state_sharding, seed: int, lowres
     (loss, terms), grad = grad_fn(state.x, labels, rng, teacher_vars, targets, student_vars)
     updates, opt_state = tx.update(grad, state.opt_state, state.x)
     x = jnp.clip(optax.apply_updates(state.x, updates), lo, hi)
-    better = loss < state.best_loss      # the loss was measured at state.x
+    # The loss was measured at state.x. A low-resolution (multires warm-up) loss is not
+    # comparable with full-resolution ones (often lower): only full-resolution iterates can
+    # be the kept best, else an image never optimised at full resolution is released.
+    better = jnp.logical_and(not lowres, loss < state.best_loss)
     return SynthState(x=x, opt_state=opt_state,
                       best_x=jnp.where(better, state.x, state.best_x),
                       best_loss=jnp.where(better, loss, state.best_loss),

@@ -159,3 +159,26 @@ def test_stage_records_from_an_older_version_match_when_the_new_key_is_at_its_de
   quality.apply_overrides(config, {'student.seed': '2', 'student.epochs': '3'})
   assert config.student.seed == 2 and isinstance(config.student.seed, int)
   assert config.student.epochs == 3.0
+
+
+def test_every_quality_variant_names_real_config_keys_and_valid_values():
+  """Every named variant of every suite applies to its suite's config (an unknown key is a
+  SystemExit naming it) and passes the stages' own checks (e.g. an unknown augment)."""
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  try:
+    import quality
+  finally:
+    sys.path.pop(0)
+  from bnsynth_jax import student, synthesis
+  for suite, spec in quality.SUITES.items():
+    for name, overrides in quality.VARIANTS[suite].items():
+      config = quality.load_config(spec['config'])
+      quality.apply_overrides(config, {**spec['overrides'], **overrides})
+      for dotted, value in overrides.items():
+        section, leaf = dotted.split('.')
+        assert config[section][leaf] == value, (suite, name, dotted)
+      synthesis.validate(config)
+      student.validate(config)
+  with pytest.raises(SystemExit, match='synthesis.agument'):
+    quality.apply_overrides(quality.load_config('configs/digits.py'),
+                            {'synthesis.agument': 'flip'})

@@ -156,6 +156,32 @@ def test_eight_device_step_equals_one_device(tmp_path, kind):
   assert t8['bn'] > 0
 
 
+def test_multires_warmup_iterates_are_never_the_kept_best(tmp_path):
+  """keep_best compares full-resolution losses only: after low-resolution steps the best is
+  still the initial placeholder (loss inf); the first full-resolution step replaces it."""
+  teacher_dir, stats_dir = make_artifacts(tmp_path, 'classwise')
+  cfg = synth_config(multires_iterations=3, iterations=2)
+  inputs = synthesis.load_inputs(cfg, teacher_dir, stats_dir)
+  problem, mesh = inputs.problem, parallel.make_mesh()
+  tx = synthesis.create_optimizer(cfg, 5)
+  init_fn, sharding = synthesis.make_init(problem, tx, mesh, cfg.batch_size, seed=0)
+  low = synthesis.make_step(problem, cfg, tx, mesh, sharding, seed=0, lowres=True)
+  full = synthesis.make_step(problem, cfg, tx, mesh, sharding, seed=0)
+  labels = parallel.to_global(mesh, synthesis.target_labels(cfg.batch_size, problem.num_classes))
+  rep = lambda t: parallel.replicate(mesh, t)
+  args = (labels, np.int32(0), rep(inputs.teacher_vars), rep(inputs.targets), None)
+  state = init_fn(np.int32(0))
+  x0 = np.asarray(state.x)
+  for _ in range(3):
+    state, terms = low(state, *args)
+  assert np.isfinite(terms['loss']) and float(state.best_loss) == np.inf
+  np.testing.assert_array_equal(np.asarray(state.best_x), x0)
+  x_before = np.asarray(state.x)
+  state, terms = full(state, *args)
+  assert float(state.best_loss) == float(terms['loss'])
+  np.testing.assert_array_equal(np.asarray(state.best_x), x_before)
+
+
 def test_diversity_term_is_the_mean_same_class_cosine_and_shards_like_one_device(tmp_path):
   f = jnp.asarray([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
   # Pairs of one class: (0, 1) cos 1 and (2, 3) cos 1/sqrt(2); other pairs do not count.
