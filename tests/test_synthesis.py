@@ -126,19 +126,26 @@ def synth_config(**kw):
   return cfg
 
 
-def run_steps(inputs, cfg, n_steps, batch_index=0):
+def make_stepper(inputs, cfg, n_steps, batch_index=0):
+  """(initial state of the batch, step(state, lowres=False) -> (state, terms))."""
   problem = inputs.problem
   mesh = parallel.make_mesh()
   tx = synthesis.create_optimizer(cfg, n_steps)
   init_fn, sharding = synthesis.make_init(problem, tx, mesh, cfg.batch_size, seed=0)
-  step_fn = synthesis.make_step(problem, cfg, tx, mesh, sharding, seed=0)
+  steps = {lowres: synthesis.make_step(problem, cfg, tx, mesh, sharding, seed=0, lowres=lowres)
+           for lowres in (False, True)}
   labels = parallel.to_global(mesh, synthesis.target_labels(cfg.batch_size, problem.num_classes))
-  state = init_fn(np.int32(batch_index))
   rep = lambda t: parallel.replicate(mesh, t)
   student_vars = None if inputs.student_vars is None else rep(inputs.student_vars)
+  args = (labels, np.int32(batch_index), rep(inputs.teacher_vars), rep(inputs.targets),
+          student_vars)
+  return init_fn(np.int32(batch_index)), lambda state, lowres=False: steps[lowres](state, *args)
+
+
+def run_steps(inputs, cfg, n_steps, batch_index=0):
+  state, step = make_stepper(inputs, cfg, n_steps, batch_index)
   for _ in range(n_steps):
-    state, terms = step_fn(state, labels, np.int32(batch_index), rep(inputs.teacher_vars),
-                           rep(inputs.targets), student_vars)
+    state, terms = step(state)
   return np.asarray(state.x), {k: float(v) for k, v in terms.items()}
 
 
@@ -161,23 +168,14 @@ def test_multires_warmup_iterates_are_never_the_kept_best(tmp_path):
   still the initial placeholder (loss inf); the first full-resolution step replaces it."""
   teacher_dir, stats_dir = make_artifacts(tmp_path, 'classwise')
   cfg = synth_config(multires_iterations=3, iterations=2)
-  inputs = synthesis.load_inputs(cfg, teacher_dir, stats_dir)
-  problem, mesh = inputs.problem, parallel.make_mesh()
-  tx = synthesis.create_optimizer(cfg, 5)
-  init_fn, sharding = synthesis.make_init(problem, tx, mesh, cfg.batch_size, seed=0)
-  low = synthesis.make_step(problem, cfg, tx, mesh, sharding, seed=0, lowres=True)
-  full = synthesis.make_step(problem, cfg, tx, mesh, sharding, seed=0)
-  labels = parallel.to_global(mesh, synthesis.target_labels(cfg.batch_size, problem.num_classes))
-  rep = lambda t: parallel.replicate(mesh, t)
-  args = (labels, np.int32(0), rep(inputs.teacher_vars), rep(inputs.targets), None)
-  state = init_fn(np.int32(0))
+  state, step = make_stepper(synthesis.load_inputs(cfg, teacher_dir, stats_dir), cfg, 5)
   x0 = np.asarray(state.x)
   for _ in range(3):
-    state, terms = low(state, *args)
+    state, terms = step(state, lowres=True)
   assert np.isfinite(terms['loss']) and float(state.best_loss) == np.inf
   np.testing.assert_array_equal(np.asarray(state.best_x), x0)
   x_before = np.asarray(state.x)
-  state, terms = full(state, *args)
+  state, terms = step(state)
   assert float(state.best_loss) == float(terms['loss'])
   np.testing.assert_array_equal(np.asarray(state.best_x), x_before)
 
