@@ -88,7 +88,10 @@ def default_config() -> ml_collections.ConfigDict:
                                 # layer scaled by its RMS on noise images (0 = sqrt(length))
   p.teacher_noise_multiplier = 0.0   # 0 = calibrated to the budget (logged and recorded)
   p.stats_noise_multiplier = 0.0     # 0 = calibrated to the budget
-  p.noise_seed = 0              # 0 = secret, from the OS (kept in the stage folder); tests fix it
+  p.noise_seed = 0              # 0 = secret, from the OS (kept owner-only in WORKDIR/.owner while
+                                # a stage runs); tests fix it, and the run is then NOT private
+  p.accept_cumulative_epsilon = 0.0   # a stage released before is run again (--overwrite)
+                                # only if the ledger's cumulative epsilon stays within this
 
   # --- statistics (the last stage that reads private images for synthesis)
   c.stats = ml_collections.ConfigDict()
@@ -186,6 +189,7 @@ def default_config() -> ml_collections.ConfigDict:
 VOLATILE_KEYS = frozenset({
     'data.root', 'data.data_dir', 'data.decode_threads', 'stats.batch_size',
     'synthesis.teacher_dir', 'synthesis.stats_dir', 'synthesis.reuse_from', 'audit.block_size',
+    'privacy.accept_cumulative_epsilon',
     'log_every_steps', 'checkpoint_every_steps', 'eval_batch_size', 'eval_every_epochs',
     'log_every_iterations', 'checkpoint_every_iterations',
 })

@@ -29,8 +29,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from bnsynth_jax import (audit, config_lib, evaluation, fileio, parallel, preflight, report,
-                         stats, student, synthesis, teacher, workdir_lock)
+from bnsynth_jax import (audit, config_lib, evaluation, fileio, ledger, owner, parallel, preflight,
+                         privacy, report, stats, student, synthesis, teacher, workdir_lock)
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.sources import PrivateData
 from bnsynth_jax.workdir import is_done, stage_dir
@@ -191,8 +191,50 @@ def run(config, workdir: str, stages: str = 'all', overwrite: bool = False,
     return _run_stages(config, workdir, selected, data, overwrite)
 
 
+def _stages_that_will_run(config, workdir, selected: list[Stage], overwrite: bool) -> list[str]:
+  """The selected stages this run computes anew: unfinished ones, and with --overwrite
+  every stage from the first whose recorded config differs."""
+  out, clearing = [], False
+  for stage in selected:
+    record = stage_dir(workdir, stage.name) / 'stage_config.json'
+    if overwrite and not clearing and record.exists():
+      clearing = bool(_config_differences(fileio.read_json(record),
+                                          stage_config(config, stage.name, workdir)))
+    if clearing or not is_done(workdir, stage.name):
+      out.append(stage.name)
+  return out
+
+
+def _check_privacy_spend(config, workdir, selected: list[Stage], data, overwrite) -> None:
+  """DP mode: a stage that released before and runs again is a new release (ledger.py),
+  refused before anything is cleared or written unless its cumulative spend is accepted."""
+  if not privacy.enabled(config) or not ledger.load(workdir):
+    return
+  again = [s for s in _stages_that_will_run(config, workdir, selected, overwrite)
+           if s in ledger.RELEASE_STAGES]
+  if again:
+    record = privacy.plan(config, data.split_size('train'), data.num_partitions)
+    ledger.check_new_releases(workdir, again, record,
+                              float(config.privacy.accept_cumulative_epsilon))
+
+
+def _finish_release(config, workdir, stage: str) -> None:
+  """A finished DP release stage: into the ledger (idempotent), its secret and training
+  state deleted (nothing is left to resume), the cumulative spend in the report."""
+  if not privacy.enabled(config) or stage not in ledger.RELEASE_STAGES:
+    return
+  record = fileio.read_json(stage_dir(workdir, stage) / 'manifest.json').get('privacy')
+  if not record:
+    return
+  summary = ledger.record(workdir, stage, record, record[stage]['release_id'])
+  owner.forget_secret(workdir, stage)
+  owner.delete_training_state(workdir, stage)
+  report.update(workdir, {'privacy': {'cumulative': summary}})
+
+
 def _run_stages(config, workdir, selected: list[Stage], data, overwrite) -> dict:
   logging.info('devices: %s', parallel.describe_devices())
+  _check_privacy_spend(config, workdir, selected, data, overwrite)
   report.update(workdir, {'environment': report.environment(),
                           'config': json.loads(config.to_json_best_effort())})
   for stage in selected:
@@ -202,12 +244,14 @@ def _run_stages(config, workdir, selected: list[Stage], data, overwrite) -> dict
     if is_done(workdir, stage.name):
       logging.info('stage %s: done already (%s), skipping', stage.name,
                    stage_dir(workdir, stage.name) / 'manifest.json')
+      _finish_release(config, workdir, stage.name)
       continue
     logging.info('stage %s: starting', stage.name)
     t0 = time.perf_counter()
     args = (config, workdir, data) if stage.private else (public_config(config), workdir)
     stage.run(*args)
     parallel.sync(f'stage-{stage.name}-done')
+    _finish_release(config, workdir, stage.name)
     report.update(workdir, {'timings': {f'{stage.name}_seconds': time.perf_counter() - t0}})
     logging.info('stage %s: finished in %.1fs', stage.name, time.perf_counter() - t0)
   final = report.load(workdir)

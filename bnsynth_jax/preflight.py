@@ -215,6 +215,8 @@ def _derive(config, workdir, facts: Facts, data, problems, pending) -> list[str]
     return (_largest_batch(n, unit, MAX_DERIVED_BATCH),
             f'up to {MAX_DERIVED_BATCH}, a multiple of {unit}, at most the {n} synthetic images')
 
+  if privacy.enabled(config):
+    problems.extend(_private_derivations(config, workdir, used))
   before = config.data.image_size
   derive('data', 'image_size', 'teacher', image_size)
   if config.data.image_size != before and facts.image_shape:
@@ -230,6 +232,37 @@ def _derive(config, workdir, facts: Facts, data, problems, pending) -> list[str]
                     'private data, which this run does not read: set '
                     '--config.synthesis.images_per_class')
   return notes
+
+
+# DP mode: values that would be derived from the private data, and why each must be given.
+_PRIVATE_DERIVATIONS = (
+    ('data', 'image_size', 'teacher', 'imagefolder',
+     'would be read from a private file (the first image\'s size)'),
+    ('data', 'channels', 'teacher', 'imagefolder',
+     'would be read from private files (whether every class looks grayscale)'),
+    ('synthesis', 'images_per_class', 'synthetic', None,
+     'would come from the size of the smallest private class, which the release would show'),
+    ('teacher', 'batch_size', 'teacher', None,
+     'would be derived from the training split\'s size'),
+)
+
+
+def _private_derivations(config, workdir, used) -> list[str]:
+  """DP mode: every value left at 0 that would be derived from the private data is a
+  problem, one line each (the release must not depend on the data outside the two
+  mechanisms). Values derived from public facts (devices, classes, the given image count)
+  stay derived."""
+  problems = []
+  for section, key, folder, source, why in _PRIVATE_DERIVATIONS:
+    if source and config.data.source != source:
+      continue                      # the digits and TFDS sizes are public metadata
+    if (section if section != 'data' else 'teacher') not in used:
+      continue
+    if config[section][key] or (workdir and _stored(workdir, folder, f'{section}.{key}')):
+      continue
+    problems.append(f'DP mode: {section}.{key}=0 {why}: set --config.{section}.{key} '
+                    'to a value chosen without looking at the private data')
+  return problems
 
 
 def _derive_privacy(config, workdir, facts: Facts, problems, pending) -> list[str]:

@@ -31,10 +31,18 @@ evaluation) only post-processes these two releases, so the synthetic set inherit
 guarantee. Normalisation constants are public in this mode (data.mean/std, 0.5 by
 default), not computed from the private images.
 
-The noise and the batch sampling use a secret seed drawn from the OS when a stage first
-starts, kept in the stage's folder (`.noise_seed`, never copied into an artifact or
-the report) so a resumed run continues exactly; `privacy.noise_seed` fixes it for
-tests and audits.
+Secret randomness (bnsynth_jax/owner.py): the DP-SGD batch sampling and noise key come from
+a 128-bit secret drawn from the OS when the teacher stage first starts, kept owner-only in
+WORKDIR/.owner/secrets/ (never in a folder that is handed out) so that a killed run
+resumes exactly, and deleted with the teacher's checkpoints when the teacher is final.
+The statistics noise is drawn from the OS once, when the noised sums are written, and
+kept nowhere. `privacy.noise_seed` fixes both for tests and audits only: a run with it
+is recorded as not private (`private: false` in every record).
+
+With several data partitions (multi-process), the per-partition batch sampling would
+depend on how the sorted listing falls into partitions, which one replaced record can
+change for others; DP mode therefore needs one partition (one process), where each
+step's batch is a uniform draw from the whole split, whatever its order.
 """
 
 from __future__ import annotations
@@ -47,7 +55,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnsynth_jax import fileio, parallel
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.input_pipeline import PartitionedBatches
 
@@ -55,6 +62,8 @@ ACCOUNTANT = 'pld'
 MAX_NOISE_MULTIPLIER = 500.0     # a budget needing more noise than this is refused
 MIN_NOISE_MULTIPLIER = 0.5       # less noise than this protects nothing (and PLD grows slow)
 PUBLIC_MEAN, PUBLIC_STD = 0.5, 0.5
+NOT_PRIVATE = ('privacy.noise_seed fixed the noise and the batch sampling (tests and audits '
+               'only): anyone with the config can regenerate and subtract the noise')
 
 
 def enabled(config) -> bool:
@@ -180,10 +189,18 @@ def plan(config, train_size: int, num_partitions: int) -> dict:
   """Calibrates the noise multipliers left at 0 and composes the budget; refuses a plan
   whose epsilon exceeds privacy.epsilon. Returns the record written into every manifest."""
   p = config.privacy
+  if num_partitions != 1:
+    raise UserError(f'privacy.epsilon > 0 samples DP-SGD batches from the whole training split, '
+                    f'but this run has {num_partitions} data partitions (one per process), whose '
+                    'sampling depends on the data order: run DP mode as one process '
+                    '(--config.data.num_partitions=1 on a single host)')
   target, delta = float(p.epsilon), float(p.delta)
   n = accounted_samples(train_size, num_partitions)
   steps = teacher_steps(config, train_size)
   batch = int(config.teacher.batch_size)
+  if not 0 < batch <= n:
+    raise UserError(f'privacy: teacher.batch_size={batch} must be between 1 and the {n} '
+                    'training images: lower --config.teacher.batch_size')
   make_teacher = lambda s: teacher_event(s, batch, n, steps)
   teacher_sigma = float(p.teacher_noise_multiplier) or _calibrate(
       make_teacher, target * p.teacher_fraction, delta / 2, 'teacher (DP-SGD)')
@@ -202,6 +219,8 @@ def plan(config, train_size: int, num_partitions: int) -> dict:
                     'or raise them')
   return {
       'epsilon': total, 'delta': delta, 'target_epsilon': target,
+      'private': not p.noise_seed,
+      **({} if not p.noise_seed else {'not_private_because': NOT_PRIVATE}),
       'accountant': f'dp_accounting PLD ({ACCOUNTANT}), replace-one adjacency',
       'teacher': {'mechanism': 'DP-SGD (fixed-size batches, per-example clipping, Gaussian)',
                   'noise_multiplier': teacher_sigma, 'clip_norm': float(p.clip_norm),
@@ -221,19 +240,28 @@ def plan(config, train_size: int, num_partitions: int) -> dict:
 # Secret randomness
 
 
-def secret_seed(config, directory) -> int:
-  """privacy.noise_seed if set, else a seed from the OS kept in DIRECTORY/.noise_seed."""
+def teacher_secret(config, workdir) -> int:
+  """The DP-SGD secret: privacy.noise_seed (tests, not private), else the teacher stage's
+  128-bit owner-only secret (owner.py), deleted when the teacher is final."""
+  from bnsynth_jax import owner
   if config.privacy.noise_seed:
     return int(config.privacy.noise_seed)
-  path = fileio.path(directory) / '.noise_seed'
-  seed = None
-  if parallel.is_main_process():
-    if path.exists():
-      seed = int(path.read_text().strip())
-    else:
-      seed = secrets.randbits(62)
-      fileio.atomic_write_bytes(path, str(seed).encode())
-  return int(parallel.broadcast_from_main(seed))
+  return owner.stage_secret(workdir, 'teacher')
+
+
+def noise_key(secret: int) -> jax.Array:
+  """A raw threefry PRNG key (uint32[2]) holding 64 bits of the secret: full entropy (a
+  key searched from the released weights has 2**64 candidates)."""
+  bits = (secret ^ (secret >> 64)) & (2**64 - 1)
+  return jnp.asarray(np.array([bits >> 32, bits & 0xFFFFFFFF], np.uint32))
+
+
+def statistics_rng(config) -> np.random.Generator:
+  """The statistics noise: fresh OS randomness (128 bits) kept nowhere; privacy.noise_seed
+  fixes it for tests (not private)."""
+  if config.privacy.noise_seed:
+    return np.random.default_rng([int(config.privacy.noise_seed), 7])
+  return np.random.default_rng(secrets.randbits(128))
 
 
 class SampledBatches(PartitionedBatches):

@@ -154,6 +154,17 @@ NOT_DP_WARNING = (
     'on it. Before releasing data about people, run with --config.privacy.epsilon.')
 
 
+PROTECTED = ('It protects each record of the **training split** (replace-one adjacency). The '
+             'test split, the real-data baselines and the audit are not covered: they are the '
+             'data owner\'s (report.md, evaluate/, audit/, .owner/).')
+OWNER_ONLY_NOTE = ('**Owner only — do not release.** This report holds results computed on the '
+                   'private data outside the DP mechanisms (test accuracies, the real-data '
+                   'baselines, the audit with pictures of private images). The releasable '
+                   'report is [release_report.md](release_report.md).')
+RELEASE_NOTE = ('**Releasable.** Everything here is computed from the two DP releases (the '
+                'DP-SGD teacher and the noised statistics) or is public configuration.')
+
+
 def privacy_section(r: Mapping[str, Any]) -> list[str]:
   """The (epsilon, delta) of a DP run and what it covers, or the warning that there is none."""
   p = r.get('privacy')
@@ -163,33 +174,63 @@ def privacy_section(r: Mapping[str, Any]) -> list[str]:
   t, s = p['teacher'], p['stats']
   clip = s.get('clip_norm')
   clip = f'{clip:.4g}' if isinstance(clip, (int, float)) else clip
-  return [
-      '## Differential privacy', '',
-      f"- **(epsilon {p['epsilon']:.3g}, delta {p['delta']:g})** for everything released "
-      f"(requested epsilon {p['target_epsilon']:g}); {p['accountant']}",
+  out = ['## Differential privacy', '']
+  if not p.get('private', True):
+    out += [f"- **NOT PRIVATE**: {p.get('not_private_because', 'privacy.noise_seed was set')}"]
+  out += [
+      f"- **(epsilon {p['epsilon']:.3g}, delta {p['delta']:g})** for the release: the teacher's "
+      'weights, the class-wise statistics, and everything computed from them alone (synthetic '
+      f"images, labels, students) (requested epsilon {p['target_epsilon']:g}); {p['accountant']}",
+      f'- {PROTECTED}',
       f"- teacher: {t['mechanism']}; noise multiplier {t['noise_multiplier']:.4g}, clip norm "
       f"{t['clip_norm']:g}, {t['steps']} steps of {t['batch_size']} (sampling rate "
       f"{t['sampling_rate']:.4g}), epsilon alone {t['epsilon_alone']:.3g}",
       f"- class-wise statistics: {s['mechanism']}; noise multiplier "
       f"{s['noise_multiplier']:.4g}, clip norm {clip}, epsilon alone {s['epsilon_alone']:.3g}",
-      f"- {p['post_processing']}: post-processing, no further privacy cost", '']
+      f"- {p['post_processing']}: post-processing, no further privacy cost"]
+  c = p.get('cumulative')
+  if c:
+    out += [f"- privacy ledger (privacy_ledger.json): {c['releases']} DP release(s) from this "
+            f"workdir, cumulative **epsilon {c['epsilon']:.3g}** at delta {c['delta']:g}"]
+  return out + ['']
+
+
+def _synthesis_section(r: Mapping[str, Any]) -> list[str]:
+  s = r.get('synthesis')
+  if not s:
+    return []
+  return ['## Synthesis', '',
+          f"- {s['num_images']} images, {s['iterations']} iterations per batch, "
+          f"{s.get('stats_kind')} statistics, scope {s.get('stats_scope')}, {s.get('dtype')}",
+          f"- BN loss {s['bn_loss_initial']:.4f} (noise) -> {s['bn_loss_final']:.4f} (released "
+          'uint8 images)',
+          f"- teacher agreement {_pct(s['teacher_agreement'])}, mean teacher confidence "
+          f"{_pct(s.get('mean_confidence'))}",
+          f"- {_num(s.get('image_iterations_per_second'), '{:.1f}')} image-iterations/s",
+          '', '![synthetic samples, one row per class](synthetic/samples.png)', '']
+
+
+RELEASE_KEYS = ('synthesis', 'privacy', 'stats')
+
+
+def release_record(r: Mapping[str, Any]) -> dict[str, Any]:
+  """DP mode: the part of report.json that may be released (release_report.json)."""
+  return {'releasable': True, **{k: r[k] for k in RELEASE_KEYS if k in r}}
+
+
+def release_markdown(r: Mapping[str, Any]) -> str:
+  """DP mode: release_report.md, the report that goes with the synthetic set."""
+  return '\n'.join(['# bnsynth release report', '', RELEASE_NOTE, '']
+                    + _synthesis_section(r) + privacy_section(r))
 
 
 def markdown(r: Mapping[str, Any]) -> str:
   out = ['# bnsynth report', '']
+  if r.get('privacy'):
+    out += [OWNER_ONLY_NOTE, '']
   if any(k in r for k in ('teacher', 'student')):
     out += ['## Utility (real test split)', '', utility_table(r), '']
-  s = r.get('synthesis')
-  if s:
-    out += ['## Synthesis', '',
-            f"- {s['num_images']} images, {s['iterations']} iterations per batch, "
-            f"{s.get('stats_kind')} statistics, scope {s.get('stats_scope')}, {s.get('dtype')}",
-            f"- BN loss {s['bn_loss_initial']:.4f} (noise) -> {s['bn_loss_final']:.4f} (released "
-            'uint8 images)',
-            f"- teacher agreement {_pct(s['teacher_agreement'])}, mean teacher confidence "
-            f"{_pct(s.get('mean_confidence'))}",
-            f"- {_num(s.get('image_iterations_per_second'), '{:.1f}')} image-iterations/s",
-            '', '![synthetic samples, one row per class](synthetic/samples.png)', '']
+  out += _synthesis_section(r)
   out += privacy_section(r)
   a = r.get('audit')
   if a:
@@ -221,9 +262,14 @@ def markdown(r: Mapping[str, Any]) -> str:
 
 
 def write_markdown(workdir) -> str:
-  text = markdown(load(workdir))
+  """report.md; in DP mode also the releasable release_report.md and release_report.json."""
+  r = load(workdir)
+  text = markdown(r)
   if jax.process_index() == 0:
     fileio.atomic_write_text(fileio.path(workdir) / 'report.md', text)
+    if r.get('privacy'):
+      fileio.atomic_write_text(fileio.path(workdir) / 'release_report.md', release_markdown(r))
+      fileio.atomic_write_json(fileio.path(workdir) / 'release_report.json', release_record(r))
   return text
 
 

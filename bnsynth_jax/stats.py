@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from bnsynth_jax import (artifacts, augment, input_pipeline, metrics, models, parallel, privacy,
-                         report)
+from bnsynth_jax import (artifacts, augment, input_pipeline, ledger, metrics, models, parallel,
+                         privacy, report)
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from bnsynth_jax.sources import PrivateData
@@ -124,7 +124,7 @@ def _dp_sums_step(variables, batch, *, model, num_classes, clip_norm, scales, me
 
 def dp_classwise_statistics(model, variables, partitions, split_size: int, num_partitions: int,
                             num_classes: int, mean, std, batch_size: int, *, clip_norm: float,
-                            noise_multiplier: float, seed: int):
+                            noise_multiplier: float, rng: np.random.Generator):
   """Class-wise moments released by the Gaussian mechanism (privacy.py): per-example moment
   vectors clipped to `clip_norm`, summed per class with a count coordinate, noised."""
   mesh = parallel.make_mesh()
@@ -141,21 +141,15 @@ def dp_classwise_statistics(model, variables, partitions, split_size: int, num_p
                    out_shardings=parallel.replicated(mesh))
   variables = parallel.replicate(mesh, variables)
   sums = np.zeros((num_classes, 2 * sum(channels.values()) + 1), np.float64)
-  clipped = 0.0
   local = sum(len(p) for p in partitions)
   tick = metrics.progress('stats: clipped class-wise moments', local, 'img')
   for b, batch in enumerate(input_pipeline.eval_batches(partitions, split_size, num_partitions,
                                                         jax.process_count(), batch_size)):
     tick(min(local, (b + 1) * len(batch['labels'])))
-    batch_sums, batch_clipped = parallel.to_host(
-        jitted(variables, parallel.to_global(mesh, batch)))
+    # (The count of clipped examples is not logged: an unnoised statistic of private data.)
+    batch_sums, _ = parallel.to_host(jitted(variables, parallel.to_global(mesh, batch)))
     sums += np.asarray(batch_sums, np.float64)
-    clipped += float(batch_clipped)
   clip_norm = clip_norm or math.sqrt(sums.shape[1] - 1)
-  # The clipped fraction is for the data owner's log only (it is not released).
-  logging.info('stats: %.1f%% of the examples were clipped to norm %.4g', 100 * clipped /
-               max(split_size, 1), clip_norm)
-  rng = np.random.default_rng([seed, 7])
   statistics, counts = privacy.noised_moments(sums, channels, scales, clip_norm,
                                               noise_multiplier, rng)
   return statistics, counts, {'clip_norm': clip_norm, 'sensitivity': 2.0 * clip_norm,
@@ -189,10 +183,10 @@ def run(config, workdir, data: PrivateData) -> dict:
         model, variables, data.split('train'), data.split_size('train'), data.num_partitions,
         teacher_manifest['num_classes'], teacher_manifest['mean'], teacher_manifest['std'],
         config.stats.batch_size, clip_norm=float(config.privacy.stats_clip_norm),
-        noise_multiplier=record['stats']['noise_multiplier'],
-        seed=privacy.secret_seed(config, stage_dir(workdir, 'stats')))
+        noise_multiplier=record['stats']['noise_multiplier'], rng=privacy.statistics_rng(config))
     teacher_manifest = {**teacher_manifest, 'privacy': {
-        **record, 'stats': {**record['stats'], **applied}}}
+        **record, 'stats': {**record['stats'], **applied,
+                            'release_id': ledger.release_id()}}}
   else:
     statistics, counts = classwise_statistics(
         model, variables, data.split('train'), data.split_size('train'), data.num_partitions,

@@ -204,6 +204,8 @@ def release_info(ds: SyntheticDataset) -> dict[str, Any]:
                  'flips': 'bool [N, E] mirrored left-right after the crop',
                  'view_soft_labels': 'float16 [N, E, K]'},
       'privacy': m.get('privacy'),
+      **({'privacy_protects': 'each record of the training split (replace-one adjacency); the '
+                              'test split is not protected'} if m.get('privacy') else {}),
       'source': {k: m.get(k) for k in ('teacher_sha256', 'statistics_sha256') if k in m},
   }
 

@@ -6,10 +6,9 @@ training checkpoints in checkpoints/, metrics.json with the evaluation history.
 
 from __future__ import annotations
 
-import jax
 from absl import logging
 
-from bnsynth_jax import artifacts, fileio, parallel, privacy, report, train
+from bnsynth_jax import artifacts, fileio, ledger, owner, parallel, privacy, report, train
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from bnsynth_jax.sources import PrivateData
@@ -63,18 +62,19 @@ def _import_pretrained(config, workdir, data: PrivateData) -> dict:
           'train_examples': data.split_size('train'), 'pretrained': str(source_dir)}
 
 
-def _dp_setup(config, out, data: PrivateData):
+def _dp_setup(config, workdir, data: PrivateData):
   """DP-SGD: the plan (noise multipliers and the composed budget), fixed-size batches drawn
   with the secret seed, and the noise key. Returns (batches, dp, manifest extra)."""
   record = privacy.plan(config, data.split_size('train'), data.num_partitions)
-  seed = privacy.secret_seed(config, out)
+  secret = privacy.teacher_secret(config, workdir)
   batches = privacy.SampledBatches(data.split('train'), data.num_partitions,
                                    data.split_size('train'), config.teacher.batch_size,
-                                   seed=seed)
+                                   seed=secret)
+  record['teacher']['release_id'] = ledger.release_id(secret)
   dp = {'clip_norm': record['teacher']['clip_norm'],
         'noise_multiplier': record['teacher']['noise_multiplier'],
         'augmult': record['teacher']['augmult'],
-        'noise_key': jax.random.PRNGKey(seed % (2**31))}
+        'noise_key': privacy.noise_key(secret)}
   logging.info('teacher: DP-SGD, noise multiplier %.4g, clip norm %g, %d steps of %d: '
                '(epsilon %.4g, delta %g) with the statistics', dp['noise_multiplier'],
                dp['clip_norm'], record['teacher']['steps'], config.teacher.batch_size,
@@ -82,43 +82,65 @@ def _dp_setup(config, out, data: PrivateData):
   return batches, dp, {'privacy': record}
 
 
+def _training_folders(config, workdir):
+  """(training-state folder, TensorBoard folder): the stage folder normally; in DP mode the
+  owner-only WORKDIR/.owner/teacher/ (its checkpoints hold the DP-SGD noise key, its
+  metrics the test split, which DP does not protect), so teacher/ holds only the release."""
+  if privacy.enabled(config):
+    return (owner.training_dir(workdir, 'teacher'),
+            owner.owner_dir(workdir) / 'tensorboard' / 'teacher')
+  return stage_dir(workdir, 'teacher'), fileio.path(workdir) / 'tensorboard' / 'teacher'
+
+
+def _manifest_extra(summary: dict, train_examples: int, extra: dict, dp_mode: bool) -> dict:
+  """What the teacher manifest carries beyond the model: in DP mode only public facts and
+  the DP record (the test accuracy and the training time are the owner's)."""
+  public = {'epochs': summary['epochs'], 'train_examples': train_examples, **extra}
+  if dp_mode:
+    return public
+  return {'test_accuracy': summary['test_accuracy'], 'train_seconds': summary['train_seconds'],
+          **public}
+
+
+def _train(config, workdir, data: PrivateData) -> dict:
+  out = stage_dir(workdir, 'teacher')
+  info = data.info
+  mean, std = data.normalisation()
+  batches = PartitionedBatches(data.split('train'), data.num_partitions,
+                               data.split_size('train'), config.teacher.batch_size,
+                               seed=config.seed)
+  start, extra, dp = None, {}, None
+  if privacy.enabled(config):
+    batches, dp, extra = _dp_setup(config, workdir, data)
+  if config.teacher.init_from:
+    _, start, source = _load_matching(config, data, 'init_from')
+    logging.info('teacher: training starts from %s (test accuracy %s, %s epochs)',
+                 config.teacher.init_from, source.get('test_accuracy'), source.get('epochs'))
+    extra = {'init_from': str(config.teacher.init_from),
+             'init_from_test_accuracy': source.get('test_accuracy'),
+             'init_from_epochs': source.get('epochs')}
+  state_dir, tensorboard = _training_folders(config, workdir)
+  _, summary = train.fit_and_save(
+      out, model_config=config.model, class_names=info.class_names,
+      num_classes=info.num_classes, image_shape=info.image_shape, mean=mean, std=std,
+      extra=lambda s: _manifest_extra(s, data.split_size('train'), extra, dp is not None),
+      tensorboard=tensorboard, state_dir=state_dir,
+      name='teacher', cfg=config.teacher, batches=batches, seed=config.seed,
+      test=(data.split('test'), data.split_size('test'), data.num_partitions), init=start,
+      dp=dp)
+  if parallel.is_main_process():
+    fileio.atomic_write_json(state_dir / 'metrics.json', summary)
+  if dp is not None:
+    report.update(workdir, {'privacy': extra['privacy']})
+  return {'test_accuracy': summary['test_accuracy'], 'train_seconds': summary['train_seconds'],
+          'train_examples': data.split_size('train')}
+
+
 def run(config, workdir, data: PrivateData) -> dict:
   if config.teacher.pretrained:
     values = _import_pretrained(config, workdir, data)
   else:
-    out = stage_dir(workdir, 'teacher')
-    info = data.info
-    mean, std = data.normalisation()
-    batches = PartitionedBatches(data.split('train'), data.num_partitions,
-                                 data.split_size('train'), config.teacher.batch_size,
-                                 seed=config.seed)
-    start, extra, dp = None, {}, None
-    if privacy.enabled(config):
-      batches, dp, extra = _dp_setup(config, out, data)
-    if config.teacher.init_from:
-      _, start, source = _load_matching(config, data, 'init_from')
-      logging.info('teacher: training starts from %s (test accuracy %s, %s epochs)',
-                   config.teacher.init_from, source.get('test_accuracy'), source.get('epochs'))
-      extra = {'init_from': str(config.teacher.init_from),
-               'init_from_test_accuracy': source.get('test_accuracy'),
-               'init_from_epochs': source.get('epochs')}
-    _, summary = train.fit_and_save(
-        out, model_config=config.model, class_names=info.class_names,
-        num_classes=info.num_classes, image_shape=info.image_shape, mean=mean, std=std,
-        extra=lambda s: {'test_accuracy': s['test_accuracy'],
-                         'train_seconds': s['train_seconds'], 'epochs': s['epochs'],
-                         'train_examples': data.split_size('train'), **extra},
-        tensorboard=fileio.path(workdir) / 'tensorboard' / 'teacher',
-        name='teacher', cfg=config.teacher, batches=batches, seed=config.seed,
-        test=(data.split('test'), data.split_size('test'), data.num_partitions), init=start,
-        dp=dp)
-    if parallel.is_main_process():
-      fileio.atomic_write_json(out / 'metrics.json', summary)
-    values = {'test_accuracy': summary['test_accuracy'],
-              'train_seconds': summary['train_seconds'],
-              'train_examples': data.split_size('train')}
-    if dp is not None:
-      report.update(workdir, {'privacy': extra['privacy']})
+    values = _train(config, workdir, data)
   report.update(workdir, {'teacher': values})
   if parallel.is_main_process():
     print(f'teacher test accuracy: {values["test_accuracy"]:.4f}', flush=True)

@@ -245,13 +245,18 @@ def _resume(name, ckpt_dir, progress_file, state, total_steps):
   return state, start_step, elapsed_before, history
 
 
-def _log_train_metrics(name, pending, lr, done, progress, writer) -> None:
+def _log_train_metrics(name, pending, lr, done, progress, writer, private: bool) -> None:
+  """Logs the training loss and accuracy of the last steps; `private` (DP-SGD on private
+  batches): only the learning rate, since the unnoised loss of private batches is not
+  covered by the DP guarantee. The non-finite-loss abort still reads it (the data owner
+  sees that a run stopped; docs/privacy.md)."""
   means = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[0]}
+  shown = {} if private else means
   if writer:
-    writer.write_scalars(done, {**{f'train_{k}': v for k, v in means.items()},
+    writer.write_scalars(done, {**{f'train_{k}': v for k, v in shown.items()},
                                 'learning_rate': lr}, log=False)
-  logging.info(progress.line(done, f"loss {means['loss']:.4f}, "
-                                   f"accuracy {means['accuracy']:.4f}, lr {lr:.4g}"))
+  logging.info(progress.line(done, ''.join(f'{k} {v:.4f}, ' for k, v in shown.items())
+                             + f'lr {lr:.4g}'))
   if not np.isfinite(means['loss']):
     raise UserError(f'{name}: the training loss became {means["loss"]} at step {done}: '
                     f'lower --config.{name}.learning_rate')
@@ -326,7 +331,8 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
       jax.block_until_ready(step_metrics)
       progress.first_step_done(done)
     if done % cfg.log_every_steps == 0 or done == total_steps:
-      _log_train_metrics(name, pending, float(lr_schedule(step)), done, progress, writer)
+      _log_train_metrics(name, pending, float(lr_schedule(step)), done, progress, writer,
+                         private=dp is not None)
       pending.clear()
     if eval_every and done % eval_every == 0 and done != total_steps:
       run_eval(state, done)
@@ -353,17 +359,19 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
 
 
 def fit_and_save(out, *, model_config, class_names, num_classes: int, image_shape, mean, std,
-                 extra: Callable[[dict], dict], tensorboard=None, **fit_args):
-  """The ending every training stage shares: build the model, `fit` it in `out` (resuming
-  from its checkpoints), and write the model artifact there, its manifest carrying
-  `extra(summary)`. Returns (variables, summary)."""
+                 extra: Callable[[dict], dict], tensorboard=None, state_dir=None, **fit_args):
+  """The ending every training stage shares: build the model, `fit` it with its training
+  state (checkpoints, progress) in `state_dir` (default `out`; resuming from them), and
+  write the model artifact in `out`, its manifest carrying `extra(summary)`. Returns
+  (variables, summary)."""
   model = models.create_model(model_config.name, num_classes, stem=model_config.stem,
                               norm=model_config.get('norm', 'batch'),
                               dtype=model_config.dtype)
   writer = metrics.Writer(tensorboard) if tensorboard else None
   try:   # closed on an error too (an open event writer fails at interpreter exit)
     variables, summary = fit(model=model, num_classes=num_classes, image_shape=image_shape,
-                             mean=mean, std=std, workdir=out, writer=writer, **fit_args)
+                             mean=mean, std=std, workdir=state_dir or out, writer=writer,
+                             **fit_args)
   finally:
     if writer:
       writer.close()

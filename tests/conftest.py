@@ -21,8 +21,33 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 # "memorised or 8_devices"` hung 2 times in 12 with 8 threads, 0 in 32 with 32
 # (PJRT_NPROC, which XLA reads for the pool size).
 os.environ.setdefault('PJRT_NPROC', '32')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+def _compilation_cache() -> str:
+  """JAX's persistent compilation cache, shared by this process and every subprocess it
+  starts (they inherit the environment): the end-to-end tests compile the same train and
+  synthesis steps again and again. CI points BNSYNTH_TEST_JAX_CACHE at a fresh folder per
+  leg; elsewhere a folder per test session. BNSYNTH_TEST_JAX_CACHE=off disables it. CPU
+  programs compile in well under JAX's default 1 s threshold: cache everything."""
+  folder = os.environ.get('BNSYNTH_TEST_JAX_CACHE', '')
+  if folder == 'off':
+    return ''
+  if not folder:
+    import tempfile
+    folder = tempfile.mkdtemp(prefix='bnsynth-jax-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = folder
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+  # XLA:CPU logs an error-level line for every cached program it loads ("machine feature
+  # +prefer-no-gather is not supported": tuning flags, not instruction sets; the programs
+  # run the same); it would drown the subprocesses' stderr that the tests read.
+  os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'
+  return folder
+
+
+COMPILATION_CACHE = _compilation_cache()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import signal  # noqa: E402
 

@@ -5,6 +5,7 @@ import pytest
 from bnsynth_jax import audit, config_lib, input_pipeline, models, parallel, train
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize('metric', ['l2', 'cosine'])
 def test_exact_topk_equals_numpy_brute_force_on_8_devices(metric):
   assert parallel.make_mesh().devices.size == 8

@@ -14,6 +14,7 @@ from bnsynth_jax.errors import UserError
 from conftest import REPO
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize('padding,flip', [(4, True), (1, False), (0, True), (2, True)])
 def test_numpy_view_reference_equals_the_jax_view_function_bit_for_bit(padding, flip):
   rng = np.random.default_rng(0)

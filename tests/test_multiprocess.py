@@ -7,9 +7,13 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from bnsynth_jax import checkpointing, synthetic_data
 from conftest import REPO
+
+# jax.distributed over gloo: CI runs this on both jax ends.
+pytestmark = pytest.mark.versions
 
 ARGS = ('--config=configs/digits.py', '--stages=teacher,stats,synthesize',
         '--config.data.num_partitions=2',            # the same batches on 1 or 2 processes

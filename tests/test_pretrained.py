@@ -28,6 +28,7 @@ pytestmark = pytest.mark.skipif(not (PRETRAINED / 'manifest.json').exists(),
                                 reason=f'{PRETRAINED} is not committed in this checkout')
 
 
+@pytest.mark.versions
 @each_teacher
 def test_committed_teacher_loads_with_the_structure_of_a_fresh_resnet20(folder):
   model, variables, manifest = artifacts.load_model(folder)  # checks the sha256
@@ -40,6 +41,7 @@ def test_committed_teacher_loads_with_the_structure_of_a_fresh_resnet20(folder):
   assert set(variables) == {'params', 'batch_stats'}
 
 
+@pytest.mark.versions
 def test_altered_teacher_file_is_refused(tmp_path):
   copy = tmp_path / 'teacher'
   copy.mkdir()

@@ -32,6 +32,7 @@ def dataset_files(synthetic_dir):
   return [f for f in files if f.name not in ('timings.json', 'metrics.json', 'run_info.json')]
 
 
+@pytest.mark.versions
 def test_kill9_and_resume_is_byte_identical(digits_stats_workdir, tmp_path):
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   shutil.copytree(digits_stats_workdir, straight)

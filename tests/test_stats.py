@@ -6,6 +6,9 @@ import pytest
 from bnsynth_jax import artifacts, input_pipeline, models, stats
 from bnsynth_jax.errors import UserError
 
+# Sharded statistics and the flax-serialised artifact: CI runs these on both jax ends.
+pytestmark = pytest.mark.versions
+
 
 def random_teacher(num_classes=3, shape=(8, 8, 3), seed=0):
   model = models.create_model('resnet_tiny', num_classes)

@@ -9,6 +9,9 @@ from bnsynth_jax import (artifacts, augment, config_lib, input_pipeline, models,
                          synthesis, synthetic_data)
 from bnsynth_jax.errors import UserError
 
+# Sharded steps, shard_map, orbax mid-batch checkpoints: CI runs these on both jax ends.
+pytestmark = pytest.mark.versions
+
 
 # ----------------------------------------------------------------------------
 # The BN matching loss

@@ -5,6 +5,9 @@ import pytest
 
 from bnsynth_jax import augment, config_lib, input_pipeline, models, parallel, sources, train
 
+# Sharded training and orbax resume: CI runs these on both jax ends.
+pytestmark = pytest.mark.versions
+
 
 def tiny_setup(num_steps=4, batch_size=32, **overrides):
   cfg = config_lib.train_config(batch_size=batch_size, num_steps=num_steps,
