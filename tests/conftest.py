@@ -72,12 +72,84 @@ def pytest_configure(config):
   assert jax.device_count() == 8, f'expected 8 simulated devices, got {jax.devices()}'
 
 
-def run_main(*args, env=None, timeout=600):
-  """Runs `python -m bnsynth_jax.main ARGS` in a subprocess; returns CompletedProcess."""
-  full_env = dict(os.environ, **(env or {}))
-  full_env['PYTHONPATH'] = str(REPO) + os.pathsep + full_env.get('PYTHONPATH', '')
-  return subprocess.run([sys.executable, '-m', 'bnsynth_jax.main', *args], cwd=REPO,
-                        env=full_env, capture_output=True, text=True, timeout=timeout)
+# BNSYNTH_TEST_SUBPROCESS=1 runs every run_main in its own process, as the suite did
+# before the in-process runner (to check the two agree).
+ALWAYS_SUBPROCESS = os.environ.get('BNSYNTH_TEST_SUBPROCESS', '') == '1'
+
+
+def run_main(*args, env=None, timeout=600, own_process=False):
+  """Runs the command line `python -m bnsynth_jax.main ARGS`; returns a CompletedProcess
+  (returncode, stdout, stderr).
+
+  In this process by default: the same flag parsing and `main.main` as the command, with
+  file descriptors 1 and 2 captured, so a run pays neither the imports nor, for programs
+  an earlier run compiled, the compilation. In a subprocess where the test needs a process
+  of its own: `env` (e.g. a PYTHONPATH that blocks TensorFlow), or `own_process=True`
+  (its pid matters, or it may end the process with os._exit: signals, disk faults)."""
+  if env is not None or own_process or ALWAYS_SUBPROCESS:
+    full_env = dict(os.environ, **(env or {}))
+    full_env['PYTHONPATH'] = str(REPO) + os.pathsep + full_env.get('PYTHONPATH', '')
+    return subprocess.run([sys.executable, '-m', 'bnsynth_jax.main', *args], cwd=REPO,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+  return _run_main_in_this_process(list(args))
+
+
+def _run_main_in_this_process(args: list[str]) -> subprocess.CompletedProcess:
+  import tempfile
+  import traceback
+  from absl import flags
+  from absl import logging as absl_logging
+  from bnsynth_jax import checkpointing
+  from bnsynth_jax import main as entry
+  import logging as py_logging
+  handler = absl_logging.get_absl_handler()
+  previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+  captured = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+  sys.stdout.flush()
+  sys.stderr.flush()
+  saved_fds = [os.dup(1), os.dup(2)]
+  saved_streams = sys.stdout, sys.stderr, handler.python_handler.stream
+  saved_argv, cwd = sys.argv, os.getcwd()
+  code = 0
+  try:
+    for fd, f in zip((1, 2), captured):
+      os.dup2(f.fileno(), fd)
+    sys.stdout = open(1, 'w', closefd=False, buffering=1)
+    sys.stderr = open(2, 'w', closefd=False, buffering=1)
+    handler.python_handler.stream = sys.stderr
+    py_logging.root.addHandler(handler)
+    os.chdir(REPO)
+    sys.argv = ['bnsynth_jax.main', *args]     # config_flags reads its overrides from it
+    for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+      delattr(flags.FLAGS, name)                # the last run's --config.* override flags
+    flags.FLAGS.unparse_flags()
+    try:
+      remaining = entry.parse_flags(['bnsynth_jax.main', *args])
+      absl_logging.set_verbosity(absl_logging.INFO)
+      entry.main(remaining)
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 -- what a crashed command prints, and its exit code
+      traceback.print_exc()
+      code = 1
+    finally:
+      checkpointing.close_all()
+  finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    py_logging.root.removeHandler(handler)
+    sys.stdout, sys.stderr, handler.python_handler.stream = saved_streams
+    for fd, saved in zip((1, 2), saved_fds):
+      os.dup2(saved, fd)
+      os.close(saved)
+    os.chdir(cwd)
+    sys.argv = saved_argv
+    for sig, h in previous.items():
+      signal.signal(sig, h)
+  out, err = [(f.seek(0), f.read().decode(errors='replace'))[1] for f in captured]
+  for f in captured:
+    f.close()
+  return subprocess.CompletedProcess(['bnsynth_jax.main', *args], code, out, err)
 
 
 def write_image_folder(root: pathlib.Path, classes=('cat', 'dog', 'fish'), per_class=6,

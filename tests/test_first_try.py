@@ -414,7 +414,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path):
   (workdir / '.lock').write_text(json.dumps({'pid': dead_pid, 'host': socket.gethostname(),
                                              'started': 'earlier'}))
   result = run_main('--config=configs/digits.py', f'--workdir={workdir}', '--stages=teacher',
-                    '--config.teacher.num_steps=2')
+                    '--config.teacher.num_steps=2', own_process=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'taking over the stale lock' in result.stderr and str(dead_pid) in result.stderr
   # A live pid that is not the process that wrote the lock (pids are reused after a reboot or
@@ -423,13 +423,14 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path):
     (workdir / '.lock').write_text(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
                                                'started': 'earlier', 'process': 'other:1'}))
     result = run_main('--config=configs/digits.py', f'--workdir={workdir}', '--stages=teacher',
-                      '--config.teacher.num_steps=2')
+                      '--config.teacher.num_steps=2', own_process=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'taking over the stale lock' in result.stderr and str(os.getpid()) in result.stderr
   # A lock from another host is not judged from here: refused, with how to remove it.
   (workdir / '.lock').write_text(json.dumps({'pid': 1, 'host': 'elsewhere', 'started': 'x'}))
   assert_user_error(run_main('--config=configs/digits.py', f'--workdir={workdir}',
-                             '--stages=teacher', '--config.teacher.num_steps=2'),
+                             '--stages=teacher', '--config.teacher.num_steps=2',
+                             own_process=True),
                     'host elsewhere', 'delete')
 
 
@@ -482,7 +483,7 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path):
   try:
     args = ['--config=configs/digits.py', f'--workdir={mnt / "w"}', '--stages=teacher',
             '--config.teacher.num_steps=4']
-    full = run_main(*args)
+    full = run_main(*args, own_process=True)      # a fault ends its process (os._exit)
     assert full.returncode == 1, full.stderr[-3000:]
     assert full.stderr.strip().splitlines()[-1].startswith('error: disk full'), full.stderr[-2000:]
     subprocess.run(['mount', '-o', 'remount,size=64m', str(mnt)], check=True)
