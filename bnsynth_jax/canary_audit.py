@@ -71,9 +71,13 @@ def balanced_design(num_shadows: int, k: int, rng: np.random.Generator) -> np.nd
 # Attacks and their measures
 
 
-def lira_scores(scores: np.ndarray, design: np.ndarray) -> np.ndarray:
-  """Online LiRA with a fixed (pooled) variance, leave-one-run-out: [M, K] log-likelihood
-  ratios log N(s; mu_in_k, sd_in) - log N(s; mu_out_k, sd_out) of each run's score."""
+def lira_scores(scores: np.ndarray, design: np.ndarray, variance: str = 'pooled') -> np.ndarray:
+  """Online LiRA, leave-one-run-out: [M, K] log-likelihood ratios log N(s; mu_in_k, sd_in) -
+  log N(s; mu_out_k, sd_out) of each run's score, with per-canary IN and OUT means from the
+  other runs. `variance`: 'pooled' -- one IN and one OUT variance over every canary (the
+  fixed-variance LiRA, robust with few shadows); 'per_canary' -- each canary's own variance,
+  its IN and OUT deviations pooled (as the LiRA paper's online attack with enough shadows;
+  a canary with fewer than 2 IN or 2 OUT runs falls back to the pooled one)."""
   m_runs = scores.shape[0]
   out = np.zeros_like(scores, dtype=np.float64)
   for m in range(m_runs):
@@ -84,12 +88,24 @@ def lira_scores(scores: np.ndarray, design: np.ndarray) -> np.ndarray:
       n = np.maximum(w.sum(0), 1)
       mu = (scores * w).sum(0) / n
       var = ((scores - mu) ** 2 * w).sum() / max(w.sum() - w.shape[1], 1)
-      stats.append((mu, np.sqrt(max(var, 1e-12))))
-    (mu_in, sd_in), (mu_out, sd_out) = stats
+      stats.append((mu, np.full(scores.shape[1], np.sqrt(max(var, 1e-12))), w))
+    (mu_in, sd_in, w_in), (mu_out, sd_out, w_out) = stats
+    if variance == 'per_canary':
+      sd_in, sd_out = _per_canary_sd(scores, mu_in, mu_out, w_in, w_out, sd_in, sd_out)
     s = scores[m]
     out[m] = (-0.5 * ((s - mu_in) / sd_in) ** 2 - np.log(sd_in)
               + 0.5 * ((s - mu_out) / sd_out) ** 2 + np.log(sd_out))
   return out
+
+
+def _per_canary_sd(scores, mu_in, mu_out, w_in, w_out, pooled_in, pooled_out):
+  """Each canary's standard deviation, its IN and OUT squared deviations pooled (the same
+  for both hypotheses); the pooled ones where a canary has too few runs of either kind."""
+  n_in, n_out = w_in.sum(0), w_out.sum(0)
+  squares = ((scores - mu_in) ** 2 * w_in).sum(0) + ((scores - mu_out) ** 2 * w_out).sum(0)
+  sd = np.sqrt(np.maximum(squares / np.maximum(n_in + n_out - 2, 1), 1e-12))
+  enough = (n_in >= 2) & (n_out >= 2)
+  return np.where(enough, sd, pooled_in), np.where(enough, sd, pooled_out)
 
 
 def attack_measures(in_scores, out_scores, bootstrap: int, seed: int) -> dict:
@@ -134,8 +150,10 @@ def evaluate_attacks(scores: dict[str, np.ndarray], design: np.ndarray, bootstra
   results = {}
   for target, s in scores.items():
     lira = lira_scores(s, design)
+    own = lira_scores(s, design, variance='per_canary')
     results[target] = {
         'lira': attack_measures(lira[design], lira[~design], bootstrap, seed),
+        'lira_per_canary_variance': attack_measures(own[design], own[~design], bootstrap, seed),
         'threshold': attack_measures(s[design], s[~design], bootstrap, seed)}
   return results
 

@@ -215,8 +215,6 @@ def _derive(config, workdir, facts: Facts, data, problems, pending) -> list[str]
     return (_largest_batch(n, unit, MAX_DERIVED_BATCH),
             f'up to {MAX_DERIVED_BATCH}, a multiple of {unit}, at most the {n} synthetic images')
 
-  if privacy.enabled(config):
-    problems.extend(_private_derivations(config, workdir, used))
   before = config.data.image_size
   derive('data', 'image_size', 'teacher', image_size)
   if config.data.image_size != before and facts.image_shape:
@@ -247,11 +245,12 @@ _PRIVATE_DERIVATIONS = (
 )
 
 
-def _private_derivations(config, workdir, used) -> list[str]:
+def _private_derivations(config, workdir, pending) -> list[str]:
   """DP mode: every value left at 0 that would be derived from the private data is a
   problem, one line each (the release must not depend on the data outside the two
   mechanisms). Values derived from public facts (devices, classes, the given image count)
   stay derived."""
+  used = {section for section, stages in _USERS.items() if stages & set(pending)}
   problems = []
   for section, key, folder, source, why in _PRIVATE_DERIVATIONS:
     if source and config.data.source != source:
@@ -508,6 +507,8 @@ def run(config, workdir, stages, data) -> list[str]:
   private = {stage.name for stage in stages if stage.private}
   pending = [s for s in selected if not is_done(workdir, s)]
   facts = _gather_facts(config, workdir, pending, private, data, problems)
+  if privacy.enabled(config):
+    problems.extend(_private_derivations(config, workdir, pending))
   notes = _derive(config, workdir, facts, data, problems, pending)
   notes += _derive_privacy(config, workdir, facts, problems, pending)
   _check_data(problems, config, facts, pending)

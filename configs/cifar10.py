@@ -99,6 +99,9 @@ def get_config(variant: str = 'gpu'):
       #       --train_subset=5000 --canaries=50 --shadows=16 --workdir=DIR
       c.model.norm = 'group'
       c.privacy.epsilon = 8.0
+      # DP mode derives nothing from the private files: CIFAR-10's public shape, given.
+      c.data.image_size = 32
+      c.data.channels = 3
       c.teacher.batch_size = 512
       c.teacher.epochs = 30
       c.teacher.learning_rate = 1.0

@@ -150,7 +150,6 @@ def test_unwritable_workdir(tmp_path):
                     'not writable')
 
 
-@pytest.mark.versions
 def test_every_stage_end_to_end_on_digits(tmp_path):
   workdir = tmp_path / 'w'
   result = run_main(

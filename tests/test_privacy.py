@@ -222,7 +222,7 @@ def test_lira_reports_chance_on_two_samples_of_one_distribution():
   design = canary_audit.balanced_design(16, 60, rng)
   scores = rng.normal(0, 1, design.shape)                      # IN and OUT alike
   result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=50, seed=0)['x']
-  for attack in ('lira', 'threshold'):
+  for attack in ('lira', 'lira_per_canary_variance', 'threshold'):
     # jax_privacy's AUC allows randomising between thresholds: chance is its floor, 0.5 (and
     # the best of many thresholds sits a little above it on a finite sample).
     assert result[attack]['auc']['value'] < 0.56
@@ -249,10 +249,8 @@ def test_lira_finds_a_canary_a_tiny_model_memorises():
     def loss(w):
       logits = xs @ w[:-1] + w[-1]
       return -jnp.mean(jnp.sum(jax.nn.one_hot(ys, 10) * jax.nn.log_softmax(logits), -1))
-    w = jnp.zeros((65, 10))
-    for _ in range(300):
-      w = w - 2.0 * jax.grad(loss)(w)
-    return w
+    step = lambda _, w: w - 2.0 * jax.grad(loss)(w)
+    return jax.lax.fori_loop(0, 300, step, jnp.zeros((65, 10)))   # a loop, not 300 copies
 
   scores = np.zeros((m, k))
   for r in range(m):
@@ -263,6 +261,19 @@ def test_lira_finds_a_canary_a_tiny_model_memorises():
   result = canary_audit.evaluate_attacks({'lr': scores}, design, bootstrap=0, seed=0)['lr']
   assert result['lira']['auc']['value'] > 0.9
   assert result['lira']['tpr_at_0.01_fpr']['value'] > 0.3
+
+
+def test_per_canary_variance_finds_canaries_of_different_spreads():
+  """Canaries whose scores spread 100x differently (as a hard and an easy record do): a
+  pooled variance drowns the narrow ones, each canary's own variance does not."""
+  rng = np.random.default_rng(0)
+  design = canary_audit.balanced_design(16, 50, rng)
+  sd = np.exp(rng.uniform(np.log(0.05), np.log(5), 50))
+  scores = rng.normal(0, 3, 50) + sd * rng.normal(0, 1, design.shape) + design * 3 * sd
+  result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=0, seed=0)['x']
+  pooled = result['lira']['tpr_at_0.001_fpr']['value']
+  own = result['lira_per_canary_variance']['tpr_at_0.001_fpr']['value']
+  assert own > 0.5 and own > 3 * pooled, (own, pooled)
 
 
 def test_canaries_and_design():

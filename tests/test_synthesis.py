@@ -9,9 +9,6 @@ from bnsynth_jax import (artifacts, augment, config_lib, input_pipeline, models,
                          synthesis, synthetic_data)
 from bnsynth_jax.errors import UserError
 
-# Sharded steps, shard_map, orbax mid-batch checkpoints: CI runs these on both jax ends.
-pytestmark = pytest.mark.versions
-
 
 # ----------------------------------------------------------------------------
 # The BN matching loss
@@ -152,6 +149,7 @@ def run_steps(inputs, cfg, n_steps, batch_index=0):
   return np.asarray(state.x), {k: float(v) for k, v in terms.items()}
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize('kind', ['global', 'classwise'])
 def test_eight_device_step_equals_one_device(tmp_path, kind):
   teacher_dir, stats_dir = make_artifacts(tmp_path, kind)
@@ -183,6 +181,7 @@ def test_multires_warmup_iterates_are_never_the_kept_best(tmp_path):
   np.testing.assert_array_equal(np.asarray(state.best_x), x_before)
 
 
+@pytest.mark.versions
 def test_diversity_term_is_the_mean_same_class_cosine_and_shards_like_one_device(tmp_path):
   f = jnp.asarray([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
   # Pairs of one class: (0, 1) cos 1 and (2, 3) cos 1/sqrt(2); other pairs do not count.
@@ -203,6 +202,7 @@ def test_diversity_term_is_the_mean_same_class_cosine_and_shards_like_one_device
   assert 'diversity' not in t0 and not np.allclose(x0, x8, atol=1e-4)
 
 
+@pytest.mark.versions
 def test_per_device_scope(tmp_path):
   teacher_dir, stats_dir = make_artifacts(tmp_path, 'global')
   inputs = synthesis.load_inputs(synth_config(), teacher_dir, stats_dir)
@@ -216,6 +216,7 @@ def test_per_device_scope(tmp_path):
   assert np.all(np.isfinite(x8)) and not np.allclose(x8, x_global, atol=1e-3)
 
 
+@pytest.mark.versions
 def test_generate_writes_a_loadable_dataset_and_exports_png(tmp_path):
   teacher_dir, stats_dir = make_artifacts(tmp_path, 'classwise')
   cfg = synth_config(multires_iterations=2, iterations=4)
@@ -318,6 +319,7 @@ def test_student_trains_on_per_view_labels_and_refuses_mismatched_views(tmp_path
     student.check_views(recipe, no_views)
 
 
+@pytest.mark.versions
 def test_bfloat16_synthesis_keeps_float32_images_and_tracks_float32(tmp_path):
   teacher_dir, stats_dir = make_artifacts(tmp_path, 'classwise')
   f32 = synthesis.load_inputs(synth_config(), teacher_dir, stats_dir)
