@@ -34,8 +34,11 @@ def _compilation_cache() -> str:
   if folder == 'off':
     return ''
   if not folder:
+    import atexit
+    import shutil
     import tempfile
     folder = tempfile.mkdtemp(prefix='bnsynth-jax-cache-')
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = folder
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'

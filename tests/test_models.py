@@ -6,9 +6,6 @@ import pytest
 from bnsynth_jax import models
 from bnsynth_jax.errors import UserError
 
-# Flax module structure: CI runs these on both jax ends.
-pytestmark = pytest.mark.versions
-
 
 @pytest.mark.parametrize('name,stem,shape', [
     ('resnet_tiny', 'cifar', (8, 8, 1)),

@@ -91,14 +91,12 @@ def test_the_teacher_epsilon_matches_jax_privacy_and_dp_accounting_called_direct
                                       + record['stats']['epsilon_alone'])
 
 
-@pytest.mark.versions
 def test_calibration_meets_the_budget_and_spends_most_of_it():
   record = privacy.plan(dp_config(epsilon=3.0), train_size=1438, num_partitions=1)
   assert 0.8 * 3.0 < record['epsilon'] <= 3.0
   assert record['teacher']['noise_multiplier'] > 0.5 and record['stats']['noise_multiplier'] > 0
 
 
-@pytest.mark.versions
 def test_a_plan_over_budget_or_impossible_is_refused():
   with pytest.raises(UserError, match='spends epsilon'):
     privacy.plan(dp_config(epsilon=1.0, teacher_noise_multiplier=0.6,
@@ -312,7 +310,6 @@ def test_a_groupnorm_model_treats_each_example_on_its_own():
   assert len(captured) == 9 and all(p[-1] == 'norm' for p in captured)   # every GroupNorm
 
 
-@pytest.mark.versions
 def test_dp_statistics_without_clipping_or_noise_are_the_exact_classwise_moments():
   from bnsynth_jax import input_pipeline, stats
   model = models.create_model('resnet_tiny', 3, norm='group')

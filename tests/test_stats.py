@@ -6,9 +6,6 @@ import pytest
 from bnsynth_jax import artifacts, input_pipeline, models, stats
 from bnsynth_jax.errors import UserError
 
-# Sharded statistics and the flax-serialised artifact: CI runs these on both jax ends.
-pytestmark = pytest.mark.versions
-
 
 def random_teacher(num_classes=3, shape=(8, 8, 3), seed=0):
   model = models.create_model('resnet_tiny', num_classes)
@@ -19,6 +16,7 @@ def random_teacher(num_classes=3, shape=(8, 8, 3), seed=0):
   return model, variables
 
 
+@pytest.mark.versions
 def test_classwise_statistics_equal_numpy():
   model, variables = random_teacher()
   rng = np.random.RandomState(0)
