@@ -20,15 +20,14 @@ pytestmark = pytest.mark.versions
 DP_ARGS = ('--config=configs/digits.py', '--config.model.norm=group',
            '--config.model.name=resnet_tiny', '--config.student.model.name=resnet_tiny',
            '--config.privacy.epsilon=8', '--config.teacher.num_steps=6',
-           # fixed noise (epsilon ~2.4): calibration is tested in test_privacy.py, and costs
-           '--config.privacy.teacher_noise_multiplier=2',
-           '--config.privacy.stats_noise_multiplier=4',
            '--config.teacher.batch_size=128', '--config.teacher.log_every_steps=2',
            '--config.teacher.checkpoint_every_steps=3',
            '--config.synthesis.images_per_class=4', '--config.synthesis.batch_size=40',
            '--config.synthesis.iterations=3', '--config.synthesis.view_epochs=1',
            '--config.student.epochs=1', '--config.student.batch_size=8')
 GIVEN = {'synthesis.images_per_class': 4, 'teacher.batch_size': 128}
+FIXED_NOISE = ('--config.privacy.teacher_noise_multiplier=2',     # epsilon ~2.4
+               '--config.privacy.stats_noise_multiplier=4')
 
 # What a file handed out may not hold: unprotected results, training traces, secrets.
 FORBIDDEN_KEYS = {'test_accuracy', 'test_loss', 'train_seconds', 'train_loss', 'train_accuracy',
@@ -45,7 +44,9 @@ def dp_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('dp')
   workdir = root / 'w'
   args = (*DP_ARGS, f'--workdir={workdir}')
-  first = run_main(*args, '--stages=teacher')
+  # Fixed noise for the teacher run (calibration is tested in test_privacy.py and costs a
+  # minute here); the later runs leave it at 0 and must take it from the teacher's record.
+  first = run_main(*args, *FIXED_NOISE, '--stages=teacher')
   assert first.returncode == 0, first.stderr[-3000:]
   rest = run_main(*args, '--stages=teacher,stats,synthesize,student,evaluate',
                   '--config.evaluate.real_subset=True')
@@ -173,6 +174,10 @@ def test_every_dp_record_and_the_report_carry_the_budget(dp_run):
     got = json.loads((w / manifest).read_text())['privacy']
     assert got['epsilon'] == pytest.approx(p['epsilon']), manifest
   assert report['config']['data']['mean'] == [0.5]          # public normalisation
+  # The second run (teacher done, noise multipliers left at 0) took the teacher's recorded
+  # ones, and its statistics used them.
+  assert report['config']['privacy']['stats_noise_multiplier'] == 4.0
+  assert p['stats']['noise_multiplier'] == 4.0 and p['teacher']['noise_multiplier'] == 2.0
   ledger = json.loads((w / 'privacy_ledger.json').read_text())
   assert [r['stage'] for r in ledger['releases']] == ['teacher', 'stats']
   assert ledger['cumulative']['epsilon'] == pytest.approx(p['epsilon'], rel=1e-3)
@@ -186,7 +191,7 @@ def test_overwriting_a_dp_stage_is_refused_unless_the_cumulative_spend_is_accept
   shutil.copytree(dp_run['workdir'], w)
   args = [a for a in dp_run['args'] if not a.startswith('--workdir')] + [
       f'--workdir={w}', '--stages=teacher,stats', '--config.teacher.learning_rate=0.05',
-      '--overwrite']
+      *FIXED_NOISE, '--overwrite']
   refused = run_main(*args)
   assert refused.returncode == 2, refused.stderr[-3000:]
   error = [l for l in refused.stderr.splitlines() if l.startswith('error: ')]
