@@ -14,7 +14,7 @@ private data add up too; the data owner must count those.
 
 from __future__ import annotations
 
-import hashlib
+import math
 import time
 
 from bnsynth_jax import fileio, parallel, privacy
@@ -33,12 +33,13 @@ def load(workdir) -> list[dict]:
   return list(fileio.read_json(p)['releases']) if p.exists() else []
 
 
-def release_id(secret: int | None = None) -> str:
-  """Names one attempt at a release (a resumed stage keeps its id): a hash of the stage's
-  secret, never the secret itself; without one, a fresh random id."""
-  import secrets as _secrets
-  value = secret if secret is not None else _secrets.randbits(128)
-  return hashlib.sha256(f'bnsynth-release-{value:x}'.encode()).hexdigest()[:16]
+# A release is named by its artifact's sha256: the same across a resume (the noise is the
+# secret's), new for any other noise or setting.
+RELEASE_HASH = {'teacher': 'variables_sha256', 'stats': 'statistics_sha256'}
+
+
+def release_id(stage: str, manifest: dict) -> str:
+  return f"{RELEASE_HASH[stage]}:{manifest[RELEASE_HASH[stage]]}"
 
 
 def mechanism_of(stage: str, record: dict) -> dict:
@@ -93,9 +94,10 @@ def check_new_releases(workdir, stages: list[str], plan_record: dict, accepted: 
   total = cumulative_epsilon([r['mechanism'] for r in releases]
                              + [mechanism_of(s, plan_record) for s in stages], delta)
   if total > accepted:
+    shown = math.ceil(total * 1e4) / 1e4      # rounded up: passing it back is accepted
     raise UserError(
         f'workdir {workdir} released the {" and ".join(again)} under DP already '
         f'({len(releases)} release(s) in {FILE}); running {"them" if len(again) > 1 else "it"} '
         f'again is another release of the same private data, cumulative epsilon {total:.4g} '
-        f'(delta {delta:g}): pass --config.privacy.accept_cumulative_epsilon={total:.4g} to '
+        f'(delta {delta:g}): pass --config.privacy.accept_cumulative_epsilon={shown:g} to '
         'accept that spend, or keep the finished stages')

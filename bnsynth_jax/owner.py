@@ -95,3 +95,26 @@ def delete_training_state(workdir, stage: str) -> None:
       elif p.exists():
         p.unlink()
   parallel.sync(f'forget-training-{stage}')
+
+
+def clear_stage(workdir, stage: str) -> None:
+  """A stage replaced (--overwrite): its secret and its whole training state go, so that
+  the new run neither resumes the old one's steps nor reuses its randomness."""
+  forget_secret(workdir, stage)
+  d = fileio.path(workdir) / FOLDER / stage
+  if parallel.is_main_process() and d.exists():
+    shutil.rmtree(str(d))
+  parallel.sync(f'clear-owner-{stage}')
+
+
+def delete_legacy_secrets(stage_folder) -> None:
+  """A DP stage finished by an older version kept its seed and checkpoints in the folder
+  that is handed out: deleted."""
+  if not parallel.is_main_process():
+    return
+  for name in ('.noise_seed', 'checkpoints'):
+    p = fileio.path(stage_folder) / name
+    if p.is_dir():
+      shutil.rmtree(str(p))
+    elif p.exists():
+      p.unlink()

@@ -116,6 +116,8 @@ def clear_stage(workdir, stage: str) -> None:
   d = stage_dir(workdir, stage)
   if parallel.is_main_process() and d.exists():
     shutil.rmtree(str(d)) if not str(d).startswith('gs://') else d.rmtree()
+  if stage in ledger.RELEASE_STAGES:
+    owner.clear_stage(workdir, stage)     # an unfinished DP stage's secret and state too
   report.remove_keys(workdir, list(BY_NAME[stage].report_keys) + [f'timings.{stage}_seconds'])
   parallel.sync(f'clear-{stage}')
 
@@ -223,13 +225,15 @@ def _finish_release(config, workdir, stage: str) -> None:
   state deleted (nothing is left to resume), the cumulative spend in the report."""
   if not privacy.enabled(config) or stage not in ledger.RELEASE_STAGES:
     return
-  record = fileio.read_json(stage_dir(workdir, stage) / 'manifest.json').get('privacy')
+  manifest = fileio.read_json(stage_dir(workdir, stage) / 'manifest.json')
+  record = manifest.get('privacy')
   if not record:
     return
-  summary = ledger.record(workdir, stage, record, record[stage]['release_id'])
+  summary = ledger.record(workdir, stage, record, ledger.release_id(stage, manifest))
   owner.forget_secret(workdir, stage)
   owner.delete_training_state(workdir, stage)
-  report.update(workdir, {'privacy': {'cumulative': summary}})
+  owner.delete_legacy_secrets(stage_dir(workdir, stage))
+  report.update(workdir, {'privacy': {**record, 'cumulative': summary}})
 
 
 def _run_stages(config, workdir, selected: list[Stage], data, overwrite) -> dict:

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from bnsynth_jax import (artifacts, augment, input_pipeline, ledger, metrics, models, parallel,
-                         privacy, report)
+from bnsynth_jax import (artifacts, augment, input_pipeline, metrics, models, parallel, privacy,
+                         report)
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from bnsynth_jax.sources import PrivateData
@@ -185,8 +185,7 @@ def run(config, workdir, data: PrivateData) -> dict:
         config.stats.batch_size, clip_norm=float(config.privacy.stats_clip_norm),
         noise_multiplier=record['stats']['noise_multiplier'], rng=privacy.statistics_rng(config))
     teacher_manifest = {**teacher_manifest, 'privacy': {
-        **record, 'stats': {**record['stats'], **applied,
-                            'release_id': ledger.release_id()}}}
+        **record, 'stats': {**record['stats'], **applied}}}
   else:
     statistics, counts = classwise_statistics(
         model, variables, data.split('train'), data.split_size('train'), data.num_partitions,

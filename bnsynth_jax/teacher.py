@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from absl import logging
 
-from bnsynth_jax import artifacts, fileio, ledger, owner, parallel, privacy, report, train
+from bnsynth_jax import artifacts, fileio, owner, parallel, privacy, report, train
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from bnsynth_jax.sources import PrivateData
@@ -70,7 +70,6 @@ def _dp_setup(config, workdir, data: PrivateData):
   batches = privacy.SampledBatches(data.split('train'), data.num_partitions,
                                    data.split_size('train'), config.teacher.batch_size,
                                    seed=secret)
-  record['teacher']['release_id'] = ledger.release_id(secret)
   dp = {'clip_norm': record['teacher']['clip_norm'],
         'noise_multiplier': record['teacher']['noise_multiplier'],
         'augmult': record['teacher']['augmult'],

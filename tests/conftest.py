@@ -113,6 +113,8 @@ def _run_main_in_this_process(args: list[str]) -> subprocess.CompletedProcess:
   saved_fds = [os.dup(1), os.dup(2)]
   saved_streams = sys.stdout, sys.stderr, handler.python_handler.stream
   saved_argv, cwd = sys.argv, os.getcwd()
+  levels = py_logging.root.level, py_logging.getLogger('absl').level
+  added = False
   code = 0
   try:
     for fd, f in zip((1, 2), captured):
@@ -120,7 +122,9 @@ def _run_main_in_this_process(args: list[str]) -> subprocess.CompletedProcess:
     sys.stdout = open(1, 'w', closefd=False, buffering=1)
     sys.stderr = open(2, 'w', closefd=False, buffering=1)
     handler.python_handler.stream = sys.stderr
-    py_logging.root.addHandler(handler)
+    added = handler not in py_logging.root.handlers
+    if added:
+      py_logging.root.addHandler(handler)
     os.chdir(REPO)
     sys.argv = ['bnsynth_jax.main', *args]     # config_flags reads its overrides from it
     for name in [n for n in flags.FLAGS if n.startswith('config.')]:
@@ -140,7 +144,10 @@ def _run_main_in_this_process(args: list[str]) -> subprocess.CompletedProcess:
   finally:
     sys.stdout.flush()
     sys.stderr.flush()
-    py_logging.root.removeHandler(handler)
+    if added:
+      py_logging.root.removeHandler(handler)
+    py_logging.root.setLevel(levels[0])
+    py_logging.getLogger('absl').setLevel(levels[1])
     sys.stdout, sys.stderr, handler.python_handler.stream = saved_streams
     for fd, saved in zip((1, 2), saved_fds):
       os.dup2(saved, fd)

@@ -5,7 +5,6 @@ read it (`dp_run`, module scope); tests that change a workdir copy it first.
 """
 
 import json
-import math
 import shutil
 
 import numpy as np
@@ -199,11 +198,12 @@ def test_overwriting_a_dp_stage_is_refused_unless_the_cumulative_spend_is_accept
   assert (w / 'teacher' / 'manifest.json').exists()          # nothing was cleared
   total = float(error[0].split('accept_cumulative_epsilon=')[1].split()[0])
   assert total > json.loads((w / 'report.json').read_text())['privacy']['epsilon']
-  accepted = run_main(*args, f'--config.privacy.accept_cumulative_epsilon={math.ceil(total)}')
+  accepted = run_main(*args, f'--config.privacy.accept_cumulative_epsilon={total}')
   assert accepted.returncode == 0, accepted.stderr[-3000:]
   ledger = json.loads((w / 'privacy_ledger.json').read_text())
   assert [r['stage'] for r in ledger['releases']] == ['teacher', 'stats', 'teacher', 'stats']
   assert ledger['cumulative']['epsilon'] == pytest.approx(total, rel=1e-3)
+  assert list((w / '.owner').rglob('checkpoints')) == []
   assert 'cumulative' in json.loads((w / 'report.json').read_text())['privacy']
 
 
@@ -288,9 +288,9 @@ def test_the_ledger_composes_every_release_and_refuses_an_unaccepted_one(tmp_pat
   config = _dp_config()
   record = privacy.plan(config, 1438, 1)
   for stage in ('teacher', 'stats'):
-    record[stage]['release_id'] = ledger.release_id()
-    ledger.record(tmp_path, stage, record, record[stage]['release_id'])
-    ledger.record(tmp_path, stage, record, record[stage]['release_id'])   # idempotent
+    release = ledger.release_id(stage, {ledger.RELEASE_HASH[stage]: f'{stage}-hash'})
+    ledger.record(tmp_path, stage, record, release)
+    ledger.record(tmp_path, stage, record, release)   # the same release: recorded once
   assert len(ledger.load(tmp_path)) == 2
   assert ledger.summarize(ledger.load(tmp_path), 1e-5)['epsilon'] == pytest.approx(
       record['epsilon'], rel=1e-3)
@@ -299,4 +299,16 @@ def test_the_ledger_composes_every_release_and_refuses_an_unaccepted_one(tmp_pat
     ledger.check_new_releases(tmp_path, ['stats'], record, 0.0)
   total = float(str(e.value).split('accept_cumulative_epsilon=')[1].split()[0])
   assert record['epsilon'] < total < 2 * record['epsilon']
-  ledger.check_new_releases(tmp_path, ['stats'], record, total + 0.01)
+  ledger.check_new_releases(tmp_path, ['stats'], record, total)     # the value it printed
+
+
+def test_replacing_an_unfinished_dp_teacher_forgets_its_secret_and_steps(tmp_path):
+  """--overwrite of a killed DP teacher: the new run must neither resume the old steps nor
+  reuse the old randomness (both live in .owner/, outside the stage folder it clears)."""
+  from bnsynth_jax import owner, pipeline
+  first = owner.stage_secret(tmp_path, 'teacher')
+  (owner.training_dir(tmp_path, 'teacher') / 'checkpoints' / '3').mkdir(parents=True)
+  assert owner.stage_secret(tmp_path, 'teacher') == first          # a resume keeps it
+  pipeline.clear_stage(tmp_path, 'teacher')
+  assert not (tmp_path / '.owner' / 'teacher').exists()
+  assert owner.stage_secret(tmp_path, 'teacher') != first
