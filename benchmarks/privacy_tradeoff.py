@@ -53,8 +53,9 @@ def _row(eps_text: str, folder: pathlib.Path, real_subset: float | None) -> tupl
   acc = audit['test_accuracy']
   p = audit.get('privacy')
   attacks = audit['attacks']
-  tpr = {t: attacks[t]['lira']['tpr_at_0.001_fpr'] for t in ('student', 'synthetic_nn',
-                                                             'teacher')}
+  # The strongest attack per target (audits before it was reported: the pooled LiRA).
+  tpr = {t: attacks[t].get('strongest', attacks[t]['lira'])['tpr_at_0.001_fpr']
+         for t in ('student', 'synthetic_nn', 'teacher')}
 
   def fmt(m):
     ci = m.get('ci95')

@@ -18,16 +18,21 @@ Here:
    ordinary workdir, so it resumes like any pipeline run; `--shadow_ids` splits the runs
    between processes or machines.
 3. Scores per canary and run, from what each pipeline produced: the logit margin
-   (z_y - logsumexp of the others, y the planted label) of the synthetic-trained student
-   (the release's consumer) and of the teacher (trained on the real data: the contrast
-   that must show leakage; with --real_student also a student of the student's recipe
-   trained on the run's real data), and for the synthetic images themselves the negative pixel L2
-   distance from the canary to its nearest synthetic image, over all of them and over
-   those of the planted class (no model involved).
+   (z_y - logsumexp of the others, y the planted label: the log-odds log p / (1 - p), the
+   LiRA paper's statistic) of the synthetic-trained student (the release's consumer) and
+   of the teacher (trained on the real data: the contrast that must show leakage; with
+   --real_student also a student of the student's recipe trained on the run's real data),
+   each on several queries of the canary (as it is and shifted by H/16 pixels four ways,
+   and these mirrored where the model trained on mirrored views); and for the synthetic images themselves the negative pixel L2 distance from
+   the canary to its nearest synthetic image, over all of them and over those of the
+   planted class (no model involved).
 4. Attacks: online LiRA (Carlini et al. 2022) -- per canary, Gaussians fitted to its IN
    and OUT scores in the other runs (leave the target run out), the log-likelihood ratio
-   of the target run's score -- and the global-threshold attack on the raw score. AUC and
-   TPR at 1% and 0.1% FPR, with bootstrap 95% intervals, by jax_privacy.auditing.
+   of the target run's score -- with one variance pooled over the canaries and with each
+   canary's own, on the plain query and averaged over the queries; and the
+   global-threshold attack on the raw score. AUC and TPR at 1% and 0.1% FPR, with
+   bootstrap 95% intervals, by jax_privacy.auditing; per target the strongest attack (by
+   TPR at 0.1% FPR) is reported as such.
 
 Output: DIR/canary_audit.json, DIR/canary_audit.md and DIR/canary_roc.png; each run's
 scores in DIR/shadow_<m>/scores.npz (kept, so an interrupted audit rescored later only

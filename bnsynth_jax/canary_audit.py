@@ -144,17 +144,34 @@ def roc_curve(in_scores, out_scores) -> tuple[np.ndarray, np.ndarray]:
   return fpr, tpr
 
 
+def augmented_lira_scores(scores: np.ndarray, design: np.ndarray, variance: str) -> np.ndarray:
+  """LiRA over several queries per canary ([M, K, A] scores: flips and shifts): each
+  query's log-likelihood ratio, averaged over the queries (as the LiRA paper's attack)."""
+  return np.mean([lira_scores(scores[..., a], design, variance)
+                  for a in range(scores.shape[-1])], axis=0)
+
+
 def evaluate_attacks(scores: dict[str, np.ndarray], design: np.ndarray, bootstrap: int,
                      seed: int) -> dict:
-  """{target: {'lira': measures, 'threshold': measures}} over every (run, canary) pair."""
+  """{target: {attack: measures}} over every (run, canary) pair: LiRA with a pooled and a
+  per-canary variance, the global threshold, and for [M, K, A] scores (several queries per
+  canary, `augmented_queries`) LiRA on the first (plain) query and over all of them; then
+  'strongest', the attack of the highest TPR at 0.1% FPR (ties: AUC)."""
   results = {}
   for target, s in scores.items():
-    lira = lira_scores(s, design)
-    own = lira_scores(s, design, variance='per_canary')
-    results[target] = {
-        'lira': attack_measures(lira[design], lira[~design], bootstrap, seed),
-        'lira_per_canary_variance': attack_measures(own[design], own[~design], bootstrap, seed),
-        'threshold': attack_measures(s[design], s[~design], bootstrap, seed)}
+    plain = s[..., 0] if s.ndim == 3 else s
+    attacks = {'lira': lira_scores(plain, design),
+               'lira_per_canary_variance': lira_scores(plain, design, variance='per_canary')}
+    if s.ndim == 3:
+      attacks['lira_augmented'] = augmented_lira_scores(s, design, 'pooled')
+      attacks['lira_augmented_per_canary_variance'] = augmented_lira_scores(s, design,
+                                                                            'per_canary')
+    attacks['threshold'] = plain
+    results[target] = {name: attack_measures(a[design], a[~design], bootstrap, seed)
+                       for name, a in attacks.items()}
+    best = max(results[target], key=lambda name: (
+        results[target][name]['tpr_at_0.001_fpr']['value'], results[target][name]['auc']['value']))
+    results[target]['strongest'] = {**results[target][best], 'attack': best}
   return results
 
 
@@ -171,6 +188,19 @@ def model_logits(model, variables, manifest, images) -> np.ndarray:
                                             manifest['std']))
          for i in range(0, len(images), 500)]
   return np.concatenate([np.asarray(o, np.float64) for o in out])
+
+
+def augmented_queries(images: np.ndarray, flip: bool = True) -> np.ndarray:
+  """[A, K, H, W, C]: each image as it is (query 0), then shifted by s pixels (s = H/16, at
+  least 1; edges repeated) up, down, left and right, and with `flip` (a model trained on
+  mirrored views) each of these five mirrored: the training-time views an attack queries
+  (the LiRA paper queries flips and shifts)."""
+  s = max(1, images.shape[1] // 16)
+  h, w = images.shape[1:3]
+  padded = np.pad(images, ((0, 0), (s, s), (s, s), (0, 0)), mode='edge')
+  shifts = [(0, 0), (-s, 0), (s, 0), (0, -s), (0, s)]
+  views = [padded[:, s + dy:s + dy + h, s + dx:s + dx + w] for dy, dx in shifts]
+  return np.stack(views + ([v[:, :, ::-1] for v in views] if flip else []))
 
 
 def logit_margins(logits: np.ndarray, labels) -> np.ndarray:
@@ -192,24 +222,31 @@ def nearest_distances(canaries: Canaries, synthetic_images, synthetic_labels):
   return -d.min(1), -np.where(same, d, np.inf).min(1)
 
 
-def model_scores(folder, canaries: Canaries, test) -> tuple[np.ndarray, np.float64]:
-  """A saved model's logit margins on the canaries' planted labels, and its test accuracy."""
+def model_scores(folder, canaries: Canaries, test,
+                 flip: bool = True) -> tuple[np.ndarray, np.float64]:
+  """A saved model's logit margins on the canaries' planted labels for every query of
+  `augmented_queries` ([K, A], query 0 the image as it is), and its test accuracy."""
   from bnsynth_jax import artifacts
   model, variables, manifest = artifacts.load_model(folder)
-  margins = logit_margins(model_logits(model, variables, manifest, canaries.images),
-                          canaries.labels)
+  queries = augmented_queries(canaries.images, flip)
+  logits = model_logits(model, variables, manifest, queries.reshape(-1, *queries.shape[2:]))
+  margins = logit_margins(logits, np.tile(canaries.labels, len(queries)))
   test_logits = model_logits(model, variables, manifest, test[0])
-  return margins, np.float64(np.mean(np.argmax(test_logits, 1) == test[1]))
+  return (margins.reshape(len(queries), -1).T,
+          np.float64(np.mean(np.argmax(test_logits, 1) == test[1])))
 
 
-def score_run(run_dir, canaries: Canaries, test) -> dict[str, np.ndarray]:
-  """Each target's scores of the K canaries, and the two models' test accuracy."""
+def score_run(run_dir, canaries: Canaries, test, config) -> dict[str, np.ndarray]:
+  """Each target's scores of the K canaries ([K, A] for the models, their queries mirrored
+  where the model trained on mirrored views; [K] for the synthetic images), and the two
+  models' test accuracy."""
   from bnsynth_jax import synthetic_data
   run_dir = fileio.path(run_dir)
   out = {}
-  for target, folder in (('student', run_dir / 'student' / 'synthetic'),
-                         ('teacher', run_dir / 'teacher')):
-    out[target], out[f'{target}_test_accuracy'] = model_scores(folder, canaries, test)
+  for target, folder, flip in (
+      ('student', run_dir / 'student' / 'synthetic', config.student.flip),
+      ('teacher', run_dir / 'teacher', config.teacher.flip)):
+    out[target], out[f'{target}_test_accuracy'] = model_scores(folder, canaries, test, flip)
   ds = synthetic_data.load_synthetic(run_dir / 'synthetic')
   out['synthetic_nn'], out['synthetic_nn_class'] = nearest_distances(canaries, ds.images,
                                                                      ds.labels)
@@ -352,13 +389,13 @@ def run_shadow(config, workdir, m: int, plan: dict,
     logging.info('canary audit: shadow run %d of %d (%d canaries IN)', m + 1,
                  len(plan['design']), int(plan['design'][m].sum()))
     pipeline.run(c, str(run_dir), STAGES)
-    scores = score_run(run_dir, plan['canaries'], test)
+    scores = score_run(run_dir, plan['canaries'], test, c)
   if real_student:
     logging.info('canary audit: shadow run %d: the student on the real data', m + 1)
     c.evaluate.real_subset, c.evaluate.full_real = False, True
     pipeline.run(c, str(run_dir), 'evaluate')
     scores['real_student'], scores['real_student_test_accuracy'] = model_scores(
-        stage_dir(run_dir, 'evaluate') / 'full_real', plan['canaries'], test)
+        stage_dir(run_dir, 'evaluate') / 'full_real', plan['canaries'], test, c.student.flip)
   fileio.atomic_write_npz(scores_file, **scores)
   return scores
 
@@ -453,6 +490,7 @@ def markdown(summary: dict) -> str:
       '|---|---|---|---|---|---|']
   for target, attacks in summary['attacks'].items():
     for attack, m in attacks.items():
+      attack = f"**strongest**: {m['attack']}" if attack == 'strongest' else attack
       lines.append(f"| {summary['targets'][target]} | {attack} | {_fmt(m['auc'])} | "
                    f"{_fmt(m['tpr_at_0.01_fpr'])} | {_fmt(m['tpr_at_0.001_fpr'])} | "
                    f"{m['epsilon_lower_bound_95']:.2f} |")
@@ -472,7 +510,7 @@ def _roc_figure(path, scores: dict, design: np.ndarray) -> None:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5, 5))
   for target, s in scores.items():
-    lira = lira_scores(s, design)
+    lira = augmented_lira_scores(s, design, 'pooled') if s.ndim == 3 else lira_scores(s, design)
     fpr, tpr = roc_curve(lira[design], lira[~design])
     ax.plot(np.maximum(fpr, 1e-4), np.maximum(tpr, 1e-4), label=target)
   ax.plot([1e-4, 1], [1e-4, 1], 'k:', label='chance')

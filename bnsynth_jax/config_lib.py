@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- data (private; read by the teacher, stats, evaluate and audit stages only)
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'digits'      # digits | imagefolder | tfds
+  c.data.source = 'digits'      # digits | imagefolder | tfds | procedural (public: generated)
   c.data.name = ''              # tfds: dataset name, e.g. cifar10
   c.data.data_dir = ''          # tfds: data_dir ('' = TFDS default)
   c.data.root = ''              # imagefolder: ROOT with ROOT/<split>/<class>/*.png
@@ -64,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.mean = ()              # () = computed on the train split
   c.data.std = ()
   c.data.decode_threads = 0     # imagefolder decoding threads (0 = cpu count, max 16)
+  c.data.procedural_classes = 0     # procedural: glyph classes
+  c.data.procedural_per_class = 0   # procedural: training images per class (test: a tenth)
+  c.data.procedural_seed = 0        # procedural: the glyphs and every image
 
   # --- teacher
   c.model = ml_collections.ConfigDict()
@@ -90,6 +93,10 @@ def default_config() -> ml_collections.ConfigDict:
   p.stats_noise_multiplier = 0.0     # 0 = calibrated to the budget
   p.noise_seed = 0              # 0 = secret, from the OS (kept owner-only in WORKDIR/.owner while
                                 # a stage runs); tests fix it, and the run is then NOT private
+  p.prior = ''                  # a teacher folder made without the private data that DP-SGD
+                                # fine-tunes (privacy/prior.py); '' = from scratch
+  p.prior_is_public = False     # the data owner's declaration that privacy.prior is public
+  p.prior_trainable = 'all'     # all | last_stage | head: what DP-SGD trains of the prior
   p.accept_cumulative_epsilon = 0.0   # a stage released before is run again (--overwrite)
                                 # only if the ledger's cumulative epsilon stays within this
 

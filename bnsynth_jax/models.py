@@ -195,6 +195,13 @@ MODEL_NAMES = tuple(_ARCHS)
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
+def from_config(model_config, num_classes: int) -> ResNet:
+  """The model a config's `model` section names."""
+  return create_model(model_config.name, num_classes, stem=model_config.get('stem', 'cifar'),
+                      norm=model_config.get('norm', 'batch'),
+                      dtype=model_config.get('dtype', 'float32'))
+
+
 def create_model(name: str, num_classes: int, *, stem: str = 'cifar',
                  dtype: str = 'float32', norm: str = 'batch') -> ResNet:
   """Builds a model by name; raises UserError naming the valid choices."""

@@ -215,7 +215,7 @@ def _check_privacy_spend(config, workdir, selected: list[Stage], data, overwrite
   again = [s for s in _stages_that_will_run(config, workdir, selected, overwrite)
            if s in ledger.RELEASE_STAGES]
   if again:
-    record = privacy.plan(config, data.split_size('train'), data.num_partitions)
+    record = privacy.plan(config, data.split_size('train'))
     ledger.check_new_releases(workdir, again, record,
                               float(config.privacy.accept_cumulative_epsilon))
 

@@ -287,7 +287,7 @@ def _derive_privacy(config, workdir, facts: Facts, problems, pending) -> list[st
     notes.append(f'derived data.mean={config.data.mean}, data.std={config.data.std} (DP mode: '
                  'public constants, not statistics of the private images)')
   try:
-    record = privacy.plan(config, facts.train_size, facts.partitions)
+    record = privacy.plan(config, facts.train_size)
   except UserError as e:
     problems.append(str(e))
     return notes

@@ -405,7 +405,10 @@ def create_source(data_config) -> Source:
     return ImageFolderSource(data_config)
   if kind == 'tfds':
     return TfdsSource(data_config)
-  raise UserError(f'unknown data.source {kind!r}: use digits, imagefolder or tfds')
+  if kind == 'procedural':
+    from bnsynth_jax.procedural import ProceduralSource
+    return ProceduralSource(data_config)
+  raise UserError(f'unknown data.source {kind!r}: use digits, imagefolder, tfds or procedural')
 
 
 # ----------------------------------------------------------------------------
@@ -448,6 +451,22 @@ class PrivateData:
       logging.info('loaded %d %s images (%d of %d partitions) in %.1fs', n, name,
                    len(self.partition_ids), self.num_partitions, time.perf_counter() - t0)
     return self._splits[name]
+
+  def whole_split(self, which: str) -> list[Partition]:
+    """Every partition of the split, on every process (DP-SGD samples from the whole split:
+    privacy.WholeSplitBatches)."""
+    if len(self.partition_ids) == self.num_partitions:
+      return self.split(which)
+    name = self.config.train_split if which == 'train' else self.config.test_split
+    key = f'{name} (whole)'
+    if key not in self._splits:
+      t0 = time.perf_counter()
+      self._splits[key] = self.source.load(name, range(self.num_partitions),
+                                           self.num_partitions)
+      logging.info('loaded the whole %s split (%d images, all %d partitions) in %.1fs', name,
+                   sum(len(p) for p in self._splits[key]), self.num_partitions,
+                   time.perf_counter() - t0)
+    return self._splits[key]
 
   def split_size(self, which: str) -> int:
     name = self.config.train_split if which == 'train' else self.config.test_split

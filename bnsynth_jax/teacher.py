@@ -7,8 +7,10 @@ training checkpoints in checkpoints/, metrics.json with the evaluation history.
 from __future__ import annotations
 
 from absl import logging
+import jax
 
-from bnsynth_jax import artifacts, fileio, owner, parallel, privacy, report, train
+from bnsynth_jax import artifacts, fileio, models, owner, parallel, privacy, report, train
+from bnsynth_jax.privacy import prior
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from bnsynth_jax.sources import PrivateData
@@ -64,21 +66,31 @@ def _import_pretrained(config, workdir, data: PrivateData) -> dict:
 
 def _dp_setup(config, workdir, data: PrivateData):
   """DP-SGD: the plan (noise multipliers and the composed budget), fixed-size batches drawn
-  with the secret seed, and the noise key. Returns (batches, dp, manifest extra)."""
-  record = privacy.plan(config, data.split_size('train'), data.num_partitions)
+  with the secret seed, the noise key, and the public prior's variables to start from
+  (None: from scratch). Returns (batches, dp, manifest extra, start)."""
+  record = privacy.plan(config, data.split_size('train'))
+  start = None
+  if prior.enabled(config):
+    record['prior'] = prior.record(config)
+    model = models.from_config(config.model, data.info.num_classes)
+    start = prior.initial_variables(config, model, data.info.image_shape,
+                                    jax.random.key(config.seed))
   secret = privacy.teacher_secret(config, workdir)
-  batches = privacy.SampledBatches(data.split('train'), data.num_partitions,
-                                   data.split_size('train'), config.teacher.batch_size,
-                                   seed=secret)
+  batches = privacy.WholeSplitBatches(data.whole_split('train'), data.split_size('train'),
+                                      config.teacher.batch_size, seed=secret,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count())
   dp = {'clip_norm': record['teacher']['clip_norm'],
         'noise_multiplier': record['teacher']['noise_multiplier'],
         'augmult': record['teacher']['augmult'],
-        'noise_key': privacy.noise_key(secret)}
+        'noise_key': privacy.noise_key(secret),
+        'frozen_bn': prior.frozen_batch_norm(config),
+        'trainable': config.privacy.prior_trainable if prior.enabled(config) else 'all'}
   logging.info('teacher: DP-SGD, noise multiplier %.4g, clip norm %g, %d steps of %d: '
                '(epsilon %.4g, delta %g) with the statistics', dp['noise_multiplier'],
                dp['clip_norm'], record['teacher']['steps'], config.teacher.batch_size,
                record['epsilon'], record['delta'])
-  return batches, dp, {'privacy': record}
+  return batches, dp, {'privacy': record}, start
 
 
 def _training_folders(config, workdir):
@@ -110,7 +122,7 @@ def _train(config, workdir, data: PrivateData) -> dict:
                                seed=config.seed)
   start, extra, dp = None, {}, None
   if privacy.enabled(config):
-    batches, dp, extra = _dp_setup(config, workdir, data)
+    batches, dp, extra, start = _dp_setup(config, workdir, data)
   if config.teacher.init_from:
     _, start, source = _load_matching(config, data, 'init_from')
     logging.info('teacher: training starts from %s (test accuracy %s, %s epochs)',

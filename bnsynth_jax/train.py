@@ -137,16 +137,25 @@ def train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std, num_
 
 
 def dp_train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std,
-                  num_classes: int, clip_norm: float, augmult: int):
-  """One DP-SGD step (a GroupNorm model: no batch statistics). Each example's gradient,
-  averaged over `augmult` augmentations of it, is clipped by jax_privacy.clipped_grad; the
-  optimizer (`dp_optimizer`) adds the Gaussian noise to the sum and divides by the batch."""
+                  num_classes: int, clip_norm: float, augmult: int, frozen_bn: bool = False,
+                  trainable: str = 'all'):
+  """One DP-SGD step: GroupNorm (no batch statistics), or a prior's BatchNorm frozen in
+  inference mode (`frozen_bn`), so an example's gradient never sees the others. Each
+  example's gradient, averaged over `augmult` augmentations of it, is clipped by
+  jax_privacy.clipped_grad; the optimizer (`dp_optimizer`) adds the Gaussian noise to the
+  sum and divides by the batch. `trainable` (privacy/prior.py): the parameters outside it
+  get no gradient, so the clip norm is spent on those trained."""
   from jax_privacy import clipping   # only DP mode needs it
+  from bnsynth_jax.privacy import prior
+  mask = prior.trainable_mask(state.params, trainable)
+  frozen = {'batch_stats': state.batch_stats} if frozen_bn else {}
 
   def example_loss(params, images, labels, rng):      # one example: images [1, H, W, C]
+    params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
     x = jnp.repeat(augment.to_unit(images), augmult, axis=0)
     x = augment.random_crop_flip(rng, x, cfg.crop_padding, cfg.flip)
-    logits = state.apply_fn({'params': params}, augment.standardise(x, mean, std), train=True)
+    logits = state.apply_fn({'params': params, **frozen}, augment.standardise(x, mean, std),
+                            train=not frozen_bn)
     targets = jax.nn.one_hot(jnp.repeat(labels, augmult), num_classes)
     return jnp.mean(cross_entropy(logits, targets)), logits[:1]
 
@@ -166,9 +175,15 @@ def dp_optimizer(cfg, lr: optax.Schedule, dp: dict) -> optax.GradientTransformat
   sensitivity; the accountant doubles it for replace-one) on the sum of clipped gradients,
   then the mean over the batch, then the usual optimizer (all post-processing)."""
   from jax_privacy import noise_addition
+  from bnsynth_jax.privacy import prior
   privatizer = noise_addition.gaussian_privatizer(
       stddev=dp['noise_multiplier'] * dp['clip_norm'], prng_key=dp['noise_key'])
-  return optax.chain(privatizer, optax.scale(1.0 / cfg.batch_size), create_optimizer(cfg, lr))
+  tx = optax.chain(privatizer, optax.scale(1.0 / cfg.batch_size), create_optimizer(cfg, lr))
+  which = dp.get('trainable', 'all')
+  if which == 'all':
+    return tx
+  frozen = lambda params: jax.tree.map(lambda t: not t, prior.trainable_mask(params, which))
+  return optax.chain(tx, optax.masked(optax.set_to_zero(), frozen))   # the prior's stay
 
 
 def eval_step(variables, batch, *, apply_fn, mean, std):
@@ -218,7 +233,8 @@ def _jitted_train_step(cfg, mesh, step_key, mean, std, num_classes, labels, soft
                 std=tuple(map(float, std)), num_classes=num_classes)
   if dp is not None:
     step = functools.partial(dp_train_step, clip_norm=dp['clip_norm'], augmult=dp['augmult'],
-                             **common)
+                             frozen_bn=dp.get('frozen_bn', False),
+                             trainable=dp.get('trainable', 'all'), **common)
   else:
     step = functools.partial(train_step, labels=labels, soft_temperature=soft_temperature,
                              views=None if views is None else {**views,
@@ -298,8 +314,8 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
       simulate a kill).
     init: {'params', 'batch_stats'} to start from instead of a random
       initialisation (fine-tuning); a checkpoint in workdir still wins.
-    dp: DP-SGD ({'clip_norm', 'noise_multiplier', 'augmult', 'noise_key'}; `batches`
-      must then be privacy.SampledBatches).
+    dp: DP-SGD ({'clip_norm', 'noise_multiplier', 'augmult', 'noise_key', and with a
+      prior 'frozen_bn', 'trainable'}; `batches` must then be privacy.WholeSplitBatches).
   """
   mesh = parallel.make_mesh()
   parallel.check_batch(cfg.batch_size, f'{name}.batch_size', mesh)
@@ -364,9 +380,7 @@ def fit_and_save(out, *, model_config, class_names, num_classes: int, image_shap
   state (checkpoints, progress) in `state_dir` (default `out`; resuming from them), and
   write the model artifact in `out`, its manifest carrying `extra(summary)`. Returns
   (variables, summary)."""
-  model = models.create_model(model_config.name, num_classes, stem=model_config.stem,
-                              norm=model_config.get('norm', 'batch'),
-                              dtype=model_config.dtype)
+  model = models.from_config(model_config, num_classes)
   writer = metrics.Writer(tensorboard) if tensorboard else None
   try:   # closed on an error too (an open event writer fails at interpreter exit)
     variables, summary = fit(model=model, num_classes=num_classes, image_shape=image_shape,

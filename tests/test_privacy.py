@@ -75,7 +75,7 @@ def test_the_statistics_noise_is_there_and_has_the_calibrated_scale():
 def test_the_teacher_epsilon_matches_jax_privacy_and_dp_accounting_called_directly():
   from jax_privacy import accounting
   c = dp_config(teacher_noise_multiplier=1.3, stats_noise_multiplier=4.0)
-  record = privacy.plan(c, train_size=1438, num_partitions=1)
+  record = privacy.plan(c, train_size=1438)
   dp_params = accounting.DpParams(
       noise_multipliers=1.3, num_samples=1438, delta=c.privacy.delta, batch_size=64,
       sampling_method=accounting.SamplingMethod.FIXED_BATCH_SIZE)
@@ -92,7 +92,7 @@ def test_the_teacher_epsilon_matches_jax_privacy_and_dp_accounting_called_direct
 
 
 def test_calibration_meets_the_budget_and_spends_most_of_it():
-  record = privacy.plan(dp_config(epsilon=3.0), train_size=1438, num_partitions=1)
+  record = privacy.plan(dp_config(epsilon=3.0), train_size=1438)
   assert 0.8 * 3.0 < record['epsilon'] <= 3.0
   assert record['teacher']['noise_multiplier'] > 0.5 and record['stats']['noise_multiplier'] > 0
 
@@ -100,11 +100,11 @@ def test_calibration_meets_the_budget_and_spends_most_of_it():
 def test_a_plan_over_budget_or_impossible_is_refused():
   with pytest.raises(UserError, match='spends epsilon'):
     privacy.plan(dp_config(epsilon=1.0, teacher_noise_multiplier=0.6,
-                           stats_noise_multiplier=10.0), train_size=1438, num_partitions=1)
+                           stats_noise_multiplier=10.0), train_size=1438)
   c = dp_config(epsilon=1e-4)
   c.teacher.num_steps = 20         # already needs a noise multiplier above 500
   with pytest.raises(UserError, match='noise multiplier above'):
-    privacy.plan(c, train_size=1438, num_partitions=1)
+    privacy.plan(c, train_size=1438)
 
 
 @pytest.mark.parametrize('change,needle', [
@@ -202,12 +202,12 @@ def test_the_dp_optimizer_adds_noise_of_the_calibrated_scale():
 def test_sampled_batches_are_fixed_size_uniform_and_reproducible():
   from bnsynth_jax.input_pipeline import Partition
   parts = [Partition(0, np.zeros((100, 2, 2, 1), np.uint8), np.arange(100, dtype=np.int32))]
-  batches = privacy.SampledBatches(parts, 1, 100, 10, seed=5)
+  batches = privacy.WholeSplitBatches(parts, 100, 10, seed=5)
   first = [batches.get(s)['labels'] for s in range(2000)]
   assert all(len(set(b.tolist())) == 10 for b in first)          # without replacement
   counts = np.bincount(np.concatenate(first), minlength=100)
   assert counts.min() > 120 and counts.max() < 290               # each example ~ 200 times
-  again = privacy.SampledBatches(parts, 1, 100, 10, seed=5)
+  again = privacy.WholeSplitBatches(parts, 100, 10, seed=5)
   assert np.array_equal(again.get(1234)['labels'], first[1234])  # resume sees the same batch
 
 
@@ -274,6 +274,37 @@ def test_per_canary_variance_finds_canaries_of_different_spreads():
   assert own > 0.5 and own > 3 * pooled, (own, pooled)
 
 
+def test_augmented_queries_are_the_image_its_shifts_and_their_mirrors():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+  q = canary_audit.augmented_queries(images)
+  assert q.shape == (10, 3, 8, 8, 1)
+  np.testing.assert_array_equal(q[0], images)                     # query 0: as it is
+  np.testing.assert_array_equal(q[5], images[:, :, ::-1])         # its mirror
+  np.testing.assert_array_equal(q[1][:, 1:], images[:, :-1])      # shifted down by 1 pixel
+  np.testing.assert_array_equal(q[2][:, :-1], images[:, 1:])      # and up
+  assert len({v.tobytes() for v in q}) == 10
+  np.testing.assert_array_equal(canary_audit.augmented_queries(images, flip=False), q[:5])
+
+
+def test_several_queries_per_canary_find_more_than_one_and_the_strongest_is_reported():
+  """A weak membership signal seen through 10 queries with independent noise each (as
+  augmented views are): averaging the queries' likelihood ratios finds more canaries at
+  0.1% FPR than the plain query alone; 'strongest' names the best attack."""
+  rng = np.random.default_rng(0)
+  design = canary_audit.balanced_design(16, 50, rng)
+  shared = rng.normal(0, 3, 50)[None, :, None]
+  scores = shared + rng.normal(0, 1, (*design.shape, 10)) + 1.2 * design[..., None]
+  result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=0, seed=0)['x']
+  plain = result['lira']['tpr_at_0.001_fpr']['value']
+  augmented = result['lira_augmented']['tpr_at_0.001_fpr']['value']
+  assert augmented > 0.5 and augmented > 3 * plain, (augmented, plain)
+  strongest = result['strongest']
+  assert strongest['attack'].startswith('lira_augmented')
+  assert strongest['tpr_at_0.001_fpr']['value'] == max(
+      m['tpr_at_0.001_fpr']['value'] for name, m in result.items() if name != 'strongest')
+
+
 def test_canaries_and_design():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (100, 4, 4, 1), dtype=np.uint8)
@@ -334,50 +365,68 @@ def test_dp_statistics_without_clipping_or_noise_are_the_exact_classwise_moments
                                rtol=2e-3, atol=1e-4)
 
 
-def test_canary_audit_command_end_to_end_and_resumes(tmp_path):
-  """4 shadow pipelines of a few steps each: folders, scores, report; a second call only
-  rescores (every run kept its scores)."""
+def tiny_audit_config():
+  from bnsynth_jax.configs import digits
+  c = digits.get_config()
+  c.teacher.num_steps = 4
+  c.model.name = c.student.model.name = 'resnet_tiny'
+  c.synthesis.update(images_per_class=4, batch_size=40, iterations=2, view_epochs=1)
+  c.student.update(epochs=1, batch_size=8)
+  return c
+
+
+def test_canary_audit_end_to_end_and_resumes(tmp_path):
+  """4 shadow pipelines of a few steps each: folders, scores, report; the command a second
+  time only rescores (every run kept its scores); other settings are refused. The shadow
+  runs train in this process (canary_audit.run, what the command calls); the command line
+  itself runs where it is cheap (rescoring, refusing)."""
   import subprocess
   import sys
   from conftest import REPO
+  audit = tmp_path / 'audit'
+  settings = dict(num_canaries=4, num_shadows=4, bootstrap=10, train_subset=200)
+  table = canary_audit.run(tiny_audit_config(), audit, **settings)
+  assert 'TPR at 0.1% FPR' in table
+  summary = json.loads((audit / 'canary_audit.json').read_text())
+  assert summary['base_train_images'] == 200
+  assert set(summary['attacks']) == set(canary_audit.TARGETS)
+  design = np.load(audit / 'canaries.npz')['design']
+  assert np.all(design.sum(0) == 2)              # each canary IN exactly half of the runs
+  for m in range(4):                             # each run: the base set and its IN canaries
+    files = list((audit / f'shadow_{m}' / 'data' / 'train').glob('*/*.png'))
+    assert len(files) == 200 + design[m].sum()
+  assert (audit / 'canary_roc.png').stat().st_size > 0
+  # The command on the finished audit, with the same settings: rescoring only.
   args = [sys.executable, '-m', 'bnsynth_jax.canary', '--config=configs/digits.py',
-          f'--workdir={tmp_path / "audit"}', '--canaries=4', '--shadows=4', '--bootstrap=10',
+          f'--workdir={audit}', '--canaries=4', '--shadows=4', '--bootstrap=10',
           '--train_subset=200', '--config.teacher.num_steps=4',
           '--config.model.name=resnet_tiny', '--config.student.model.name=resnet_tiny',
           '--config.synthesis.images_per_class=4', '--config.synthesis.batch_size=40',
           '--config.synthesis.iterations=2', '--config.synthesis.view_epochs=1',
           '--config.student.epochs=1', '--config.student.batch_size=8']
-  first = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900)
-  assert first.returncode == 0, first.stderr[-3000:]
-  assert 'TPR at 0.1% FPR' in first.stdout
-  summary = json.loads((tmp_path / 'audit' / 'canary_audit.json').read_text())
-  assert summary['base_train_images'] == 200
-  assert set(summary['attacks']) == set(canary_audit.TARGETS)
-  design = np.load(tmp_path / 'audit' / 'canaries.npz')['design']
-  assert np.all(design.sum(0) == 2)              # each canary IN exactly half of the runs
-  for m in range(4):                             # each run: the base set and its IN canaries
-    files = list((tmp_path / 'audit' / f'shadow_{m}' / 'data' / 'train').glob('*/*.png'))
-    assert len(files) == 200 + design[m].sum()
-  assert (tmp_path / 'audit' / 'canary_roc.png').stat().st_size > 0
+  scores_time = [(audit / f'shadow_{m}' / 'scores.npz').stat().st_mtime_ns for m in range(4)]
   again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert again.returncode == 0 and 'shadow run' not in again.stderr
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'TPR at 0.1% FPR' in again.stdout and 'shadow run' not in again.stderr
+  assert scores_time == [(audit / f'shadow_{m}' / 'scores.npz').stat().st_mtime_ns
+                         for m in range(4)]
   changed = subprocess.run(args[:-1] + ['--canaries=6'], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
   assert changed.returncode == 2 and 'other settings' in changed.stderr
-  # --real_student adds the real-data student to the finished runs, nothing else retrained.
-  before = np.load(tmp_path / 'audit' / 'shadow_0' / 'scores.npz')
-  real = subprocess.run(args + ['--real_student'], cwd=REPO, capture_output=True, text=True,
-                        timeout=900)
-  assert real.returncode == 0, real.stderr[-3000:]
-  assert 'shadow run 1 of' not in real.stderr and 'student on the real data' in real.stderr
-  summary = json.loads((tmp_path / 'audit' / 'canary_audit.json').read_text())
+  # real_student adds the real-data student to the finished runs, nothing else retrained.
+  before = np.load(audit / 'shadow_0' / 'scores.npz')
+  teacher_files = sorted((audit / 'shadow_0' / 'run' / 'teacher').rglob('*'))
+  teacher_time = [f.stat().st_mtime_ns for f in teacher_files]
+  canary_audit.run(tiny_audit_config(), audit, real_student=True, **settings)
+  assert teacher_time == [f.stat().st_mtime_ns for f in teacher_files]
+  summary = json.loads((audit / 'canary_audit.json').read_text())
   assert set(summary['attacks']) == set(canary_audit.TARGETS) | {'real_student'}
   assert 0 <= summary['test_accuracy']['real_student']['mean'] <= 1
-  after = np.load(tmp_path / 'audit' / 'shadow_0' / 'scores.npz')
+  after = np.load(audit / 'shadow_0' / 'scores.npz')
   for key in before.files:
     np.testing.assert_array_equal(before[key], after[key])
   assert after['real_student'].shape == before['student'].shape
-  assert (tmp_path / 'audit' / 'shadow_0' / 'run' / 'evaluate' / 'full_real').is_dir()
+  assert (audit / 'shadow_0' / 'run' / 'evaluate' / 'full_real').is_dir()
 
 
 def test_the_audit_report_command_drops_shadow_ids():

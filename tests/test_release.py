@@ -12,8 +12,10 @@ import pytest
 
 from conftest import run_main
 
-# jax-privacy, dp-accounting, orbax: CI runs these on both jax ends.
-pytestmark = pytest.mark.versions
+# The tests of the DP pipeline's outputs (the `dp_run` fixture) check this package's logic;
+# the jax-privacy, dp-accounting and orbax calls under them have their own `versions` tests
+# (test_privacy.py, test_train.py, test_resume_and_boundary.py). The accounting ones here
+# run on both jax ends.
 
 # Given explicitly: DP mode refuses to derive them from the private data.
 DP_ARGS = ('--config=configs/digits.py', '--config.model.norm=group',
@@ -254,26 +256,59 @@ def _dp_config():
   return config
 
 
-def test_dp_mode_samples_from_one_partition_only():
-  """Strided partitions of a sorted listing: one replaced record can move others between
-  partitions, so the per-partition sampling analysis would not hold; refused."""
-  from bnsynth_jax import privacy
-  from bnsynth_jax.errors import UserError
+@pytest.mark.versions
+def test_dp_sgd_draws_from_the_whole_split_whatever_the_partitions_and_processes(tmp_path):
+  """Strided partitions of a sorted listing: one replaced record moves others between
+  partitions, so per-partition sampling would depend on the data order. DP-SGD draws from
+  the whole split on every process: replacing one record changes no other record's pool,
+  the draw is the same, and 2 processes' slices make the 1-process batch."""
+  from PIL import Image
+  from bnsynth_jax import privacy, sources
+  from conftest import write_image_folder
+  root = write_image_folder(tmp_path / 'images', per_class=10, size=4)
   config = _dp_config()
-  assert privacy.plan(config, 1438, 1)['epsilon'] <= 8
-  with pytest.raises(UserError, match='one process'):
-    privacy.plan(config, 1438, 2)
+  config.data.update(source='imagefolder', root=str(root), num_partitions=2)
+
+  def process_view(process_index, process_count):
+    """(DP-SGD batches, this process's strided partition) of process p of 2."""
+    data = sources.PrivateData(config.data)
+    data.partition_ids = [process_index]
+    batches = privacy.WholeSplitBatches(
+        data.whole_split('train'), data.split_size('train'), 8, seed=11,
+        process_index=process_index, process_count=process_count)
+    return batches, {im.tobytes() for part in data.split('train') for im in part.images}
+
+  one, partition0 = process_view(0, 1)
+  halves = [process_view(p, 2)[0] for p in (0, 1)]
+  for step in (0, 3, 17):
+    np.testing.assert_array_equal(
+        np.concatenate([h.get(step)['images'] for h in halves]), one.get(step)['images'])
+  # Replace one record by a changed copy under a name that sorts first.
+  victim = root / 'train' / 'fish' / '7.png'
+  changed = np.asarray(Image.open(victim)).copy()
+  changed[0, 0] = 255 - changed[0, 0]
+  victim.unlink()
+  Image.fromarray(changed).save(root / 'train' / 'cat' / '0-replacement.png')
+  after, partition0_after = process_view(0, 1)
+  pool, pool_after = ({im.tobytes() for im in b.images} for b in (one, after))
+  assert len(pool - pool_after) == 1 and len(pool_after - pool) == 1   # only that record
+  for step in (0, 3, 17):
+    np.testing.assert_array_equal(one.global_indices(step), after.global_indices(step))
+  # What the old per-partition sampling did: other records changed partition.
+  assert (partition0 - partition0_after) - (pool - pool_after)
 
 
+@pytest.mark.versions
 def test_a_fixed_noise_seed_is_recorded_as_not_private():
   from bnsynth_jax import privacy
   config = _dp_config()
-  assert privacy.plan(config, 1438, 1)['private'] is True
+  assert privacy.plan(config, 1438)['private'] is True
   config.privacy.noise_seed = 3
-  record = privacy.plan(config, 1438, 1)
+  record = privacy.plan(config, 1438)
   assert record['private'] is False and 'noise_seed' in record['not_private_because']
 
 
+@pytest.mark.versions
 def test_the_dp_noise_key_has_64_secret_bits():
   from bnsynth_jax import privacy
   a, b = privacy.noise_key(2**100 + 5), privacy.noise_key(2**100 + 5 + 2**40)
@@ -282,11 +317,12 @@ def test_the_dp_noise_key_has_64_secret_bits():
   assert int(np.asarray(privacy.noise_key(2**63))[0]) == 2**31
 
 
+@pytest.mark.versions
 def test_the_ledger_composes_every_release_and_refuses_an_unaccepted_one(tmp_path):
   from bnsynth_jax import ledger, privacy
   from bnsynth_jax.errors import UserError
   config = _dp_config()
-  record = privacy.plan(config, 1438, 1)
+  record = privacy.plan(config, 1438)
   for stage in ('teacher', 'stats'):
     release = ledger.release_id(stage, {ledger.RELEASE_HASH[stage]: f'{stage}-hash'})
     ledger.record(tmp_path, stage, record, release)

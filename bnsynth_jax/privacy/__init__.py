@@ -39,16 +39,18 @@ The statistics noise is drawn from the OS once, when the noised sums are written
 kept nowhere. `privacy.noise_seed` fixes both for tests and audits only: a run with it
 is recorded as not private (`private: false` in every record).
 
-With several data partitions (multi-process), the per-partition batch sampling would
-depend on how the sorted listing falls into partitions, which one replaced record can
-change for others; DP mode therefore needs one partition (one process), where each
-step's batch is a uniform draw from the whole split, whatever its order.
+DP-SGD batches are uniform draws from the whole training split, on any number of
+processes: every process holds the whole split (DP mode's data sets are small) and takes
+its slice of the one global draw. Partitions of a sorted listing would make each
+partition's sampling depend on the data order (one replaced record can move others
+between partitions); a draw from the whole split does not (WholeSplitBatches).
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+from typing import Sequence
 
 import dp_accounting
 import jax
@@ -56,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnsynth_jax.errors import UserError
-from bnsynth_jax.input_pipeline import PartitionedBatches
+from bnsynth_jax.input_pipeline import Partition
 
 ACCOUNTANT = 'pld'
 MAX_NOISE_MULTIPLIER = 500.0     # a budget needing more noise than this is refused
@@ -77,17 +79,21 @@ def validate(config) -> None:
       raise UserError(f'privacy.epsilon={config.privacy.epsilon} is negative: give a positive '
                       'epsilon, or 0 to turn DP mode off')
     return
+  from bnsynth_jax.privacy import prior
   p = config.privacy
-  problems = []
-  if config.model.get('norm', 'batch') != 'group':
+  problems = prior.problems(config)
+  if config.model.get('norm', 'batch') != 'group' and not prior.enabled(config):
     problems.append('privacy.epsilon > 0 trains the teacher with per-example gradients, which '
-                    'BatchNorm mixes across the batch: set --config.model.norm=group')
+                    'BatchNorm in training mode mixes across the batch: set '
+                    '--config.model.norm=group (or fine-tune a public prior, privacy.prior, '
+                    'whose BatchNorm statistics stay frozen)')
   if config.stats.kind != 'classwise':
     problems.append('privacy.epsilon > 0 noises the class-wise statistics (a GroupNorm teacher '
                     'has no running statistics): set --config.stats.kind=classwise')
   if config.teacher.pretrained or config.teacher.init_from:
     problems.append('privacy.epsilon > 0 needs a teacher trained here by DP-SGD: unset '
-                    'teacher.pretrained / teacher.init_from')
+                    'teacher.pretrained / teacher.init_from (a public starting point is '
+                    'privacy.prior, with privacy.prior_is_public=True)')
   if not 0 < p.delta < 1:
     problems.append(f'privacy.delta={p.delta} must be in (0, 1), e.g. 1e-5')
   if not 0 < p.teacher_fraction < 1:
@@ -179,23 +185,14 @@ def teacher_steps(config, train_size: int) -> int:
   return int(round(cfg.epochs * (train_size // cfg.batch_size)))
 
 
-def accounted_samples(train_size: int, num_partitions: int) -> int:
-  """Partitions differ in size by <= 1; each samples its share of the batch from itself,
-  so the accounting uses the smallest partition (a larger sampling rate, conservative)."""
-  return (train_size // num_partitions) * num_partitions
-
-
-def plan(config, train_size: int, num_partitions: int) -> dict:
+def plan(config, train_size: int) -> dict:
   """Calibrates the noise multipliers left at 0 and composes the budget; refuses a plan
-  whose epsilon exceeds privacy.epsilon. Returns the record written into every manifest."""
+  whose epsilon exceeds privacy.epsilon. Returns the record written into every manifest.
+  DP-SGD draws its batches from the whole split (WholeSplitBatches): the sampling rate is
+  batch / train_size on any number of processes."""
   p = config.privacy
-  if num_partitions != 1:
-    raise UserError(f'privacy.epsilon > 0 samples DP-SGD batches from the whole training split, '
-                    f'but this run has {num_partitions} data partitions (one per process), whose '
-                    'sampling depends on the data order: run DP mode as one process '
-                    '(--config.data.num_partitions=1 on a single host)')
   target, delta = float(p.epsilon), float(p.delta)
-  n = accounted_samples(train_size, num_partitions)
+  n = int(train_size)
   steps = teacher_steps(config, train_size)
   batch = int(config.teacher.batch_size)
   if not 0 < batch <= n:
@@ -264,14 +261,39 @@ def statistics_rng(config) -> np.random.Generator:
   return np.random.default_rng(secrets.randbits(128))
 
 
-class SampledBatches(PartitionedBatches):
-  """DP-SGD batches: at every step each partition draws its share of the batch uniformly
-  without replacement, independently of every other step (not an epoch permutation,
-  whose accounting differs). Deterministic in (seed, step), so resume is exact."""
+class WholeSplitBatches:
+  """DP-SGD batches: at every step one draw of `global_batch` examples uniformly without
+  replacement from the whole split (all partitions, in partition order), independent of
+  every other step (not an epoch permutation, whose accounting differs); this process
+  takes its slice (process p of P: rows p*B/P to (p+1)*B/P of the draw, sorted), which is
+  what parallel.to_global expects. The draw depends on (seed, step, split size) only --
+  not on the data order, the partition count or the process count -- so resume is exact
+  and 1 process equals 2."""
 
-  def indices(self, part, step: int) -> np.ndarray:
-    rng = np.random.default_rng([self.seed, step, part.index])
-    return np.sort(rng.choice(len(part), self.sub_batch, replace=False))
+  def __init__(self, partitions: Sequence[Partition], split_size: int, global_batch: int,
+               seed: int, process_index: int = 0, process_count: int = 1):
+    parts = sorted(partitions, key=lambda part: part.index)
+    if sum(len(part) for part in parts) != split_size:
+      raise ValueError(f'DP-SGD needs the whole training split ({split_size} examples) on '
+                       f'every process, got {sum(len(part) for part in parts)}')
+    if not 0 < global_batch <= split_size or global_batch % process_count:
+      raise UserError(f'privacy: teacher.batch_size={global_batch} must be between 1 and the '
+                      f'{split_size} training images and a multiple of the {process_count} '
+                      'processes: change --config.teacher.batch_size')
+    self.images = np.concatenate([part.images for part in parts])
+    self.labels = np.concatenate([part.labels for part in parts])
+    self.split_size, self.global_batch, self.seed = split_size, global_batch, seed
+    self.steps_per_epoch = split_size // global_batch
+    share = global_batch // process_count
+    self._rows = slice(process_index * share, (process_index + 1) * share)
+
+  def global_indices(self, step: int) -> np.ndarray:
+    rng = np.random.default_rng([self.seed, step])
+    return np.sort(rng.choice(self.split_size, self.global_batch, replace=False))
+
+  def get(self, step: int) -> dict[str, np.ndarray]:
+    idx = self.global_indices(step)[self._rows]
+    return {'images': self.images[idx], 'labels': self.labels[idx]}
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+"""A public prior in DP mode: DP-SGD fine-tunes a teacher made without the private data.
+
+  --config.privacy.prior=DIR --config.privacy.prior_is_public=True
+
+DIR is a teacher folder of the package's format (variables.msgpack + manifest.json): a
+teacher the project's command trained on public or generated data, the data-free prior
+shipped under pretrained/, or a converted public model. `prior_is_public=True` is the
+data owner's declaration that DIR was made without the private data; the prior then
+costs no privacy and the accountant counts the private DP-SGD steps only, exactly as
+from scratch (the record names the prior and the sha256 of its weights).
+
+`privacy.prior_trainable` chooses what DP-SGD trains: 'all', 'last_stage' (the last
+ResNet stage and the head) or 'head'; the rest stays the prior's (no gradient: the clip
+norm is spent on the trained parameters only; their updates, noise included, are
+dropped). Normalisation keeps per-example gradients independent of the batch: GroupNorm,
+or BatchNorm frozen in inference mode (the prior's running statistics, public). A head
+of another class count (a prior trained on generated classes) starts from a fresh
+initialisation; every other layer must match the configured model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import jax
+import numpy as np
+from absl import logging
+
+from bnsynth_jax import fileio
+from bnsynth_jax.errors import UserError
+
+TRAINABLE = ('all', 'last_stage', 'head')
+HEAD = 'head'
+
+
+def enabled(config) -> bool:
+  return bool(config.get('privacy', {}).get('prior', ''))
+
+
+def problems(config) -> list[str]:
+  """Config-only checks of a prior (privacy.validate reports them with the others)."""
+  p = config.privacy
+  if not enabled(config):
+    return []
+  out = []
+  if not p.get('prior_is_public', False):
+    out.append(f'privacy.prior={p.prior} costs no privacy only if it was made without the '
+               'private data: declare it with --config.privacy.prior_is_public=True')
+  if p.get('prior_trainable', 'all') not in TRAINABLE:
+    out.append(f'privacy.prior_trainable={p.prior_trainable!r}: use one of {", ".join(TRAINABLE)}')
+  if not (fileio.path(p.prior) / 'manifest.json').exists():
+    out.append(f'privacy.prior={p.prior} holds no teacher (no manifest.json): give a teacher '
+               'folder (WORKDIR/teacher of a run on public data, or pretrained/...)')
+  return out
+
+
+def frozen_batch_norm(config) -> bool:
+  """A BatchNorm model fine-tuned from a prior runs its normalisation in inference mode."""
+  return enabled(config) and config.model.get('norm', 'batch') == 'batch'
+
+
+def weights_sha256(folder) -> str:
+  return hashlib.sha256((fileio.path(folder) / 'variables.msgpack').read_bytes()).hexdigest()
+
+
+def record(config) -> dict:
+  """What every manifest's privacy record says of the prior."""
+  p = config.privacy
+  manifest = fileio.read_json(fileio.path(p.prior) / 'manifest.json')
+  return {'folder': str(p.prior), 'variables_sha256': weights_sha256(p.prior),
+          'declared_public': bool(p.prior_is_public),
+          'trainable': p.get('prior_trainable', 'all'),
+          'normalisation': ('BatchNorm frozen (the prior\'s running statistics)'
+                            if frozen_batch_norm(config) else 'GroupNorm'),
+          'prior_classes': manifest.get('class_names'),
+          'prior_command': manifest.get('command')}
+
+
+def initial_variables(config, model, image_shape, rng) -> dict:
+  """The prior's variables for `model` (checked against the config), with a fresh head
+  where the prior's has another class count."""
+  from bnsynth_jax import artifacts, models
+  folder = config.privacy.prior
+  _, prior, manifest = artifacts.load_model(folder)
+  for key in ('name', 'stem', 'norm'):
+    held = manifest['model'].get(key, 'batch')
+    if held != config.model.get(key, 'batch'):
+      raise UserError(f'privacy.prior {folder} holds model.{key}={held!r} but the config says '
+                      f'{config.model.get(key, "batch")!r}: set --config.model.{key}={held}')
+  if list(manifest['image_shape']) != list(image_shape):
+    raise UserError(f'privacy.prior {folder} takes {manifest["image_shape"]} images but the '
+                    f'data is {list(image_shape)}: set --config.data.image_size and '
+                    'data.channels to the prior\'s, or use a prior of this shape')
+  fresh = models.init_variables(model, rng, image_shape)
+  return {col: _merge(fresh[col], prior.get(col, {}), folder) for col in fresh}
+
+
+def _merge(fresh, prior, folder):
+  """The prior's leaf for every leaf of `fresh` of the same path and shape; the head's
+  fresh leaves where its shape differs; an error for any other mismatch."""
+  held = {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(prior)[0]}
+
+  def pick(path, leaf):
+    name = jax.tree_util.keystr(path)
+    theirs = held.get(name)
+    if theirs is not None and np.shape(theirs) == np.shape(leaf):
+      return np.asarray(theirs, leaf.dtype)
+    if name.startswith(f"['{HEAD}']"):
+      logging.info('privacy.prior: %s%s starts fresh (the prior has %s)', HEAD, name[6:],
+                   None if theirs is None else np.shape(theirs))
+      return leaf
+    raise UserError(f'privacy.prior {folder} does not fit the configured model at {name}: '
+                    'give a prior of the same architecture (model.name, widths)')
+
+  return jax.tree_util.tree_map_with_path(pick, fresh)
+
+
+def trainable_mask(params, which: str):
+  """True for the parameters DP-SGD trains (`which` in TRAINABLE)."""
+  stages = sorted({k.split('_')[0] for k in params if k.startswith('stage')})
+
+  def trains(path, _):
+    top = str(path[0].key)
+    return (which == 'all' or top == HEAD
+            or (which == 'last_stage' and bool(stages) and top.startswith(stages[-1] + '_')))
+
+  return jax.tree_util.tree_map_with_path(trains, params)
