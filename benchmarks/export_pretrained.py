@@ -36,6 +36,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--name', required=True)
+  parser.add_argument('--eval_config', default='configs/cifar10.py:cpu',
+                      help='the config whose data the README\'s re-evaluation command uses')
   parser.add_argument('--command', required=True, action='append',
                       help='the exact command that trained it (repeat for a chain of runs)')
   args = parser.parse_args(argv)
@@ -85,7 +87,7 @@ Test accuracy during training:
 Re-evaluate it (imports it as the teacher stage and prints the accuracy):
 
 ```bash
-python -m bnsynth_jax.main --config=configs/cifar10.py:cpu --workdir=/tmp/c10_eval \\
+python -m bnsynth_jax.main --config={args.eval_config} --workdir=/tmp/pretrained_eval \\
     --stages=teacher --config.teacher.pretrained=pretrained/{args.name}
 ```
 """)

@@ -80,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.teacher.init_from = ''      # a teacher folder whose weights start training (a fine-tune or
                                 # warm restart with this config's schedule); '' = random init
 
-  # --- differential privacy (off unless epsilon > 0; see bnsynth_jax/privacy.py)
+  # --- differential privacy (off unless epsilon > 0; see bnsynth_jax/privacy/)
   p = c.privacy = ml_collections.ConfigDict()
   p.epsilon = 0.0               # > 0: DP-SGD teacher + noised class-wise statistics, composed
   p.delta = 1e-5                # should be well below 1 / (training images)

@@ -19,8 +19,6 @@ from typing import Sequence
 
 import numpy as np
 
-from bnsynth_jax.errors import UserError
-from bnsynth_jax.input_pipeline import Partition, partition_members
 
 SPLITS = {'train': 0, 'test': 1}
 SUPERSAMPLE = 4
@@ -101,41 +99,3 @@ def generate(split: str, indices: Sequence[int], *, num_classes: int, size: int,
   images = np.stack([render(int(y), np.random.default_rng([seed, 2, SPLITS[split], int(i)]),
                             templates, size, channels) for i, y in zip(indices, labels)])
   return images, labels.astype(np.int32)
-
-
-class ProceduralSource:
-  """data.source=procedural: data.procedural_classes classes, data.procedural_per_class
-  training images per class (a tenth of that for test), data.image_size x data.channels."""
-
-  def __init__(self, data_config):
-    from bnsynth_jax.sources import DatasetInfo
-    self._classes = int(data_config.get('procedural_classes', 0) or 0)
-    self._per_class = int(data_config.get('procedural_per_class', 0) or 0)
-    self._size = int(data_config.get('image_size', 0) or 0)
-    self._channels = int(data_config.get('channels', 0) or 0)
-    self._seed = int(data_config.get('procedural_seed', 0) or 0)
-    if min(self._classes, self._per_class, self._size, self._channels) < 1 or self._size % 2:
-      raise UserError('data.source=procedural needs data.procedural_classes, '
-                      'data.procedural_per_class, data.channels and an even data.image_size '
-                      '(e.g. configs/procedural_prior.py)')
-    sizes = {'train': self._classes * self._per_class,
-             'test': self._classes * max(1, self._per_class // 10)}
-    self._info = DatasetInfo(tuple(f'glyph{c}' for c in range(self._classes)),
-                             (self._size, self._size, self._channels), sizes,
-                             {s: tuple([n // self._classes] * self._classes)
-                              for s, n in sizes.items()}, (self._size, self._size))
-
-  def info(self):
-    return self._info
-
-  def load(self, split, partition_ids, num_partitions):
-    if split not in SPLITS:
-      raise UserError(f'data.source=procedural has splits train and test, not {split!r}')
-    n = self._info.num_examples[split]
-    out = []
-    for p in partition_ids:
-      idx = partition_members(n, num_partitions, p)
-      images, labels = generate(split, idx, num_classes=self._classes, size=self._size,
-                                channels=self._channels, seed=self._seed)
-      out.append(Partition(p, images, labels))
-    return out

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from bnsynth_jax import input_pipeline, metrics, parallel
+from bnsynth_jax import input_pipeline, metrics, parallel, procedural
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.input_pipeline import Partition, partition_members
 
@@ -397,6 +397,44 @@ class TfdsSource(Source):
     return [Partition(p, images[idx], labels[idx]) for p, idx in members.items()]
 
 
+class ProceduralSource(Source):
+  """data.source=procedural, generated images (bnsynth_jax/procedural.py; public by
+  construction): data.procedural_classes classes, data.procedural_per_class training images
+  per class (a tenth of that for test), data.image_size x data.channels."""
+
+  def __init__(self, data_config):
+    self._classes = int(data_config.get('procedural_classes', 0) or 0)
+    self._per_class = int(data_config.get('procedural_per_class', 0) or 0)
+    self._size = int(data_config.get('image_size', 0) or 0)
+    self._channels = int(data_config.get('channels', 0) or 0)
+    self._seed = int(data_config.get('procedural_seed', 0) or 0)
+    if min(self._classes, self._per_class, self._size, self._channels) < 1 or self._size % 2:
+      raise UserError('data.source=procedural needs data.procedural_classes, '
+                      'data.procedural_per_class, data.channels and an even data.image_size '
+                      '(e.g. configs/procedural_prior.py)')
+    sizes = {'train': self._classes * self._per_class,
+             'test': self._classes * max(1, self._per_class // 10)}
+    self._info = DatasetInfo(tuple(f'glyph{c}' for c in range(self._classes)),
+                             (self._size, self._size, self._channels), sizes,
+                             {s: tuple([n // self._classes] * self._classes)
+                              for s, n in sizes.items()}, (self._size, self._size))
+
+  def info(self):
+    return self._info
+
+  def load(self, split, partition_ids, num_partitions):
+    if split not in procedural.SPLITS:
+      raise UserError(f'data.source=procedural has splits train and test, not {split!r}')
+    n = self._info.num_examples[split]
+    out = []
+    for p in partition_ids:
+      idx = partition_members(n, num_partitions, p)
+      images, labels = procedural.generate(split, idx, num_classes=self._classes, size=self._size,
+                                           channels=self._channels, seed=self._seed)
+      out.append(Partition(p, images, labels))
+    return out
+
+
 def create_source(data_config) -> Source:
   kind = data_config.source
   if kind == 'digits':
@@ -406,7 +444,6 @@ def create_source(data_config) -> Source:
   if kind == 'tfds':
     return TfdsSource(data_config)
   if kind == 'procedural':
-    from bnsynth_jax.procedural import ProceduralSource
     return ProceduralSource(data_config)
   raise UserError(f'unknown data.source {kind!r}: use digits, imagefolder, tfds or procedural')
 

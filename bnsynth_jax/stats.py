@@ -125,7 +125,7 @@ def _dp_sums_step(variables, batch, *, model, num_classes, clip_norm, scales, me
 def dp_classwise_statistics(model, variables, partitions, split_size: int, num_partitions: int,
                             num_classes: int, mean, std, batch_size: int, *, clip_norm: float,
                             noise_multiplier: float, rng: np.random.Generator):
-  """Class-wise moments released by the Gaussian mechanism (privacy.py): per-example moment
+  """Class-wise moments released by the Gaussian mechanism (privacy/): per-example moment
   vectors clipped to `clip_norm`, summed per class with a count coordinate, noised."""
   mesh = parallel.make_mesh()
   batch_size = parallel.round_up_batch(batch_size, mesh)

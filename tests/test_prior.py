@@ -1,5 +1,6 @@
 """DP mode with a public prior (bnsynth_jax/privacy/prior.py)."""
 
+import functools
 import json
 
 import jax
@@ -79,27 +80,30 @@ def test_trainable_masks():
   assert tops('all') == sorted(params)
 
 
-def _dp_update(state, batch, frozen_bn, trainable='all', noise=0.0, dp_step=True):
-  cfg = train_config()
+def _dp_update(state, batch, frozen_bn, trainable='all', dp_step=True):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
-  if dp_step:
-    fn = lambda s, b: train.dp_train_step(
-        s, b, 0, base_key=jax.random.key(1), cfg=cfg, mean=(0.5,), std=(0.5,), num_classes=3,
-        clip_norm=1e3, augmult=1, frozen_bn=frozen_bn, trainable=trainable)
-  else:     # the non-private step: BatchNorm on the batch's statistics
-    fn = lambda s, b: train.train_step(
-        s, b, 0, base_key=jax.random.key(1), cfg=cfg, mean=(0.5,), std=(0.5,), num_classes=3,
-        labels='hard', soft_temperature=1.0, views=None)
-  new, _ = jax.jit(fn)(state, parallel.to_global(mesh, batch))
+  new, _ = _jitted_step(frozen_bn, trainable, dp_step)(state, parallel.to_global(mesh, batch))
   return jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b), new.params,
                       state.params)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_step(frozen_bn, trainable, dp_step):
+  """The DP step (or, dp_step=False, the non-private step: BatchNorm on the batch's
+  statistics), compiled once per setting."""
+  cfg = train_config()
+  common = dict(base_key=jax.random.key(1), cfg=cfg, mean=(0.5,), std=(0.5,), num_classes=3)
+  if dp_step:
+    return jax.jit(lambda s, b: train.dp_train_step(
+        s, b, 0, clip_norm=1e3, augmult=1, frozen_bn=frozen_bn, trainable=trainable, **common))
+  return jax.jit(lambda s, b: train.train_step(s, b, 0, labels='hard', **common))
 
 
 def train_config():
   from bnsynth_jax.configs import digits
   cfg = digits.get_config().teacher
-  cfg.update(optimizer='sgd', momentum=0.0, weight_decay=0.0, crop_padding=0, flip=False,
-             label_smoothing=0.0, batch_size=8)
+  cfg.update(optimizer='sgd', momentum=0.0, nesterov=False, weight_decay=0.0, crop_padding=0,
+             flip=False, label_smoothing=0.0, batch_size=8)
   return cfg
 
 
@@ -210,3 +214,21 @@ def test_the_data_free_generator_is_deterministic_and_public_by_construction():
   parts = source.load('train', [0, 1], 2)
   assert sorted(x.tobytes() for p in parts for x in p.images) == sorted(
       x.tobytes() for x in whole.images)
+
+
+def test_the_shipped_data_free_prior_fits_the_digits_dp_teacher_from_any_folder(tmp_path,
+                                                                                monkeypatch):
+  from bnsynth_jax.configs import digits_dp
+  monkeypatch.chdir(tmp_path)                      # the config names it relative to the repo
+  config = digits_dp.get_config()
+  config.privacy.update(prior='pretrained/procedural_digits_resnet8_gn', prior_is_public=True)
+  assert prior.problems(config) == []
+  assert (prior.folder(config) / 'variables.msgpack').is_file()
+  model = models.from_config(config.model, 10)
+  start = prior.initial_variables(config, model, (8, 8, 1), jax.random.key(0))
+  _, held, manifest = artifacts.load_model(prior.folder(config))
+  assert manifest['num_classes'] == 64 and start['params']['head']['kernel'].shape[-1] == 10
+  for a, b in zip(jax.tree.leaves(start['params']['stem_conv']),
+                  jax.tree.leaves(held['params']['stem_conv'])):
+    np.testing.assert_array_equal(a, b)
+  assert prior.record(config)['variables_sha256'] == manifest['variables_sha256']

@@ -21,6 +21,7 @@ initialisation; every other layer must match the configured model.
 from __future__ import annotations
 
 import hashlib
+import pathlib
 
 import jax
 import numpy as np
@@ -37,6 +38,15 @@ def enabled(config) -> bool:
   return bool(config.get('privacy', {}).get('prior', ''))
 
 
+def folder(config):
+  """privacy.prior as given, or, relative and not found from here, in the source checkout
+  the package runs from (the shipped pretrained/ priors: configs name them so)."""
+  given = fileio.path(config.privacy.prior)
+  checkout = fileio.path(str(pathlib.Path(__file__).resolve().parents[2] / config.privacy.prior))
+  relative = not str(config.privacy.prior).startswith(('/', 'gs://'))
+  return checkout if relative and not given.exists() and checkout.exists() else given
+
+
 def problems(config) -> list[str]:
   """Config-only checks of a prior (privacy.validate reports them with the others)."""
   p = config.privacy
@@ -48,7 +58,7 @@ def problems(config) -> list[str]:
                'private data: declare it with --config.privacy.prior_is_public=True')
   if p.get('prior_trainable', 'all') not in TRAINABLE:
     out.append(f'privacy.prior_trainable={p.prior_trainable!r}: use one of {", ".join(TRAINABLE)}')
-  if not (fileio.path(p.prior) / 'manifest.json').exists():
+  if not (folder(config) / 'manifest.json').exists():
     out.append(f'privacy.prior={p.prior} holds no teacher (no manifest.json): give a teacher '
                'folder (WORKDIR/teacher of a run on public data, or pretrained/...)')
   return out
@@ -59,15 +69,15 @@ def frozen_batch_norm(config) -> bool:
   return enabled(config) and config.model.get('norm', 'batch') == 'batch'
 
 
-def weights_sha256(folder) -> str:
-  return hashlib.sha256((fileio.path(folder) / 'variables.msgpack').read_bytes()).hexdigest()
+def weights_sha256(prior_dir) -> str:
+  return hashlib.sha256((fileio.path(prior_dir) / 'variables.msgpack').read_bytes()).hexdigest()
 
 
 def record(config) -> dict:
   """What every manifest's privacy record says of the prior."""
   p = config.privacy
-  manifest = fileio.read_json(fileio.path(p.prior) / 'manifest.json')
-  return {'folder': str(p.prior), 'variables_sha256': weights_sha256(p.prior),
+  manifest = fileio.read_json(folder(config) / 'manifest.json')
+  return {'folder': str(p.prior), 'variables_sha256': weights_sha256(folder(config)),
           'declared_public': bool(p.prior_is_public),
           'trainable': p.get('prior_trainable', 'all'),
           'normalisation': ('BatchNorm frozen (the prior\'s running statistics)'
@@ -80,22 +90,22 @@ def initial_variables(config, model, image_shape, rng) -> dict:
   """The prior's variables for `model` (checked against the config), with a fresh head
   where the prior's has another class count."""
   from bnsynth_jax import artifacts, models
-  folder = config.privacy.prior
-  _, prior, manifest = artifacts.load_model(folder)
+  where = config.privacy.prior
+  _, prior, manifest = artifacts.load_model(folder(config))
   for key in ('name', 'stem', 'norm'):
     held = manifest['model'].get(key, 'batch')
     if held != config.model.get(key, 'batch'):
-      raise UserError(f'privacy.prior {folder} holds model.{key}={held!r} but the config says '
+      raise UserError(f'privacy.prior {where} holds model.{key}={held!r} but the config says '
                       f'{config.model.get(key, "batch")!r}: set --config.model.{key}={held}')
   if list(manifest['image_shape']) != list(image_shape):
-    raise UserError(f'privacy.prior {folder} takes {manifest["image_shape"]} images but the '
+    raise UserError(f'privacy.prior {where} takes {manifest["image_shape"]} images but the '
                     f'data is {list(image_shape)}: set --config.data.image_size and '
                     'data.channels to the prior\'s, or use a prior of this shape')
   fresh = models.init_variables(model, rng, image_shape)
-  return {col: _merge(fresh[col], prior.get(col, {}), folder) for col in fresh}
+  return {col: _merge(fresh[col], prior.get(col, {}), where) for col in fresh}
 
 
-def _merge(fresh, prior, folder):
+def _merge(fresh, prior, where):
   """The prior's leaf for every leaf of `fresh` of the same path and shape; the head's
   fresh leaves where its shape differs; an error for any other mismatch."""
   held = {jax.tree_util.keystr(path): leaf
@@ -110,7 +120,7 @@ def _merge(fresh, prior, folder):
       logging.info('privacy.prior: %s%s starts fresh (the prior has %s)', HEAD, name[6:],
                    None if theirs is None else np.shape(theirs))
       return leaf
-    raise UserError(f'privacy.prior {folder} does not fit the configured model at {name}: '
+    raise UserError(f'privacy.prior {where} does not fit the configured model at {name}: '
                     'give a prior of the same architecture (model.name, widths)')
 
   return jax.tree_util.tree_map_with_path(pick, fresh)

@@ -1,0 +1,200 @@
+"""The canary audit (bnsynth_jax/canary_audit.py, the command bnsynth_jax/canary.py)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnsynth_jax import canary_audit
+from bnsynth_jax.errors import UserError
+
+
+# ----------------------------------------------------------------------------
+# The canary audit's attack
+
+
+def test_lira_reports_chance_on_two_samples_of_one_distribution():
+  rng = np.random.default_rng(0)
+  design = canary_audit.balanced_design(16, 60, rng)
+  scores = rng.normal(0, 1, design.shape)                      # IN and OUT alike
+  result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=50, seed=0)['x']
+  for attack in ('lira', 'lira_per_canary_variance', 'threshold'):
+    # jax_privacy's AUC allows randomising between thresholds: chance is its floor, 0.5 (and
+    # the best of many thresholds sits a little above it on a finite sample).
+    assert result[attack]['auc']['value'] < 0.56
+    assert result[attack]['epsilon_lower_bound_95'] == 0.0    # no significant leak
+    assert result[attack]['tpr_at_0.01_fpr']['value'] < 0.06
+
+
+def test_lira_finds_a_canary_a_tiny_model_memorises():
+  """Logistic regressions on digits pixels, each trained to fit its training set (many
+  epochs, no regularisation); the mislabeled canaries a run holds get their planted label."""
+  from bnsynth_jax.sources import _digits_arrays
+  images, labels, split = _digits_arrays()
+  x = images[split['train']][:300].reshape(300, -1).astype(np.float32) / 255.0
+  y = labels[split['train']][:300]
+  rng = np.random.default_rng(0)
+  k, m = 20, 8
+  canaries = x[:k]
+  planted = (y[:k] + 1 + rng.integers(0, 9, k)) % 10
+  base_x, base_y = x[k:], y[k:]
+  design = canary_audit.balanced_design(m, k, rng)
+
+  @jax.jit
+  def fit(xs, ys):
+    def loss(w):
+      logits = xs @ w[:-1] + w[-1]
+      return -jnp.mean(jnp.sum(jax.nn.one_hot(ys, 10) * jax.nn.log_softmax(logits), -1))
+    step = lambda _, w: w - 2.0 * jax.grad(loss)(w)
+    return jax.lax.fori_loop(0, 300, step, jnp.zeros((65, 10)))   # a loop, not 300 copies
+
+  scores = np.zeros((m, k))
+  for r in range(m):
+    xs = np.concatenate([base_x, canaries[design[r]]])
+    ys = np.concatenate([base_y, planted[design[r]]])
+    w = np.asarray(fit(jnp.asarray(xs), jnp.asarray(ys)))
+    scores[r] = canary_audit.logit_margins(canaries @ w[:-1] + w[-1], planted)
+  result = canary_audit.evaluate_attacks({'lr': scores}, design, bootstrap=0, seed=0)['lr']
+  assert result['lira']['auc']['value'] > 0.9
+  assert result['lira']['tpr_at_0.01_fpr']['value'] > 0.3
+
+
+def test_per_canary_variance_finds_canaries_of_different_spreads():
+  """Canaries whose scores spread 100x differently (as a hard and an easy record do): a
+  pooled variance drowns the narrow ones, each canary's own variance does not."""
+  rng = np.random.default_rng(0)
+  design = canary_audit.balanced_design(16, 50, rng)
+  sd = np.exp(rng.uniform(np.log(0.05), np.log(5), 50))
+  scores = rng.normal(0, 3, 50) + sd * rng.normal(0, 1, design.shape) + design * 3 * sd
+  result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=0, seed=0)['x']
+  pooled = result['lira']['tpr_at_0.001_fpr']['value']
+  own = result['lira_per_canary_variance']['tpr_at_0.001_fpr']['value']
+  assert own > 0.5 and own > 3 * pooled, (own, pooled)
+
+
+def test_augmented_queries_are_the_image_its_shifts_and_their_mirrors():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
+  q = canary_audit.augmented_queries(images)
+  assert q.shape == (10, 3, 8, 8, 1)
+  np.testing.assert_array_equal(q[0], images)                     # query 0: as it is
+  np.testing.assert_array_equal(q[5], images[:, :, ::-1])         # its mirror
+  np.testing.assert_array_equal(q[1][:, 1:], images[:, :-1])      # shifted down by 1 pixel
+  np.testing.assert_array_equal(q[2][:, :-1], images[:, 1:])      # and up
+  assert len({v.tobytes() for v in q}) == 10
+  np.testing.assert_array_equal(canary_audit.augmented_queries(images, flip=False), q[:5])
+
+
+def test_several_queries_per_canary_find_more_than_one_and_the_strongest_is_reported():
+  """A weak membership signal seen through 10 queries with independent noise each (as
+  augmented views are): averaging the queries' likelihood ratios finds more canaries at
+  0.1% FPR than the plain query alone; 'strongest' names the best attack."""
+  rng = np.random.default_rng(0)
+  design = canary_audit.balanced_design(16, 50, rng)
+  shared = rng.normal(0, 3, 50)[None, :, None]
+  scores = shared + rng.normal(0, 1, (*design.shape, 10)) + 1.2 * design[..., None]
+  result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=0, seed=0)['x']
+  plain = result['lira']['tpr_at_0.001_fpr']['value']
+  augmented = result['lira_augmented']['tpr_at_0.001_fpr']['value']
+  assert augmented > 0.5 and augmented > 3 * plain, (augmented, plain)
+  strongest = result['strongest']
+  assert strongest['attack'].startswith('lira_augmented')
+  assert strongest['tpr_at_0.001_fpr']['value'] == max(
+      m['tpr_at_0.001_fpr']['value'] for name, m in result.items() if name != 'strongest')
+
+
+def test_canaries_and_design():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (100, 4, 4, 1), dtype=np.uint8)
+  labels = rng.integers(0, 5, 100).astype(np.int32)
+  canaries, keep = canary_audit.choose_canaries(images, labels, 5, 10, 'mislabeled', rng)
+  assert np.all(canaries.labels != canaries.true_labels) and keep.sum() == 90
+  assert np.array_equal(images[canaries.source_index], canaries.images)
+  design = canary_audit.balanced_design(6, 10, rng)
+  assert np.all(design.sum(0) == 3)
+  with pytest.raises(UserError, match='even'):
+    canary_audit.balanced_design(5, 10, rng)
+  assert canary_audit.parse_ids('0-2,5', 8) == [0, 1, 2, 5]
+  with pytest.raises(UserError, match='there are 8'):
+    canary_audit.parse_ids('7-9', 8)
+
+
+
+# ----------------------------------------------------------------------------
+# The command
+
+
+def tiny_audit_config():
+  from bnsynth_jax.configs import digits
+  c = digits.get_config()
+  c.teacher.num_steps = 4
+  c.model.name = c.student.model.name = 'resnet_tiny'
+  c.synthesis.update(images_per_class=4, batch_size=40, iterations=2, view_epochs=1)
+  c.student.update(epochs=1, batch_size=8)
+  return c
+
+
+def test_canary_audit_end_to_end_and_resumes(tmp_path):
+  """4 shadow pipelines of a few steps each: folders, scores, report; the command a second
+  time only rescores (every run kept its scores); other settings are refused. The shadow
+  runs train in this process (canary_audit.run, what the command calls); the command line
+  itself runs where it is cheap (rescoring, refusing)."""
+  import subprocess
+  import sys
+  from conftest import REPO
+  audit = tmp_path / 'audit'
+  settings = dict(num_canaries=4, num_shadows=4, bootstrap=10, train_subset=200)
+  table = canary_audit.run(tiny_audit_config(), audit, **settings)
+  assert 'TPR at 0.1% FPR' in table
+  summary = json.loads((audit / 'canary_audit.json').read_text())
+  assert summary['base_train_images'] == 200
+  assert set(summary['attacks']) == set(canary_audit.TARGETS)
+  design = np.load(audit / 'canaries.npz')['design']
+  assert np.all(design.sum(0) == 2)              # each canary IN exactly half of the runs
+  for m in range(4):                             # each run: the base set and its IN canaries
+    files = list((audit / f'shadow_{m}' / 'data' / 'train').glob('*/*.png'))
+    assert len(files) == 200 + design[m].sum()
+  assert (audit / 'canary_roc.png').stat().st_size > 0
+  # The command on the finished audit, with the same settings: rescoring only.
+  args = [sys.executable, '-m', 'bnsynth_jax.canary', '--config=configs/digits.py',
+          f'--workdir={audit}', '--canaries=4', '--shadows=4', '--bootstrap=10',
+          '--train_subset=200', '--config.teacher.num_steps=4',
+          '--config.model.name=resnet_tiny', '--config.student.model.name=resnet_tiny',
+          '--config.synthesis.images_per_class=4', '--config.synthesis.batch_size=40',
+          '--config.synthesis.iterations=2', '--config.synthesis.view_epochs=1',
+          '--config.student.epochs=1', '--config.student.batch_size=8']
+  scores_time = [(audit / f'shadow_{m}' / 'scores.npz').stat().st_mtime_ns for m in range(4)]
+  again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'TPR at 0.1% FPR' in again.stdout and 'shadow run' not in again.stderr
+  assert scores_time == [(audit / f'shadow_{m}' / 'scores.npz').stat().st_mtime_ns
+                         for m in range(4)]
+  changed = subprocess.run(args[:-1] + ['--canaries=6'], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+  assert changed.returncode == 2 and 'other settings' in changed.stderr
+  # real_student adds the real-data student to the finished runs, nothing else retrained.
+  before = np.load(audit / 'shadow_0' / 'scores.npz')
+  teacher_files = sorted((audit / 'shadow_0' / 'run' / 'teacher').rglob('*'))
+  teacher_time = [f.stat().st_mtime_ns for f in teacher_files]
+  canary_audit.run(tiny_audit_config(), audit, real_student=True, **settings)
+  assert teacher_time == [f.stat().st_mtime_ns for f in teacher_files]
+  summary = json.loads((audit / 'canary_audit.json').read_text())
+  assert set(summary['attacks']) == set(canary_audit.TARGETS) | {'real_student'}
+  assert 0 <= summary['test_accuracy']['real_student']['mean'] <= 1
+  after = np.load(audit / 'shadow_0' / 'scores.npz')
+  for key in before.files:
+    np.testing.assert_array_equal(before[key], after[key])
+  assert after['real_student'].shape == before['student'].shape
+  assert (audit / 'shadow_0' / 'run' / 'evaluate' / 'full_real').is_dir()
+
+
+def test_the_audit_report_command_drops_shadow_ids():
+  """Whichever --shadow_ids process finishes the last shadow run writes the report: its
+  command must be the one that reproduces the whole audit."""
+  args = ['--config=configs/cifar10.py:cpu_audit', '--shadow_ids=0-7', '--workdir=/a b',
+          '--shadow_ids', '8-15', '--canaries=50']
+  assert canary_audit.report_command(args) == (
+      "python -m bnsynth_jax.canary --config=configs/cifar10.py:cpu_audit '--workdir=/a b' "
+      '--canaries=50')
