@@ -458,7 +458,7 @@ class PrivateData:
   def __init__(self, data_config):
     self.config = data_config
     self._source = None
-    self._splits: dict[str, list[Partition]] = {}
+    self._splits: dict[tuple, list[Partition]] = {}
     self._info = None
     self.num_partitions, self.partition_ids = input_pipeline.local_partitions(data_config)
 
@@ -480,29 +480,23 @@ class PrivateData:
 
   def split(self, which: str) -> list[Partition]:
     """`which` is 'train' or 'test' (mapped to data.train_split / test_split)."""
-    name = self.config.train_split if which == 'train' else self.config.test_split
-    if name not in self._splits:
-      t0 = time.perf_counter()
-      self._splits[name] = self.source.load(name, self.partition_ids, self.num_partitions)
-      n = sum(len(p) for p in self._splits[name])
-      logging.info('loaded %d %s images (%d of %d partitions) in %.1fs', n, name,
-                   len(self.partition_ids), self.num_partitions, time.perf_counter() - t0)
-    return self._splits[name]
+    return self._load(which, self.partition_ids)
 
   def whole_split(self, which: str) -> list[Partition]:
     """Every partition of the split, on every process (DP-SGD samples from the whole split:
     privacy.WholeSplitBatches)."""
-    if len(self.partition_ids) == self.num_partitions:
-      return self.split(which)
+    return self._load(which, list(range(self.num_partitions)))
+
+  def _load(self, which: str, partition_ids: list[int]) -> list[Partition]:
+    """The split's partitions `partition_ids`, loaded once per run."""
     name = self.config.train_split if which == 'train' else self.config.test_split
-    key = f'{name} (whole)'
+    key = (name, tuple(partition_ids))
     if key not in self._splits:
       t0 = time.perf_counter()
-      self._splits[key] = self.source.load(name, range(self.num_partitions),
-                                           self.num_partitions)
-      logging.info('loaded the whole %s split (%d images, all %d partitions) in %.1fs', name,
-                   sum(len(p) for p in self._splits[key]), self.num_partitions,
-                   time.perf_counter() - t0)
+      self._splits[key] = self.source.load(name, partition_ids, self.num_partitions)
+      n = sum(len(p) for p in self._splits[key])
+      logging.info('loaded %d %s images (%d of %d partitions) in %.1fs', n, name,
+                   len(partition_ids), self.num_partitions, time.perf_counter() - t0)
     return self._splits[key]
 
   def split_size(self, which: str) -> int:

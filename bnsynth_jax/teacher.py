@@ -28,11 +28,7 @@ def _load_matching(config, data: PrivateData, field: str):
   """Loads the teacher folder named by config.teacher.<field>, checked against config and data."""
   source_dir = config.teacher[field]
   model, variables, manifest = artifacts.load_model(source_dir)
-  for key in ('name', 'stem', 'norm'):
-    held = manifest['model'].get(key, 'batch')
-    if held != config.model.get(key, 'batch'):
-      raise UserError(f'teacher.{field} {source_dir} holds model.{key}={held!r} but the config '
-                      f'says {config.model[key]!r}: set --config.model.{key}={held}')
+  artifacts.check_same_model(manifest, config.model, f'teacher.{field} {source_dir}')
   info = data.info
   if list(info.class_names) != manifest['class_names'] or list(
       info.image_shape) != manifest['image_shape']:

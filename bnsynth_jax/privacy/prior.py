@@ -92,11 +92,7 @@ def initial_variables(config, model, image_shape, rng) -> dict:
   from bnsynth_jax import artifacts, models
   where = config.privacy.prior
   _, prior, manifest = artifacts.load_model(folder(config))
-  for key in ('name', 'stem', 'norm'):
-    held = manifest['model'].get(key, 'batch')
-    if held != config.model.get(key, 'batch'):
-      raise UserError(f'privacy.prior {where} holds model.{key}={held!r} but the config says '
-                      f'{config.model.get(key, "batch")!r}: set --config.model.{key}={held}')
+  artifacts.check_same_model(manifest, config.model, f'privacy.prior {where}')
   if list(manifest['image_shape']) != list(image_shape):
     raise UserError(f'privacy.prior {where} takes {manifest["image_shape"]} images but the '
                     f'data is {list(image_shape)}: set --config.data.image_size and '
