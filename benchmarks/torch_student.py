@@ -56,7 +56,8 @@ def recipe_from_report(report: dict) -> dict:
           'momentum': float(st['momentum']), 'nesterov': bool(st['nesterov']),
           'weight_decay': float(st['weight_decay']), 'warmup_epochs': float(st['warmup_epochs']),
           'crop_padding': int(st['crop_padding']), 'flip': bool(st['flip']),
-          'stem': st['model'].get('stem', 'cifar')}
+          'stem': st['model'].get('stem', 'cifar'),
+          'mixed_temperature': float(st.get('mixed_temperature', 4.0))}
 
 
 def load_test(args, report: dict | None) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +121,11 @@ def train(images, views, release, recipe, labels: str, seed: int, log=print) -> 
   std = torch.tensor(release['std'], dtype=torch.float32).view(1, -1, 1, 1)
   temperature = float(views['temperature'])
   pad = recipe['crop_padding']
+  mixed = {k[len('mixed_'):]: v for k, v in views.items() if k.startswith('mixed_')}
+  if labels == 'mixed':
+    if not mixed:
+      raise SystemExit('this release has no mixed-view labels (no relabel stage before export)')
+    temperature = float(recipe.get('mixed_temperature', 4.0))
   if labels == 'views':
     if int(views['epochs']) == 0:
       raise SystemExit('this release has no per-view labels (synthesised with view_epochs=0)')
@@ -134,6 +140,10 @@ def train(images, views, release, recipe, labels: str, seed: int, log=print) -> 
       if labels == 'views':
         x, target = views_np.epoch_views(images, views, epoch, idx)
         target = torch.from_numpy(target.astype(np.float32))
+      elif labels == 'mixed':
+        x = views_np.mixed_views(images, mixed, idx, epoch)
+        logits_t = mixed['logits'][idx, epoch % int(mixed['epochs'])].astype(np.float32)
+        target = torch.softmax(torch.from_numpy(logits_t) / temperature, dim=-1)
       else:
         offsets = gen.integers(0, 2 * pad + 1, (len(idx), 2))
         flips = (gen.random(len(idx)) < 0.5) if recipe['flip'] else np.zeros(len(idx), bool)
@@ -144,7 +154,7 @@ def train(images, views, release, recipe, labels: str, seed: int, log=print) -> 
       for group in opt.param_groups:
         group['lr'] = learning_rate(step, total, warmup, recipe['learning_rate'])
       logits = model(xt)
-      if labels == 'views':
+      if labels in ('views', 'mixed'):
         loss = temperature ** 2 * torch.mean(
             torch.sum(-target * F.log_softmax(logits / temperature, dim=-1), dim=-1))
       else:
@@ -204,7 +214,7 @@ def main(argv=None) -> int:
                       help='comma list of more workdirs with JAX students on the same images '
                       '(e.g. --config.student.seed=1, 2): the JAX side is their mean')
   parser.add_argument('--test', default='', help='test set: image folder root or .npz')
-  parser.add_argument('--labels', default='views,hard', help='comma list of views, hard')
+  parser.add_argument('--labels', default='views,hard', help='comma list of views, mixed, hard')
   parser.add_argument('--epochs', type=int, default=0, help='override the recipe (0 = keep)')
   parser.add_argument('--model', default='', help='override the recipe\'s model')
   parser.add_argument('--batch_size', type=int, default=0, help='override the recipe (0 = keep)')

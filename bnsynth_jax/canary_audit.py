@@ -155,7 +155,8 @@ def evaluate_attacks(scores: dict[str, np.ndarray], design: np.ndarray, bootstra
                      seed: int) -> dict:
   """{target: {attack: measures}} over every (run, canary) pair: LiRA with a pooled and a
   per-canary variance, the global threshold, and for [M, K, A] scores (several queries per
-  canary, `augmented_queries`) LiRA on the first (plain) query and over all of them; then
+  canary, `augmented_queries`) LiRA on the first (plain) query, over all of them (the
+  likelihood ratios averaged) and on their mean score; then
   'strongest', the attack of the highest TPR at 0.1% FPR (ties: AUC)."""
   results = {}
   for target, s in scores.items():
@@ -166,6 +167,10 @@ def evaluate_attacks(scores: dict[str, np.ndarray], design: np.ndarray, bootstra
       attacks['lira_augmented'] = augmented_lira_scores(s, design, 'pooled')
       attacks['lira_augmented_per_canary_variance'] = augmented_lira_scores(s, design,
                                                                             'per_canary')
+      # The queries' scores averaged first (one less noisy statistic per canary), then LiRA.
+      attacks['lira_mean_query'] = lira_scores(s.mean(-1), design)
+      attacks['lira_mean_query_per_canary_variance'] = lira_scores(s.mean(-1), design,
+                                                                   variance='per_canary')
     attacks['threshold'] = plain
     results[target] = {name: attack_measures(a[design], a[~design], bootstrap, seed)
                        for name, a in attacks.items()}

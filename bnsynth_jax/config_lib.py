@@ -34,6 +34,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
   c.flip = True                 # random horizontal flip
   c.mixup_alpha = 0.0           # 0 = off
   c.cutmix_alpha = 0.0          # 0 = off
+  c.ema_decay = 0.0             # > 0: evaluate and save an EMA of the weights (e.g. 0.99)
   c.eval_every_epochs = 5.0     # 0 = only at the end
   c.eval_batch_size = 500
   c.log_every_steps = 50
@@ -157,6 +158,20 @@ def default_config() -> ml_collections.ConfigDict:
   # both, so the copied batches are the ones this run would compute (tests/test_main.py).
   s.reuse_from = ''
 
+  # --- relabel (reads the synthetic dataset and the teacher: public, like synthesis)
+  # The teacher labels each student epoch's mixed view (crop + flip, then CutMix / Mixup with a
+  # partner image's view); student.labels=mixed trains on them (bnsynth_jax/relabel.py).
+  r = c.relabel = ml_collections.ConfigDict()
+  r.epochs = 0                  # label views for this many student epochs (0 = stage off)
+  r.mix = 'cutmix'              # cutmix | mixup | both (one per view, at random) | none
+  r.mix_alpha = 1.0             # Beta(alpha, alpha) of the kept area / blend weight
+  r.mix_prob = 1.0              # fraction of views that get a partner
+  r.crop_padding = 4            # each view's crop (zero padding) and flip, before the mix
+  r.flip = True
+  r.bn = 'running'              # the teacher's BatchNorm: running statistics | batch (each
+                                # labelling batch's own statistics, as SRe2L / CV-DD)
+  r.batch_size = 500            # labelling batch (with bn=batch: it sets the statistics)
+
   # --- student (reads only the synthetic dataset)
   c.student = train_config(epochs=100.0, eval_every_epochs=0.0, warmup_epochs=2.0)
   c.student.model = ml_collections.ConfigDict()
@@ -164,6 +179,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.student.model.stem = 'cifar'
   c.student.model.dtype = 'float32'
   c.student.labels = 'hard'     # hard | soft (teacher soft labels) | views (per-view soft labels)
+                                # | mixed (the relabel stage's mixed-view logits)
+  c.student.mixed_temperature = 4.0   # labels=mixed: targets softmax(logits / T), loss T^2 x CE
   # The students' seed (batch order and initialisation; also the real-subset baseline's, whose
   # members stay those of `seed`). None = `seed`; set it to retrain on the same synthetic set
   # for seed-to-seed spread: --config.student.seed=1.

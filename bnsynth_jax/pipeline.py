@@ -30,7 +30,7 @@ import ml_collections
 from absl import logging
 
 from bnsynth_jax import (audit, config_lib, evaluation, fileio, ledger, owner, parallel, preflight,
-                         privacy, report, stats, student, synthesis, teacher, workdir_lock)
+                         privacy, relabel, report, stats, student, synthesis, teacher, workdir_lock)
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.sources import PrivateData
 from bnsynth_jax.workdir import is_done, stage_dir
@@ -57,6 +57,8 @@ STAGES = (
     Stage('stats', stats.run, ('stats',), True, ('stats',), stats.validate),
     Stage('synthesize', synthesis.run, ('synthesis',), False, ('synthesis',),
           synthesis.validate, synthesis.input_fingerprints, synthesis.precheck),
+    Stage('relabel', relabel.run, ('relabel',), False, ('relabel',), relabel.validate,
+          precheck=relabel.precheck),
     Stage('student', student.run, ('student',), False, ('student',), student.validate),
     Stage('evaluate', evaluation.run, ('evaluate',), True, ('evaluate',)),
     Stage('audit', audit.run, ('audit',), True, ('audit',), audit.validate),
@@ -242,7 +244,7 @@ def _run_stages(config, workdir, selected: list[Stage], data, overwrite) -> dict
   report.update(workdir, {'environment': report.environment(),
                           'config': json.loads(config.to_json_best_effort())})
   for stage in selected:
-    if stage.precheck and not is_done(workdir, stage.name):
+    if stage.precheck and (overwrite or not is_done(workdir, stage.name)):
       stage.precheck(config, workdir, stage_config(config, stage.name, workdir))
     claim_stage(config, workdir, stage.name, overwrite)
     if is_done(workdir, stage.name):

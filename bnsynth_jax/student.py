@@ -12,11 +12,12 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from bnsynth_jax import config_lib, fileio, input_pipeline, parallel, report, synthetic_data, train
+from bnsynth_jax import (config_lib, fileio, input_pipeline, parallel, relabel, report,
+                         synthetic_data, train, views_np)
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 
-LABELS = ('hard', 'soft', 'views')
+LABELS = ('hard', 'soft', 'views', 'mixed')
 
 
 def synthetic_partitions(ds: synthetic_data.SyntheticDataset, num_partitions: int,
@@ -47,10 +48,36 @@ def check_views(cfg, manifest) -> dict:
   return views
 
 
+class MixedViewBatches:
+  """The student's batches with labels=mixed: batch `step` of `batches`, each image replaced by
+  its mixed view of the epoch (views_np.mixed_views, what the teacher labelled) and given the
+  teacher's logits of it ('view_logits'). Every process holds the whole (public) synthetic set,
+  since a partner may sit in another partition."""
+
+  def __init__(self, batches: input_pipeline.PartitionedBatches, images: np.ndarray,
+               mixed: dict[str, np.ndarray]):
+    self.batches, self.images, self.mixed = batches, images, mixed
+    self.steps_per_epoch = batches.steps_per_epoch
+
+  def get(self, step: int) -> dict[str, np.ndarray]:
+    batch = dict(self.batches.get(step))
+    epoch = step // self.steps_per_epoch
+    index = batch['index']
+    batch['images'] = views_np.mixed_views(self.images, self.mixed, index, epoch)
+    batch['view_logits'] = self.mixed['logits'][index, epoch % int(self.mixed['epochs'])]
+    return batch
+
+
 def validate(config) -> None:
   cfg = config.student
   if cfg.labels not in LABELS:
     raise UserError(f"unknown student.labels {cfg.labels!r}: use one of {', '.join(LABELS)}")
+  if cfg.labels == 'mixed' and not relabel.enabled(config):
+    raise UserError('student.labels=mixed needs the mixed-view labels: set relabel.epochs > 0 '
+                    '(e.g. the student\'s epochs)')
+  if cfg.labels == 'mixed' and (cfg.mixup_alpha or cfg.cutmix_alpha):
+    raise UserError('student.labels=mixed shows the mixed views the teacher labelled: set '
+                    'student.mixup_alpha=0 and student.cutmix_alpha=0 (relabel.mix mixes)')
 
 
 def run(config, workdir) -> dict:
@@ -63,6 +90,8 @@ def run(config, workdir) -> dict:
   parts = synthetic_partitions(ds, num_partitions, partition_ids, with_views=views is not None)
   batches = input_pipeline.PartitionedBatches(parts, num_partitions, len(ds), cfg.batch_size,
                                               seed=seed)
+  if cfg.labels == 'mixed':
+    batches = MixedViewBatches(batches, ds.images, relabel.load_mixed(workdir))
   def summary_values(summary):
     return {'train_seconds': summary['train_seconds'], 'labels': cfg.labels,
             'num_images': len(ds), 'model': cfg.model.name, 'epochs': summary['epochs'],
@@ -76,7 +105,8 @@ def run(config, workdir) -> dict:
                        **({'privacy': manifest['privacy']} if manifest.get('privacy') else {})},
       tensorboard=fileio.path(workdir) / 'tensorboard' / 'student',
       name='student', cfg=cfg, batches=batches, seed=seed + 1, labels=cfg.labels,
-      soft_temperature=manifest['soft_label_temperature'],
+      soft_temperature=(cfg.mixed_temperature if cfg.labels == 'mixed'
+                        else manifest['soft_label_temperature']),
       views=None if views is None else {'key': jax.random.key(views['seed']),
                                         'epochs': views['epochs']})
   values = summary_values(summary)

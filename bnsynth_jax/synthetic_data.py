@@ -181,7 +181,18 @@ def release_views(ds: SyntheticDataset, files: list[str]) -> dict[str, np.ndarra
           'class_names': np.asarray(ds.class_names, dtype=str)}
 
 
-def release_info(ds: SyntheticDataset) -> dict[str, Any]:
+def mixed_views_of(directory) -> dict[str, np.ndarray] | None:
+  """The relabel stage's mixed views of the synthetic set in `directory` (WORKDIR/synthetic:
+  they are WORKDIR/relabel/mixed_views.npz), or None where it was not run."""
+  from bnsynth_jax import views_np
+  path = fileio.path(directory).parent / 'relabel' / views_np.MIXED_FILE
+  if not path.exists():
+    return None
+  arrays = fileio.read_npz(path)
+  return {k: arrays[k] for k in views_np.MIXED_FIELDS}
+
+
+def release_info(ds: SyntheticDataset, mixed: dict | None = None) -> dict[str, Any]:
   """OUT/release.json: what a consumer in any framework needs besides the arrays."""
   from bnsynth_jax import views_np
   m = ds.manifest
@@ -203,6 +214,14 @@ def release_info(ds: SyntheticDataset) -> dict[str, Any]:
                  'crop_offsets': 'int32 [N, E, 2] (top, left) in the zero-padded image',
                  'flips': 'bool [N, E] mirrored left-right after the crop',
                  'view_soft_labels': 'float16 [N, E, K]'},
+      **({'mixed_views': {
+          'epochs': int(mixed['epochs']),
+          'recipe': ('mixed-view labels: in epoch e (mod mixed_epochs) show image i as '
+                     'views_np.mixed_views(images, {f: views.npz["mixed_" + f]}, [i], e) (float '
+                     'pixels 0-255), normalised by (x / 255 - mean) / std, with target '
+                     'softmax(mixed_logits[i, e] / T) and loss T^2 * cross_entropy(target, '
+                     'softmax(logits / T)); T is the consumer\'s (the package uses 4)')}}
+         if mixed is not None else {}),
       'privacy': m.get('privacy'),
       **({'privacy_protects': 'each record of the training split (replace-one adjacency); the '
                               'test split is not protected'} if m.get('privacy') else {}),
@@ -237,8 +256,10 @@ def export_image_folder(directory, out_root, split: str = 'train') -> int:
     rel = f'{ds.class_names[label]}/{i:06d}.png'
     Image.fromarray(arr).save(str(tmp / rel))
     files.append(f'{split}/{rel}')
-  fileio.atomic_write_npz(out_root / views_np.VIEWS_FILE, **release_views(ds, files))
-  fileio.atomic_write_json(out_root / views_np.RELEASE_FILE, release_info(ds))
+  mixed = mixed_views_of(directory)
+  fileio.atomic_write_npz(out_root / views_np.VIEWS_FILE, **release_views(ds, files),
+                          **{f'mixed_{k}': v for k, v in (mixed or {}).items()})
+  fileio.atomic_write_json(out_root / views_np.RELEASE_FILE, release_info(ds, mixed))
   tmp.rename(final)
   return len(ds)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -50,7 +50,40 @@ def create_learning_rate(cfg, steps_per_epoch: int, num_steps: int):
   raise UserError(f"unknown schedule {cfg.schedule!r}: use 'cosine' or 'constant'")
 
 
+class ParamsEmaState(NamedTuple):
+  ema: Any
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+  """The last link of an optimiser chain: passes the updates through and keeps an
+  exponential moving average of the parameters they produce (in the optimiser state, so
+  checkpoints and resume carry it). `evaluated_params` returns it."""
+  def init(params):
+    return ParamsEmaState(jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+
+  def update(updates, state, params):
+    new = optax.apply_updates(params, updates)
+    return updates, ParamsEmaState(jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
+                                                state.ema, new))
+  return optax.GradientTransformation(init, update)
+
+
+def evaluated_params(state: 'TrainState', cfg):
+  """The parameters a run evaluates and saves: the EMA ones with cfg.ema_decay > 0."""
+  if cfg.get('ema_decay', 0.0):
+    return state.opt_state[-1].ema
+  return state.params
+
+
 def create_optimizer(cfg, lr: optax.Schedule) -> optax.GradientTransformation:
+  return with_ema(cfg, _base_optimizer(cfg, lr))
+
+
+def with_ema(cfg, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  return optax.chain(tx, params_ema(float(cfg.ema_decay))) if cfg.get('ema_decay', 0.0) else tx
+
+
+def _base_optimizer(cfg, lr: optax.Schedule) -> optax.GradientTransformation:
   # Decay kernels only (not BN scale/bias or biases), as is standard for ResNets.
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   if cfg.optimizer == 'sgd':
@@ -103,7 +136,8 @@ def train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std, num_
 
   labels: 'hard' (one-hot, optional smoothing), 'soft' (batch['soft_labels']) or
   'views' (batch['view_soft_labels'][:, epoch]: teacher labels of this epoch's exact
-  crop of each image; `views` = {'key', 'steps_per_epoch', 'epochs'}). Soft targets
+  crop of each image; `views` = {'key', 'steps_per_epoch', 'epochs'}) or 'mixed'
+  (batch['images'] are the mixed views, softmax(batch['view_logits'] / T) the targets). Soft targets
   use the distillation loss T^2 * CE(targets, log_softmax(logits / T)).
   """
   aug_rng, mix_rng = jax.random.split(jax.random.fold_in(base_key, step))
@@ -114,6 +148,8 @@ def train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std, num_
                        cfg.crop_padding, cfg.flip)
     targets = jnp.take(batch['view_soft_labels'].astype(jnp.float32), epoch % views['epochs'],
                        axis=1)
+  elif labels == 'mixed':   # the relabel stage's mixed views, as given (float pixels)
+    targets = jax.nn.softmax(batch['view_logits'].astype(jnp.float32) / soft_temperature)
   else:
     x = augment.random_crop_flip(aug_rng, x, cfg.crop_padding, cfg.flip)
     targets = batch_targets(batch, num_classes, cfg.label_smoothing, labels == 'soft')
@@ -178,12 +214,12 @@ def dp_optimizer(cfg, lr: optax.Schedule, dp: dict) -> optax.GradientTransformat
   from bnsynth_jax.privacy import prior
   privatizer = noise_addition.gaussian_privatizer(
       stddev=dp['noise_multiplier'] * dp['clip_norm'], prng_key=dp['noise_key'])
-  tx = optax.chain(privatizer, optax.scale(1.0 / cfg.batch_size), create_optimizer(cfg, lr))
+  tx = optax.chain(privatizer, optax.scale(1.0 / cfg.batch_size), _base_optimizer(cfg, lr))
   which = dp.get('trainable', 'all')
-  if which == 'all':
-    return tx
-  frozen = lambda params: jax.tree.map(lambda t: not t, prior.trainable_mask(params, which))
-  return optax.chain(tx, optax.masked(optax.set_to_zero(), frozen))   # the prior's stay
+  if which != 'all':
+    frozen = lambda params: jax.tree.map(lambda t: not t, prior.trainable_mask(params, which))
+    tx = optax.chain(tx, optax.masked(optax.set_to_zero(), frozen))   # the prior's stay
+  return with_ema(cfg, tx)   # post-processing of the noised updates
 
 
 def eval_step(variables, batch, *, apply_fn, mean, std):
@@ -284,7 +320,8 @@ def _test_evaluation(name, model, cfg, test, mean, std, mesh, steps_per_epoch, h
     if test is None:
       return None
     parts, size, nparts = test
-    result = evaluate(model.apply, {'params': state.params, 'batch_stats': state.batch_stats},
+    result = evaluate(model.apply, {'params': evaluated_params(state, cfg),
+                                    'batch_stats': state.batch_stats},
                       parts, size, nparts, mean, std, cfg.eval_batch_size, mesh)
     entry = {'step': step, 'epoch': step / steps_per_epoch,
              'test_accuracy': result['accuracy'], 'test_loss': result['loss']}
@@ -371,7 +408,7 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
     summary['test_accuracy'], summary['test_loss'] = final['accuracy'], final['loss']
   if writer:
     writer.flush()
-  return {'params': state.params, 'batch_stats': state.batch_stats}, summary
+  return {'params': evaluated_params(state, cfg), 'batch_stats': state.batch_stats}, summary
 
 
 def fit_and_save(out, *, model_config, class_names, num_classes: int, image_shape, mean, std,

@@ -34,6 +34,12 @@ import numpy as np
 VIEWS_FILE = 'views.npz'
 RELEASE_FILE = 'release.json'
 RELEASE_FORMAT = 'bnsynth-release-v1'
+MIXED_FILE = 'mixed_views.npz'
+# The relabel stage's mixed views (bnsynth_jax.relabel; in an export, views.npz holds them
+# prefixed 'mixed_'): image i in student epoch e (modulo epochs) is mixed_views(images, mixed,
+# [i], e), with target softmax(logits[i, e] / T).
+MIXED_FIELDS = ('crop_offsets', 'flips', 'partners', 'boxes', 'lams', 'logits', 'crop_padding',
+                'epochs')
 VIEWS_FIELDS = ('files', 'labels', 'soft_labels', 'crop_offsets', 'flips', 'view_soft_labels',
                 'crop_padding', 'temperature', 'epochs', 'class_names')
 
@@ -50,12 +56,33 @@ def apply_view(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
   p = int(crop_padding)
   padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0))) if p else images
   offsets = np.asarray(offsets, np.int64).reshape(b, 2)
-  out = np.empty_like(images)
-  for n in range(b):
-    top, left = offsets[n]
-    view = padded[n, top:top + h, left:left + w]
-    out[n] = view[:, ::-1] if bool(np.asarray(flips).reshape(b)[n]) else view
+  flips = np.asarray(flips, bool).reshape(b)
+  rows = offsets[:, :1] + np.arange(h)[None]                               # [B, H]
+  cols = offsets[:, 1:] + np.where(flips[:, None], np.arange(w)[::-1], np.arange(w))  # [B, W]
+  out = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
   return out[0] if single else out
+
+
+def mixed_views(images: np.ndarray, mixed: dict[str, np.ndarray], indices,
+                epoch: int) -> np.ndarray:
+  """Float32 pixels [B, H, W, C] (0-255 scale) of images `indices` in student epoch `epoch`:
+  each image's view (crop_offsets, flips), then its partner's view of the same epoch pasted
+  in the box (top, left, height, width; CutMix) and blended with weight lams (Mixup: lam x own
+  + (1 - lam) x partner's; 1 = none)."""
+  images, idx = np.asarray(images), np.asarray(indices)
+  e, p = int(epoch) % int(mixed['epochs']), int(mixed['crop_padding'])
+  partner = mixed['partners'][idx, e]
+  own = apply_view(images[idx], mixed['crop_offsets'][idx, e], mixed['flips'][idx, e], p)
+  other = apply_view(images[partner], mixed['crop_offsets'][partner, e],
+                     mixed['flips'][partner, e], p).astype(np.float32)
+  _, h, w, _ = images.shape
+  top, left, bh, bw = (mixed['boxes'][idx, e, k][:, None, None] for k in range(4))
+  rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
+  box = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+  out = np.where(box[..., None], other, own.astype(np.float32))
+  lam = mixed['lams'][idx, e].astype(np.float32)[:, None, None, None]
+  blended = lam * out + (np.float32(1) - lam) * other
+  return np.where(lam == 1, out, blended).astype(np.float32)
 
 
 def load_views(root) -> dict[str, np.ndarray]:

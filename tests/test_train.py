@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bnsynth_jax import augment, config_lib, input_pipeline, models, parallel, sources, train
@@ -66,6 +67,39 @@ def test_interrupted_run_resumes_exactly(tmp_path):
   # The evaluation history survives the kill: steps 2 and 4 from the first run, 6 after.
   assert [h['step'] for h in summary['history']] == [2, 4, 6]
   assert resumed_summary['history'] == summary['history']
+
+
+def test_params_ema_averages_the_updated_parameters():
+  cfg = config_lib.train_config(optimizer='sgd', momentum=0.0, nesterov=False, weight_decay=0.0,
+                                ema_decay=0.5)
+  tx = train.create_optimizer(cfg, optax.constant_schedule(1.0))
+  params = {'w': jnp.array([1.0, 2.0])}
+  state, ema = tx.init(params), np.array([1.0, 2.0])
+  for g in ([1.0, 0.0], [0.0, 4.0], [2.0, 2.0]):
+    updates, state = tx.update({'w': jnp.array(g)}, state, params)
+    params = optax.apply_updates(params, updates)
+    ema = 0.5 * ema + 0.5 * np.asarray(params['w'])   # the updates pass through unchanged
+  np.testing.assert_allclose(state[-1].ema['w'], ema)
+  np.testing.assert_allclose(params['w'], [-2.0, -4.0])
+
+
+def test_an_ema_run_resumes_exactly_and_returns_the_average(tmp_path):
+  cfg, batches, model = tiny_setup(num_steps=6, ema_decay=0.7)
+  straight, _ = fit(tmp_path / 'straight', cfg, batches, model)
+
+  def kill_at_5(step):
+    if step == 5:
+      raise Killed()
+  with pytest.raises(Killed):
+    fit(tmp_path / 'resumed', cfg, batches, model, on_step=kill_at_5)
+  from bnsynth_jax import checkpointing
+  checkpointing.wait()
+  resumed, _ = fit(tmp_path / 'resumed', cfg, batches, model)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  cfg.ema_decay = 0.0
+  raw, _ = fit(tmp_path / 'raw', cfg, batches, model)
+  assert not np.allclose(raw['params']['head']['kernel'], straight['params']['head']['kernel'])
 
 
 def test_augmentation_shapes_and_flip():
