@@ -33,11 +33,14 @@ def dataset_files(synthetic_dir):
 
 
 @pytest.mark.versions
-def test_kill9_and_resume_is_byte_identical(digits_stats_workdir, tmp_path):
+@pytest.mark.parametrize('method', ['pixels', 'generator'])
+def test_kill9_and_resume_is_byte_identical(digits_stats_workdir, tmp_path, method):
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   shutil.copytree(digits_stats_workdir, straight)
   shutil.copytree(digits_stats_workdir, killed)
-  args = ('--config=configs/digits.py', '--stages=synthesize', *SYNTH)
+  # The generator: every batch takes 30 steps too (time to be killed mid-batch, after 7).
+  args = ('--config=configs/digits.py', '--stages=synthesize', *SYNTH,
+          f'--config.synthesis.method={method}', '--config.synthesis.generator.steps=30')
   assert run_main(*args, f'--workdir={straight}').returncode == 0
 
   env = dict(os.environ, PYTHONPATH=str(REPO))

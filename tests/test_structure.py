@@ -4,14 +4,18 @@ import ast
 import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'bnsynth_jax'
-PUBLIC = ('synthesis', 'student', 'synthetic_data')   # never reach the private sources
+PUBLIC = ('synthesis', 'relabel', 'student', 'synthetic_data')   # never reach the private sources
 PRIVATE_SOURCES = 'sources'
 
 
 def import_graph() -> dict[str, set[str]]:
-  """module -> the bnsynth_jax modules it imports, at module level or inside functions."""
+  """module -> the bnsynth_jax modules it imports, at module level or inside functions; a
+  subpackage (privacy/, synthesis/) is one node, its files' imports together."""
   graph = {}
-  for path in PACKAGE.glob('*.py'):
+  files = [(p.stem, p) for p in PACKAGE.glob('*.py')]
+  files += [(p.parent.name, p) for p in PACKAGE.glob('*/*.py')
+            if (p.parent / '__init__.py').exists()]
+  for name, path in files:
     deps = set()
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, ast.ImportFrom) and node.module:
@@ -21,7 +25,7 @@ def import_graph() -> dict[str, set[str]]:
           deps.add(node.module.split('.')[1])
       elif isinstance(node, ast.Import):
         deps.update(a.name.split('.')[1] for a in node.names if a.name.startswith('bnsynth_jax.'))
-    graph[path.stem] = deps - {path.stem}
+    graph[name] = graph.get(name, set()) | (deps - {name})
   return graph
 
 
@@ -39,6 +43,7 @@ def test_the_graph_is_read_correctly():
   graph = import_graph()
   # Known edges, so that the checks below cannot pass on an empty or wrong graph.
   assert 'sources' in graph['teacher'] and 'workdir' in graph['synthesis']
+  assert 'models' in graph['synthesis'] and 'models' in graph['privacy']   # package files too
   assert 'sources' in reachable(graph, 'pipeline')
 
 

@@ -1,27 +1,10 @@
 """Synthesis: optimise images from noise until the teacher's BN statistics match.
 
-Objective for a batch x (normalised input space) with target labels y:
-
-  x~   = augment(x)          random shift (roll) + flip, or random resized crop
-  L_bn = sum_l w_l (||mu_l(x~) - m_l|| + ||s2_l(x~) - v_l||)
-         global: moments over the whole (global) batch; classwise: per class c over
-         the images of class c in the batch, against m_lc, v_lc, averaged over the
-         classes present. w_1 = first_bn_multiplier, other w_l = 1.
-  L    = a_bn L_bn + a_ce CE(teacher(x~), y) + a_tv2 TV_l2(x) + a_tv1 TV_l1(x)
-         + a_l2 ||x|| [+ a_adi (1 - JS(student, teacher))] [+ a_div D(x~)]
-         D = mean cosine similarity of the teacher's penultimate features over the pairs
-         of distinct images of one class in the batch (a batch-level diversity term)
-
-The BN inputs are captured inside the teacher's own Flax forward pass
-(`models.capture_bn_inputs`): the model code that trained the teacher is the code
-that synthesises. The teacher runs in inference mode.
-
-One `jax.jit` step over the 'data' mesh axis: images, labels and optimiser state
-are sharded, the teacher and the targets replicated. With stats_scope=global the
-moments reduce over the global batch (XLA all-reduces the sums: the same numbers
-as one device). With stats_scope=per_device each device matches on its own
-slice inside `jax.shard_map` (what the single-GPU PyTorch peers do; cheaper on
-pods).
+Two methods share the objective (objective.py: BN matching + CE + TV, class-wise targets)
+and everything here (inputs, the dataset loop, shards, resume, reuse, the final
+measurements): synthesis.method=pixels (pixels.py, the images are the variables) and
+synthesis.method=generator (generator.py, a small generator with a meta-learned
+initialisation and per-batch latents makes each batch in a few steps, Fast-DFKD style).
 
 Dataset-scale generation: N = images_per_class x classes images in batches of B,
 K iterations each. Batch i uses the key fold_in(seed, i) and the labels
@@ -39,270 +22,33 @@ import dataclasses
 import hashlib
 import json
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import PartitionSpec as P
 
 from bnsynth_jax import (artifacts, augment, checkpointing, fileio, metrics, models,
                          parallel, report, synthetic_data)
 from bnsynth_jax.errors import UserError
+from bnsynth_jax.synthesis import generator
+# Re-exported: the objective and the pixel method are part of this module's interface.
+from bnsynth_jax.synthesis.objective import (Problem, bn_matching_loss, feature_similarity,
+                                             make_loss_fn, total_variation)
+from bnsynth_jax.synthesis.pixels import (SynthState, batch_keys, create_optimizer, make_init,
+                                          make_step, state_shardings)
 from bnsynth_jax.workdir import stage_dir
 
+METHODS = ('pixels', 'generator')
 AUGMENTS = ('jitter_flip', 'random_resized_crop', 'none')
 SCOPES = ('global', 'per_device')
 NORMS = ('l2', 'squared_l2')
 
 
-@flax.struct.dataclass
-class SynthState:
-  x: jax.Array             # [B, H, W, C] images in normalised space, float32
-  opt_state: Any
-  best_x: jax.Array
-  best_loss: jax.Array     # scalar
-  iteration: jax.Array     # int32 scalar
-
-
 # ----------------------------------------------------------------------------
-# Losses
-
-
-def total_variation(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(L2, L1) total variation over the four neighbour directions (DeepInversion's form)."""
-  diffs = (x[:, :, :-1, :] - x[:, :, 1:, :], x[:, :-1, :, :] - x[:, 1:, :, :],
-           x[:, 1:, :-1, :] - x[:, :-1, 1:, :], x[:, :-1, :-1, :] - x[:, 1:, 1:, :])
-  l2 = sum(jnp.sqrt(jnp.sum(jnp.square(d))) for d in diffs)
-  l1 = sum(jnp.mean(jnp.abs(d)) for d in diffs)
-  return l2, l1
-
-
-def _distance(a: jax.Array, b: jax.Array, norm: str) -> jax.Array:
-  sq = jnp.sum(jnp.square(a - b), axis=-1)
-  return jnp.sqrt(sq + 1e-12) if norm == 'l2' else sq
-
-
-def bn_matching_loss(captured: Mapping[tuple[str, ...], jax.Array], targets, layer_weights,
-                     labels: jax.Array | None, num_classes: int, norm: str = 'l2'):
-  """Sum over layers of w_l (||mu - m|| + ||s2 - v||); class-wise when labels is given.
-
-  Args:
-    captured: {layer path: BN input [N, H, W, ch]}.
-    targets: {'mean': {name: [ch] or [C, ch]}, 'var': {...}} (name = '/'.join(path)).
-    layer_weights: {name: weight}.
-    labels: None for global matching; int labels [N] for class-wise matching.
-  Returns:
-    (loss, {name: per-layer loss}).
-  """
-  total, per_layer = 0.0, {}
-  for path, a in captured.items():
-    name = '/'.join(path)
-    a = a.astype(jnp.promote_types(a.dtype, jnp.float32))   # bf16 -> f32; f64 stays
-    m, v = targets['mean'][name], targets['var'][name]
-    # One pass over the activations: sums of d = a - m and d^2, shifted by the (constant)
-    # target mean m so that E[d^2] - E[d]^2 does not cancel. XLA fuses both sums into one
-    # reduction; a two-pass variance would write a full-size (a - mu) tensor per layer,
-    # in the forward and again in the backward pass (benchmarks/profile_synthesis.py).
-    shift = jax.lax.stop_gradient(m).astype(a.dtype)
-    if labels is None:
-      d = a - shift
-      s1 = jnp.mean(d, axis=(0, 1, 2))
-      s2 = jnp.mean(jnp.square(d), axis=(0, 1, 2)) - jnp.square(s1)   # biased
-      mu = s1 + shift
-      layer = _distance(mu, m, norm) + _distance(s2, v, norm)
-    else:
-      w = jax.nn.one_hot(labels, num_classes, dtype=a.dtype)       # [N, C]
-      hw = a.shape[1] * a.shape[2]
-      n = jnp.sum(w, axis=0) * hw                                   # [C]
-      safe_n = jnp.maximum(n, 1.0)[:, None]
-      d = a - shift[labels][:, None, None, :]                       # each image: its class's m
-      s1 = jnp.einsum('nc,nk->ck', w, jnp.sum(d, axis=(1, 2))) / safe_n
-      s2 = (jnp.einsum('nc,nk->ck', w, jnp.sum(jnp.square(d), axis=(1, 2))) / safe_n -
-            jnp.square(s1))
-      mu = s1 + shift
-      present = (n > 0).astype(a.dtype)
-      per_class = _distance(mu, m, norm) + _distance(s2, v, norm)    # [C]
-      layer = jnp.sum(per_class * present) / jnp.maximum(jnp.sum(present), 1.0)
-    per_layer[name] = layer
-    total = total + layer_weights[name] * layer
-  return total, per_layer
-
-
-def js_competition(teacher_logits, student_logits, temperature: float) -> jax.Array:
-  """DeepInversion's adaptive term: 1 - clip(JS(student, teacher), 0, 1), softened by T."""
-  p = jnp.clip(jax.nn.softmax(student_logits / temperature), 1e-3, 1.0)
-  q = jnp.clip(jax.nn.softmax(teacher_logits / temperature), 1e-3, 1.0)
-  m = 0.5 * (p + q)
-  kl_m = lambda a: jnp.mean(jnp.sum(m * (jnp.log(m) - jnp.log(a)), axis=-1))
-  js = 0.5 * kl_m(p) + 0.5 * kl_m(q)
-  return 1.0 - jnp.clip(js, 0.0, 1.0)
-
-
-def feature_similarity(features: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean cosine similarity of features [N, D] over the pairs (i != j) of one class: the
-  diversity term (0 where no class has two images in the batch)."""
-  f = features * jax.lax.rsqrt(jnp.sum(jnp.square(features), -1, keepdims=True) + 1e-12)
-  same = labels[:, None] == labels[None, :]
-  pairs = same & ~jnp.eye(labels.shape[0], dtype=bool)
-  sims = jnp.where(pairs, f @ f.T, 0.0)
-  return jnp.sum(sims) / jnp.maximum(jnp.sum(pairs), 1)
-
-
-def downsample2(x):
-  return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), 'VALID') / 4.0
-
-
-# ----------------------------------------------------------------------------
-# The step
-
-
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-  """What stays fixed during a synthesis run (closed over by the jitted functions)."""
-  model: Any                 # the teacher in the synthesis dtype
-  eval_model: Any            # the teacher in float32 (final measurements, soft labels)
-  num_classes: int
-  image_shape: tuple[int, int, int]
-  classwise: bool
-  layer_weights: dict[str, float]
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
-  student: Any = None        # adaptive competition: a student model, or None
-
-  @property
-  def bounds(self):
-    mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
-    return (0.0 - mean) / std, (1.0 - mean) / std
-
-
-def make_loss_fn(problem: Problem, cfg, lowres: bool = False) -> Callable:
-  """loss_fn(x, labels, rng, teacher_vars, targets, student_vars) -> (loss, terms)."""
-
-  def loss_fn(x, labels, rng, teacher_vars, targets, student_vars):
-    x_aug = augment.augment(rng, x, cfg)
-    if lowres:
-      x_aug = downsample2(x_aug)
-    if cfg.diversity_weight:
-      (logits, features), captured = models.capture_bn_inputs(
-          problem.model, teacher_vars, x_aug, return_features=True)
-    else:
-      logits, captured = models.capture_bn_inputs(problem.model, teacher_vars, x_aug)
-    logits = logits.astype(jnp.float32)
-    bn, _ = bn_matching_loss(captured, targets, problem.layer_weights,
-                             labels if problem.classwise else None, problem.num_classes,
-                             cfg.bn_norm)
-    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-    tv_l2, tv_l1 = total_variation(x)
-    l2 = jnp.mean(jnp.sqrt(jnp.sum(jnp.square(x), axis=(1, 2, 3))))
-    loss = (cfg.bn_weight * bn + cfg.ce_weight * ce + cfg.tv_l2_weight * tv_l2 +
-            cfg.tv_l1_weight * tv_l1 + cfg.l2_weight * l2)
-    terms = {'bn': bn, 'ce': ce, 'tv_l2': tv_l2, 'tv_l1': tv_l1, 'l2': l2}
-    if cfg.diversity_weight:
-      div = feature_similarity(features.astype(jnp.float32), labels)
-      loss = loss + cfg.diversity_weight * div
-      terms['diversity'] = div
-    if problem.student is not None:
-      student_logits = problem.student.apply(student_vars, x_aug, train=False)
-      adi = js_competition(logits, student_logits.astype(jnp.float32), cfg.adi_temperature)
-      loss = loss + cfg.adi_weight * adi
-      terms['adi'] = adi
-    terms['loss'] = loss
-    return loss, terms
-
-  return loss_fn
-
-
-def create_optimizer(cfg, total_iterations: int) -> optax.GradientTransformation:
-  if cfg.schedule == 'cosine':
-    lr = optax.cosine_decay_schedule(cfg.learning_rate, max(total_iterations, 1))
-  elif cfg.schedule == 'constant':
-    lr = cfg.learning_rate
-  else:
-    raise UserError(f"unknown synthesis.schedule {cfg.schedule!r}: use 'cosine' or 'constant'")
-  if cfg.optimizer == 'adam':
-    return optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
-  if cfg.optimizer == 'sgd':
-    return optax.sgd(lr, momentum=cfg.b1)
-  if cfg.optimizer == 'lion':
-    return optax.lion(lr, b1=cfg.b1, b2=cfg.b2)
-  raise UserError(f"unknown synthesis.optimizer {cfg.optimizer!r}: use adam, sgd or lion")
-
-
-def state_shardings(state, mesh, batch_shape):
-  """Leaves shaped like the image batch are sharded on 'data'; the rest replicated."""
-  data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
-  return jax.tree.map(lambda leaf: data if tuple(leaf.shape) == tuple(batch_shape) else repl,
-                      state)
-
-
-def batch_keys(seed: int, batch_index):
-  """(noise key, iteration key) of batch `batch_index`: fold_in(seed, i), split in two."""
-  return jax.random.split(jax.random.fold_in(jax.random.key(seed), batch_index))
-
-
-def make_init(problem: Problem, tx, mesh, batch_size: int, seed: int):
-  """init(batch_index) -> SynthState: clipped N(0, 1) noise from batch i's key."""
-  shape = (batch_size, *problem.image_shape)
-  lo, hi = problem.bounds
-
-  def init(batch_index):
-    noise_key = batch_keys(seed, batch_index)[0]
-    x = jnp.clip(jax.random.normal(noise_key, shape, jnp.float32), lo, hi)
-    return SynthState(x=x, opt_state=tx.init(x), best_x=x,
-                      best_loss=jnp.asarray(jnp.inf, jnp.float32),
-                      iteration=jnp.asarray(0, jnp.int32))
-
-  abstract = jax.eval_shape(init, np.int32(0))
-  shardings = state_shardings(abstract, mesh, shape)
-  return jax.jit(init, in_shardings=parallel.replicated(mesh), out_shardings=shardings), shardings
-
-
-def make_step(problem: Problem, cfg, tx, mesh, state_sharding, seed: int, lowres: bool = False):
-  """The jitted step: (state, labels, batch_index, teacher, targets, student) -> (state, terms).
-
-  Iteration t of batch i augments with fold_in(iteration key of batch i, t).
-  """
-  value_and_grad = jax.value_and_grad(make_loss_fn(problem, cfg, lowres), has_aux=True)
-  grad_fn = value_and_grad
-  if cfg.stats_scope == 'per_device':
-    axis = parallel.DATA_AXIS
-
-    num_devices = mesh.devices.size
-
-    def local_grad(x, labels, rng, teacher_vars, targets, student_vars):
-      if num_devices > 1:   # each device its own augmentation; one device = global scope
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
-      (loss, terms), grad = value_and_grad(x, labels, rng, teacher_vars, targets, student_vars)
-      return (jax.lax.pmean(loss, axis), jax.lax.pmean(terms, axis)), grad
-
-    grad_fn = jax.shard_map(local_grad, mesh=mesh,
-                            in_specs=(P(axis), P(axis), P(), P(), P(), P()),
-                            out_specs=((P(), P()), P(axis)))
-  lo, hi = problem.bounds
-
-  def step(state: SynthState, labels, batch_index, teacher_vars, targets, student_vars):
-    rng = jax.random.fold_in(batch_keys(seed, batch_index)[1], state.iteration)
-    (loss, terms), grad = grad_fn(state.x, labels, rng, teacher_vars, targets, student_vars)
-    updates, opt_state = tx.update(grad, state.opt_state, state.x)
-    x = jnp.clip(optax.apply_updates(state.x, updates), lo, hi)
-    # The loss was measured at state.x. A low-resolution (multires warm-up) loss is not
-    # comparable with full-resolution ones (often lower): only full-resolution iterates can
-    # be the kept best, else an image never optimised at full resolution is released.
-    better = jnp.logical_and(not lowres, loss < state.best_loss)
-    return SynthState(x=x, opt_state=opt_state,
-                      best_x=jnp.where(better, state.x, state.best_x),
-                      best_loss=jnp.where(better, loss, state.best_loss),
-                      iteration=state.iteration + 1), terms
-
-  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(state_sharding, data, repl, repl, repl, repl),
-                 out_shardings=(state_sharding, repl), donate_argnums=0)
+# Final measurements (both methods)
 
 
 def make_finalize(problem: Problem, cfg, mesh):
@@ -414,6 +160,8 @@ def _check_run_info(inputs: Inputs, cfg, out_dir, seed: int, num_images: int,
               'statistics_sha256': inputs.stats_manifest['statistics_sha256'],
               'num_images': num_images, 'batch_size': cfg.batch_size, 'seed': seed,
               'total_iterations': total_iterations, 'view_epochs': cfg.view_epochs}
+  if cfg.method == 'generator':   # (pixel runs keep the record they always had)
+    run_info['generator'] = {'method': cfg.method, **cfg.generator.to_dict()}
   info_path = out_dir / 'run_info.json'
   if info_path.exists():
     stored = fileio.read_json(info_path)
@@ -527,13 +275,18 @@ class _Run:
 
 def _prepare_run(inputs: Inputs, cfg, seed: int, total_iterations: int) -> _Run:
   problem, mesh = inputs.problem, parallel.make_mesh()
-  tx = create_optimizer(cfg, total_iterations)
-  init_fn, sharding = make_init(problem, tx, mesh, cfg.batch_size, seed)
+  if cfg.method == 'generator':
+    tx = generator.create_optimizer(cfg)
+    init_fn, sharding = generator.make_init(problem, cfg, tx, mesh, seed)
+    step, lowres_step = generator.make_step(problem, cfg, tx, mesh, sharding, seed), None
+  else:
+    tx = create_optimizer(cfg, total_iterations)
+    init_fn, sharding = make_init(problem, tx, mesh, cfg.batch_size, seed)
+    step = make_step(problem, cfg, tx, mesh, sharding, seed)
+    lowres_step = (make_step(problem, cfg, tx, mesh, sharding, seed, lowres=True)
+                   if cfg.multires_iterations else None)
   return _Run(
-      cfg=cfg, mesh=mesh, init=init_fn,
-      step=make_step(problem, cfg, tx, mesh, sharding, seed),
-      lowres_step=(make_step(problem, cfg, tx, mesh, sharding, seed, lowres=True)
-                   if cfg.multires_iterations else None),
+      cfg=cfg, mesh=mesh, init=init_fn, step=step, lowres_step=lowres_step,
       finalize=make_finalize(problem, cfg, mesh),
       labeler=make_view_labeler(problem, cfg, mesh, view_seed(seed)) if cfg.view_epochs else None,
       teacher_vars=parallel.replicate(mesh, inputs.teacher_vars),
@@ -541,6 +294,29 @@ def _prepare_run(inputs: Inputs, cfg, seed: int, total_iterations: int) -> _Run:
       student_vars=(parallel.replicate(mesh, inputs.student_vars)
                     if inputs.student_vars is not None else None),
       total_iterations=total_iterations)
+
+
+def _batch_iterations(cfg, i: int) -> int:
+  if cfg.method == 'generator':
+    return generator.iterations_of_batch(cfg, i)
+  return cfg.multires_iterations + cfg.iterations
+
+
+def _start_batch(run: _Run, inputs: Inputs, out_dir, seed: int, i: int):
+  """Batch i's initial state (and, for the generator, the initialisation it starts from)."""
+  run.total_iterations = _batch_iterations(run.cfg, i)
+  if run.cfg.method != 'generator':
+    return run.init(np.int32(i)), None
+  start = generator.load_init(out_dir, inputs.problem, run.cfg, seed, i)
+  return run.init(np.int32(i), parallel.replicate(run.mesh, start)), start
+
+
+def _end_batch(run: _Run, out_dir, i: int, state, start) -> None:
+  """The generator's next initialisation, written before batch i's shard (resume reads it)."""
+  if run.cfg.method == 'generator':
+    adapted = parallel.to_host(state.params)
+    generator.save_init(out_dir, i, generator.meta_update(start, adapted,
+                                                          float(run.cfg.generator.meta_lr)))
 
 
 def _log_iteration(run: _Run, i: int, done: int, latest: dict, where: str) -> None:
@@ -641,13 +417,16 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
   if len(todo) < num_batches:
     logging.info('synthesize: %d of %d batches done already, resuming', num_batches - len(todo),
                  num_batches)
-  run.progress = metrics.Progress('synthesize', len(todo) * total_iterations, 0, batch,
-                                  'image-iterations')
+  if cfg.method == 'generator' and todo != list(range(num_batches - len(todo), num_batches)):
+    raise UserError(f'{out_dir} misses batch shards out of order: a generator synthesis makes '
+                    'its batches in sequence; rerun it with --overwrite')
+  run.progress = metrics.Progress('synthesize', sum(_batch_iterations(cfg, i) for i in todo), 0,
+                                  batch, 'image-iterations')
   for n, i in enumerate(todo):
     t_batch = time.perf_counter()
     labels = parallel.to_global(run.mesh, labels_all[i * batch:(i + 1) * batch][
         _process_slice(batch)])
-    state = run.init(np.int32(i))
+    state, start_params = _start_batch(run, inputs, out_dir, seed, i)
     _, bn_initial = run.finalize(state.x, labels, run.teacher_vars, run.targets)
     ckpt_dir = out_dir / 'inflight' / f'batch-{i:05d}'
     images_done = (num_batches - len(todo) + n) * batch
@@ -656,6 +435,7 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
     jax.block_until_ready(state)
     loop_seconds = time.perf_counter() - t_loop
     shard, label_seconds = _finish_batch(run, i, state, labels, bn_initial)
+    _end_batch(run, out_dir, i, state, start_params)
     checkpointing.close(ckpt_dir)
     if parallel.is_main_process():
       synthetic_data.write_shard(out_dir, i, shard)
@@ -663,7 +443,7 @@ def generate(inputs: Inputs, cfg, out_dir, seed: int, writer: metrics.Writer | N
       # Steady-state rate: the first (compiling) iteration of each batch is not timed.
       timings[str(i)] = {'seconds': time.perf_counter() - t_batch,
                          'loop_seconds': loop_seconds,
-                         'loop_image_iterations': batch * (total_iterations - start - 1),
+                         'loop_image_iterations': batch * (run.total_iterations - start - 1),
                          'view_label_seconds': label_seconds}
       fileio.atomic_write_json(timings_path, timings)
       if ckpt_dir.exists():
@@ -682,7 +462,10 @@ def finish(inputs: Inputs, cfg, out_dir, seed: int, num_batches: int, timings: d
   image_iterations = sum(t['loop_image_iterations'] for t in timings.values())
   summary = {
       'num_images': int(len(cat['labels'])),
-      'iterations': cfg.multires_iterations + cfg.iterations,
+      'method': cfg.method,
+      # Optimiser steps per image (the generator: the mean over batches, warm-up included).
+      'iterations': float(np.mean([_batch_iterations(cfg, i) for i in range(num_batches)]))
+                    if cfg.method == 'generator' else cfg.multires_iterations + cfg.iterations,
       'stats_kind': inputs.stats_manifest['kind'],
       'bn_loss_initial': float(np.mean([float(a['bn_loss_initial']) for a in arrays])),
       'bn_loss_final': float(np.mean([float(a['bn_loss_final']) for a in arrays])),
@@ -730,6 +513,18 @@ def finish(inputs: Inputs, cfg, out_dir, seed: int, num_batches: int, timings: d
 
 def validate(config) -> None:
   cfg = config.synthesis
+  if cfg.method not in METHODS:
+    raise UserError(f"unknown synthesis.method {cfg.method!r}: use {' or '.join(METHODS)}")
+  if cfg.method == 'generator':
+    if cfg.get('reuse_from'):
+      raise UserError('synthesis.reuse_from copies batches that do not depend on the others; a '
+                      'generator batch starts where the previous one left the generator: drop '
+                      'reuse_from or use method=pixels')
+    g = cfg.generator
+    if g.steps < 1 or g.width < 1 or g.latent_dim < 1 or not 0 < g.meta_lr <= 1:
+      raise UserError(f'synthesis.generator: steps={g.steps}, width={g.width}, latent_dim='
+                      f'{g.latent_dim}, meta_lr={g.meta_lr}: use steps, width, latent_dim >= 1 '
+                      'and meta_lr in (0, 1]')
   checks = [('augment', AUGMENTS), ('stats_scope', SCOPES), ('bn_norm', NORMS),
             ('dtype', ('float32', 'bfloat16'))]
   for key, allowed in checks:
@@ -770,6 +565,8 @@ def run(config, workdir) -> dict:
                     f'{inputs.problem.num_classes} classes): choose a divisor')
   if cfg.multires_iterations and any(s % 2 for s in inputs.problem.image_shape[:2]):
     raise UserError('synthesis.multires_iterations needs even image sizes: set it to 0')
+  if cfg.method == 'generator':
+    generator.check(cfg, inputs.problem.image_shape)
   writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / 'synthesis')
   try:   # closed on a refusal too (an open event writer fails at interpreter exit)
     summary = generate(inputs, cfg, stage_dir(workdir, 'synthesize'), config.seed, writer)
