@@ -149,7 +149,7 @@ def generate(config, workdir) -> dict:
   mix = mix_parameters(cfg, len(ds), ds.images.shape[1:3], seed)
   labeler = make_labeler(model, tuple(teacher['mean']), tuple(teacher['std']), cfg.bn, mesh)
   variables = parallel.replicate(mesh, variables)
-  progress = metrics.Progress('relabel', int(cfg.epochs), 0, len(ds), 'view')
+  progress = metrics.Progress('relabel', int(cfg.epochs), 0, len(ds), 'views')
   t0, per_epoch = time.perf_counter(), []
   for e in range(int(cfg.epochs)):
     path = out / 'logits' / f'epoch_{e:04d}.npz'
@@ -161,8 +161,9 @@ def generate(config, workdir) -> dict:
     if parallel.is_main_process():
       fileio.atomic_write_npz(path, logits=logits)
     per_epoch.append(logits)
+    progress.first_step_done(e + 1)   # the first labelled epoch compiled: rates from here
     if e == 0 or (e + 1) % 10 == 0 or e + 1 == cfg.epochs:
-      logging.info(progress.line(e + 1, ''))
+      logging.info(progress.line(e + 1, f'{len(ds) * (e + 1)} mixed views labelled'))
   seconds = time.perf_counter() - t0
   mix['logits'] = np.stack(per_epoch, 1)
   if parallel.is_main_process():
