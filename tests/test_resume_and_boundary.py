@@ -32,8 +32,8 @@ def dataset_files(synthetic_dir):
   return [f for f in files if f.name not in ('timings.json', 'metrics.json', 'run_info.json')]
 
 
-@pytest.mark.versions
-@pytest.mark.parametrize('method', ['pixels', 'generator'])
+@pytest.mark.parametrize('method', [pytest.param('pixels', marks=pytest.mark.versions),
+                                    'generator'])
 def test_kill9_and_resume_is_byte_identical(digits_stats_workdir, tmp_path, method):
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   shutil.copytree(digits_stats_workdir, straight)
