@@ -35,6 +35,8 @@ def get_config():
   s.view_epochs = 100             # per-view labels for every student epoch
   s.view_crop_padding = 1
   s.view_flip = False
+  c.relabel.crop_padding = 1      # the relabel stage's views (when on): the student's crop
+  c.relabel.flip = False
 
   c.audit.reference_models = 4   # offline-LiRA references: cheap at this size
   c.audit.reference_epochs = 30

@@ -182,3 +182,25 @@ def test_every_quality_variant_names_real_config_keys_and_valid_values():
   with pytest.raises(SystemExit, match='synthesis.agument'):
     quality.apply_overrides(quality.load_config('configs/digits.py'),
                             {'synthesis.agument': 'flip'})
+
+
+def test_method_rows_read_a_finished_workdir(tmp_path):
+  """benchmarks/method_rows.py: one row per workdir, compute and accuracy from its files."""
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import method_rows
+  w = tmp_path / 'gen'
+  (w / 'synthetic').mkdir(parents=True)
+  (w / 'synthetic' / 'timings.json').write_text(json.dumps(
+      {'0': {'seconds': 30.0, 'view_label_seconds': 10.0}, '1': {'seconds': 5.0}}))
+  (w / 'report.json').write_text(json.dumps({
+      'synthesis': {'method': 'generator', 'iterations': 12.5, 'num_images': 40,
+                    'bn_loss_initial': 9.0, 'bn_loss_final': 3.0, 'teacher_agreement': 0.9},
+      'relabel': {'epochs': 2, 'forward_passes': 80, 'label_seconds': 1.4},
+      'student': {'synthetic': {'labels': 'mixed', 'train_seconds': 7.2}},
+      'evaluate': {'synthetic': {'test_accuracy': 0.45}},
+      'environment': {'command': 'python -m bnsynth_jax.main --workdir=gen'}}))
+  cells = method_rows.row(w, 0.6, 'base')
+  assert cells[:12] == ['gen', 'generator', '12.5', '500', '25', '9.00 -> 3.00', '0.900', 'mixed',
+                        '80 (1)', '7', '45.00%', '0.750']
+  assert cells[12] == '`python -m bnsynth_jax.main --workdir=gen (the stages before its first ' \
+      'copied from base)`'
