@@ -37,6 +37,15 @@ default's compute; --values=200,500 with the same --variants, docs/utility_compu
 with hard labels (-6.1). No statistics kind wins on both label kinds at equal compute, so the
 default stays class-wise at 500 iterations: a release's consumer who ignores the per-view labels
 keeps the better images, and --config.stats.kind=global is the choice for per-view releases.
+Mixed-view labels (issue 27; the relabel stage) are the strongest lever measured: the same
+2,000 class-wise images (500 iterations), the teacher labelling each epoch's CutMix of two
+crop + flip views, student at T 4, the same SGD recipe and 1,500 steps,
+  --config.relabel.epochs=100 --config.student.labels=mixed
+give a **62.47%** student against 41.18% with per-view labels (42.23% over three seeds) and
+60.36% for 2,000 real images (ratio 1.035; one student seed; benchmarks/RESULTS.md section
+methods-cifar10_cpu), for 200,000 more teacher forward passes (208 s here). Not yet the default:
+the project adopts a lever with two seeds, and the second did not fit the session that
+measured it.
 A multi-resolution warm-up is no cheaper route: on one 200-image batch, 400 iterations at 16x16
 then 100 at 32x32 end at BN loss 27.26 / teacher agreement 0.840, worse than 100 plain
 iterations (23.13 / 0.975) at ~2.5x their cost (benchmarks/README.md, utility per compute).
