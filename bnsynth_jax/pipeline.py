@@ -58,7 +58,7 @@ STAGES = (
     Stage('synthesize', synthesis.run, ('synthesis',), False, ('synthesis',),
           synthesis.validate, synthesis.input_fingerprints, synthesis.precheck),
     Stage('relabel', relabel.run, ('relabel',), False, ('relabel',), relabel.validate,
-          precheck=relabel.precheck),
+          relabel.input_fingerprints, relabel.precheck),
     Stage('student', student.run, ('student',), False, ('student',), student.validate),
     Stage('evaluate', evaluation.run, ('evaluate',), True, ('evaluate',)),
     Stage('audit', audit.run, ('audit',), True, ('audit',), audit.validate),

@@ -20,6 +20,7 @@ running statistics (inference mode).
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import jax
@@ -46,10 +47,25 @@ def validate(config) -> None:
     raise UserError(f"unknown relabel.mix {cfg.mix!r}: use one of {', '.join(MIXES)}")
   if cfg.bn not in BN_MODES:
     raise UserError(f"unknown relabel.bn {cfg.bn!r}: use running or batch")
-  if cfg.epochs < 0 or cfg.batch_size < 1 or not 0.0 <= cfg.mix_prob <= 1.0 or cfg.mix_alpha <= 0:
+  if (cfg.epochs < 0 or cfg.batch_size < 1 or not 0.0 <= cfg.mix_prob <= 1.0
+      or cfg.mix_alpha <= 0 or cfg.crop_padding < 0):
     raise UserError(f'relabel.epochs={cfg.epochs}, batch_size={cfg.batch_size}, mix_prob='
-                    f'{cfg.mix_prob}, mix_alpha={cfg.mix_alpha}: use epochs >= 0, batch_size '
-                    '>= 1, mix_prob in [0, 1] and mix_alpha > 0')
+                    f'{cfg.mix_prob}, mix_alpha={cfg.mix_alpha}, crop_padding={cfg.crop_padding}: '
+                    'use epochs >= 0, batch_size >= 1, mix_prob in [0, 1], mix_alpha > 0 and '
+                    'crop_padding >= 0')
+
+
+def input_fingerprints(config, workdir) -> dict:
+  """The teacher and the synthetic set the labels are made from (in the stage config): a
+  finished relabelling is not reused for another teacher or another set."""
+  teacher = fileio.path(config.synthesis.teacher_dir or stage_dir(workdir, 'teacher'))
+  synthetic = stage_dir(workdir, 'synthesize') / 'manifest.json'
+  out = {}
+  if (teacher / 'manifest.json').exists():
+    out['teacher_sha256'] = fileio.read_json(teacher / 'manifest.json').get('variables_sha256')
+  if synthetic.exists():
+    out['synthetic_manifest_sha256'] = hashlib.sha256(synthetic.read_bytes()).hexdigest()
+  return out
 
 
 def relabel_seed(config) -> int:
@@ -105,14 +121,17 @@ def make_labeler(model, mean, std, bn: str, mesh):
   return jax.jit(labeler, in_shardings=(data, repl), out_shardings=data)
 
 
-def _label_epoch(images, mix, epoch, batch_size, seed, labeler, variables, mesh):
+def _label_epoch(images, mix, epoch, batch_size, seed, labeler, variables, mesh, bn):
   """The teacher's logits [N, K] of epoch `epoch`'s mixed views, float16."""
   n, out = len(images), None
   for idx in label_batches(n, epoch, batch_size, seed):
     pixels = views_np.mixed_views(images, mix, idx, epoch)
     b = len(idx)
     padded = -(-b // mesh.size) * mesh.size
-    if padded != b:   # only with bn=running (precheck): the padding changes no row
+    if padded != b and bn == 'batch':   # precheck refuses this first; never pad then
+      raise UserError(f'relabel.bn=batch: a labelling batch of {b} views does not split over '
+                      f'the {mesh.size} devices; choose relabel.batch_size accordingly')
+    if padded != b:   # inference-mode BN: the padding changes no row
       pixels = np.concatenate([pixels, np.repeat(pixels[-1:], padded - b, 0)])
     per = padded // jax.process_count()
     local = pixels[jax.process_index() * per:(jax.process_index() + 1) * per]
@@ -144,27 +163,36 @@ def generate(config, workdir) -> dict:
   ds = synthetic_data.load_synthetic(stage_dir(workdir, 'synthesize'))
   teacher_dir = config.synthesis.teacher_dir or stage_dir(workdir, 'teacher')
   model, variables, teacher = artifacts.load_model(teacher_dir, dtype='float32')
+  if ds.manifest.get('teacher_sha256') not in (None, teacher['variables_sha256']):
+    raise UserError(f'{teacher_dir} is not the teacher that synthesised these images (sha256 '
+                    f'{teacher["variables_sha256"][:12]} != {ds.manifest["teacher_sha256"][:12]}): '
+                    'point synthesis.teacher_dir at that teacher')
   mesh = parallel.make_mesh()
   seed = relabel_seed(config)
   mix = mix_parameters(cfg, len(ds), ds.images.shape[1:3], seed)
   labeler = make_labeler(model, tuple(teacher['mean']), tuple(teacher['std']), cfg.bn, mesh)
   variables = parallel.replicate(mesh, variables)
   progress = metrics.Progress('relabel', int(cfg.epochs), 0, len(ds), 'views')
-  t0, per_epoch = time.perf_counter(), []
-  for e in range(int(cfg.epochs)):
-    path = out / 'logits' / f'epoch_{e:04d}.npz'
-    if path.exists():
-      per_epoch.append(fileio.read_npz(path)['logits'])
+  paths = [out / 'logits' / f'epoch_{e:04d}.npz' for e in range(int(cfg.epochs))]
+  # Process 0 decides what is done (hosts may see the filesystem at different times).
+  done = set(parallel.broadcast_from_main([e for e, p in enumerate(paths) if p.exists()]))
+  per_epoch, seconds = [], 0.0
+  for e, path in enumerate(paths):
+    if e in done:
+      stored = fileio.read_npz(path)
+      per_epoch.append(stored['logits'])
+      seconds += float(stored['seconds'])
       continue
+    t0 = time.perf_counter()
     logits = _label_epoch(ds.images, mix, e, int(cfg.batch_size), seed, labeler, variables,
-                          mesh)
+                          mesh, cfg.bn)
+    seconds += time.perf_counter() - t0
     if parallel.is_main_process():
-      fileio.atomic_write_npz(path, logits=logits)
+      fileio.atomic_write_npz(path, logits=logits, seconds=np.float64(time.perf_counter() - t0))
     per_epoch.append(logits)
     progress.first_step_done(e + 1)   # the first labelled epoch compiled: rates from here
     if e == 0 or (e + 1) % 10 == 0 or e + 1 == cfg.epochs:
       logging.info(progress.line(e + 1, f'{len(ds) * (e + 1)} mixed views labelled'))
-  seconds = time.perf_counter() - t0
   mix['logits'] = np.stack(per_epoch, 1)
   if parallel.is_main_process():
     fileio.atomic_write_npz(out / views_np.MIXED_FILE, **mix)

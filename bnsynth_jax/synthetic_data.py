@@ -181,14 +181,20 @@ def release_views(ds: SyntheticDataset, files: list[str]) -> dict[str, np.ndarra
           'class_names': np.asarray(ds.class_names, dtype=str)}
 
 
-def mixed_views_of(directory) -> dict[str, np.ndarray] | None:
+def mixed_views_of(ds: SyntheticDataset, directory) -> dict[str, np.ndarray] | None:
   """The relabel stage's mixed views of the synthetic set in `directory` (WORKDIR/synthetic:
-  they are WORKDIR/relabel/mixed_views.npz), or None where it was not run."""
+  they are WORKDIR/relabel/mixed_views.npz, with its finished manifest), or None where it was
+  not run; refused if they were made for another set or by another teacher."""
   from bnsynth_jax import views_np
-  path = fileio.path(directory).parent / 'relabel' / views_np.MIXED_FILE
-  if not path.exists():
+  folder = fileio.path(directory).parent / 'relabel'
+  if not (folder / views_np.MIXED_FILE).exists() or not (folder / 'manifest.json').exists():
     return None
-  arrays = fileio.read_npz(path)
+  record = fileio.read_json(folder / 'manifest.json')
+  arrays = fileio.read_npz(folder / views_np.MIXED_FILE)
+  if (len(arrays['partners']) != len(ds)
+      or record.get('teacher_sha256') != ds.manifest.get('teacher_sha256')):
+    raise UserError(f'{folder} holds mixed views of another synthetic set or teacher: rerun the '
+                    'relabel stage (--stages=relabel --overwrite) or move that folder away')
   return {k: arrays[k] for k in views_np.MIXED_FIELDS}
 
 
@@ -220,7 +226,8 @@ def release_info(ds: SyntheticDataset, mixed: dict | None = None) -> dict[str, A
                      'views_np.mixed_views(images, {f: views.npz["mixed_" + f]}, [i], e) (float '
                      'pixels 0-255), normalised by (x / 255 - mean) / std, with target '
                      'softmax(mixed_logits[i, e] / T) and loss T^2 * cross_entropy(target, '
-                     'softmax(logits / T)); T is the consumer\'s (the package uses 4)')}}
+                     'softmax(logits / T)); T is the consumer\'s choice (the package\'s student: '
+                     'student.mixed_temperature, 4 by default)')}}
          if mixed is not None else {}),
       'privacy': m.get('privacy'),
       **({'privacy_protects': 'each record of the training split (replace-one adjacency); the '
@@ -256,7 +263,7 @@ def export_image_folder(directory, out_root, split: str = 'train') -> int:
     rel = f'{ds.class_names[label]}/{i:06d}.png'
     Image.fromarray(arr).save(str(tmp / rel))
     files.append(f'{split}/{rel}')
-  mixed = mixed_views_of(directory)
+  mixed = mixed_views_of(ds, directory)
   fileio.atomic_write_npz(out_root / views_np.VIEWS_FILE, **release_views(ds, files),
                           **{f'mixed_{k}': v for k, v in (mixed or {}).items()})
   fileio.atomic_write_json(out_root / views_np.RELEASE_FILE, release_info(ds, mixed))

@@ -80,7 +80,11 @@ def create_optimizer(cfg, lr: optax.Schedule) -> optax.GradientTransformation:
 
 
 def with_ema(cfg, tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  return optax.chain(tx, params_ema(float(cfg.ema_decay))) if cfg.get('ema_decay', 0.0) else tx
+  decay = float(cfg.get('ema_decay', 0.0))
+  if not 0.0 <= decay < 1.0:
+    raise UserError(f'ema_decay={decay}: use 0 (off) or a decay in (0, 1), e.g. 0.99')
+  # The BatchNorm running statistics stay the live model's (gathered under the raw weights).
+  return optax.chain(tx, params_ema(decay)) if decay else tx
 
 
 def _base_optimizer(cfg, lr: optax.Schedule) -> optax.GradientTransformation:

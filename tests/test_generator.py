@@ -106,5 +106,9 @@ def test_generator_settings_are_checked():
   config.synthesis.generator.meta_lr = 0.0
   with pytest.raises(UserError, match='meta_lr'):
     synthesis.validate(config)
+  config.synthesis.generator.meta_lr = 0.5
+  config.synthesis.stats_scope = 'per_device'
+  with pytest.raises(UserError, match='stats_scope=global'):
+    synthesis.validate(config)
   with pytest.raises(UserError, match='divisible by 4'):
-    generator.check(config.synthesis, (10, 8, 1))
+    generator.check((10, 8, 1))

@@ -1,13 +1,16 @@
 """The relabel stage: mixed views (CutMix / Mixup of two crop+flip views) labelled by the
 teacher, replayed by the NumPy reference and the student, resumable, equal on 1 and 8 devices."""
 
+import json
+
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from bnsynth_jax import (artifacts, config_lib, models, parallel, relabel, student,
-                         synthetic_data, views_np)
+from bnsynth_jax import (artifacts, augment, config_lib, models, parallel, relabel, student,
+                         synthetic_data, train, views_np)
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from test_export import _synthetic_dir
@@ -68,11 +71,14 @@ def _workdir(tmp_path, epochs=3):
   config.relabel.batch_size = 4
   model = models.from_config(config.model, ds.manifest['num_classes'])
   variables = models.init_variables(model, jax.random.key(0), ds.manifest['image_shape'])
-  artifacts.save_model(stage_dir(tmp_path, 'teacher'), model_config=config.model,
-                       variables=variables, class_names=ds.manifest['class_names'],
-                       image_shape=ds.manifest['image_shape'], mean=ds.manifest['mean'],
-                       std=ds.manifest['std'])
-  return config, ds
+  teacher = artifacts.save_model(stage_dir(tmp_path, 'teacher'), model_config=config.model,
+                                 variables=variables, class_names=ds.manifest['class_names'],
+                                 image_shape=ds.manifest['image_shape'], mean=ds.manifest['mean'],
+                                 std=ds.manifest['std'])
+  manifest = stage_dir(tmp_path, 'synthesize') / 'manifest.json'   # made by this teacher
+  record = json.loads(manifest.read_text())
+  manifest.write_text(json.dumps({**record, 'teacher_sha256': teacher['variables_sha256']}))
+  return config, synthetic_data.load_synthetic(stage_dir(tmp_path, 'synthesize'))
 
 
 def test_the_teacher_labels_the_views_the_student_is_shown(tmp_path):
@@ -179,3 +185,34 @@ def test_the_export_carries_the_mixed_views_and_replays_them(tmp_path):
     assert views_np.mixed_views(images, exported, np.arange(9), e).tobytes() == \
         views_np.mixed_views(ds.images, mixed, np.arange(9), e).tobytes()
   assert np.array_equal(exported['logits'], mixed['logits'])
+
+
+def test_another_teacher_is_refused(tmp_path):
+  config, _ = _workdir(tmp_path)
+  manifest = stage_dir(tmp_path, 'synthesize') / 'manifest.json'
+  manifest.write_text(json.dumps({**json.loads(manifest.read_text()), 'teacher_sha256': 'f' * 64}))
+  with pytest.raises(UserError, match='not the teacher that synthesised'):
+    relabel.run(config, tmp_path)
+  assert relabel.input_fingerprints(config, tmp_path)['teacher_sha256'] != 'f' * 64
+
+
+def test_the_mixed_label_step_trains_on_the_given_pixels_and_tempered_logits():
+  """labels=mixed: no crop, flip or mix in the step; loss T^2 x CE(softmax(view_logits / T))."""
+  cfg = config_lib.train_config(crop_padding=4, flip=True, warmup_epochs=0.0)
+  model = models.create_model('resnet_tiny', 3)
+  state = train.create_train_state(jax.random.key(0), model, (8, 8, 1),
+                                   train.create_optimizer(cfg, lambda _: 0.1),
+                                   parallel.make_mesh())
+  rng = np.random.default_rng(0)
+  batch = {'images': rng.uniform(0, 255, (8, 8, 8, 1)).astype(np.float32),
+           'view_logits': rng.normal(0, 3, (8, 3)).astype(np.float16),
+           'labels': np.zeros(8, np.int32), 'index': np.arange(8, dtype=np.int32)}
+  _, metrics = train.train_step(state, batch, 0, base_key=jax.random.key(1), cfg=cfg,
+                                mean=(0.3,), std=(0.4,), num_classes=3, labels='mixed',
+                                soft_temperature=4.0)
+  x = augment.standardise(jnp.asarray(batch['images']) / 255.0, (0.3,), (0.4,))
+  logits, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x,
+                          train=True, mutable=['batch_stats'])
+  targets = jax.nn.softmax(batch['view_logits'].astype(np.float32) / 4.0)
+  expected = 16.0 * np.mean(np.asarray(train.cross_entropy(logits / 4.0, targets)))
+  np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)

@@ -83,6 +83,30 @@ def test_params_ema_averages_the_updated_parameters():
   np.testing.assert_allclose(params['w'], [-2.0, -4.0])
 
 
+def test_the_dp_optimizer_keeps_the_ema_last_and_frozen_parameters_fixed():
+  """DP mode with a prior (only the head trains): the EMA is the chain's last state, so
+  evaluated_params finds it, and the frozen parameters' average stays where they are."""
+  model = models.create_model('resnet_tiny', 10)
+  params = models.init_variables(model, jax.random.key(0), (8, 8, 1))['params']
+  cfg = config_lib.train_config(ema_decay=0.5, weight_decay=0.0)
+  dp = {'noise_multiplier': 0.0, 'clip_norm': 1.0, 'noise_key': jax.random.key(1),
+        'trainable': 'head'}
+  tx = train.dp_optimizer(cfg, optax.constant_schedule(0.5), dp)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, state = tx.update(grads, state, params)
+  assert isinstance(state[-1], train.ParamsEmaState)
+  new = optax.apply_updates(params, updates)
+  for path, ema in jax.tree_util.tree_leaves_with_path(state[-1].ema):
+    top = str(path[0].key)
+    old = dict(jax.tree_util.tree_leaves_with_path(params))[path]
+    moved = dict(jax.tree_util.tree_leaves_with_path(new))[path]
+    np.testing.assert_allclose(ema, 0.5 * old + 0.5 * moved, rtol=1e-6)
+    assert (top == 'head') != np.allclose(ema, old), top   # only the head's average moves
+  with pytest.raises(Exception, match='ema_decay'):
+    train.create_optimizer(config_lib.train_config(ema_decay=1.0), optax.constant_schedule(1.0))
+
+
 def test_an_ema_run_resumes_exactly_and_returns_the_average(tmp_path):
   cfg, batches, model = tiny_setup(num_steps=6, ema_decay=0.7)
   straight, _ = fit(tmp_path / 'straight', cfg, batches, model)

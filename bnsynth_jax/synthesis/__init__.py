@@ -166,7 +166,8 @@ def _check_run_info(inputs: Inputs, cfg, out_dir, seed: int, num_images: int,
   if info_path.exists():
     stored = fileio.read_json(info_path)
     if stored != run_info:
-      diff = sorted(k for k in run_info if stored.get(k) != run_info[k])
+      diff = sorted(k for k in stored.keys() | run_info.keys()
+                    if stored.get(k) != run_info.get(k))
       raise UserError(f'{out_dir} holds a partial synthesis from other inputs ({", ".join(diff)} '
                       'differ): use a new workdir, or --overwrite')
   elif parallel.is_main_process():
@@ -204,6 +205,10 @@ def precheck(config, workdir, stage_config: dict) -> None:
   """Before the stage records anything (pipeline.Stage.precheck): synthesis.reuse_from must
   name a synthesis made with this run's teacher, statistics and settings (its stage config
   covers every run_info field but the image count); else UserError naming the differences."""
+  if config.synthesis.method == 'generator':
+    teacher = fileio.path(config.synthesis.teacher_dir or stage_dir(workdir, 'teacher'))
+    if (teacher / 'manifest.json').exists():
+      generator.check(fileio.read_json(teacher / 'manifest.json')['image_shape'])
   reuse_from = config.synthesis.get('reuse_from')
   if not reuse_from:
     return
@@ -325,7 +330,8 @@ def _log_iteration(run: _Run, i: int, done: int, latest: dict, where: str) -> No
                     f'({latest}): lower synthesis.learning_rate or the loss weights; '
                     'nothing of this batch was written')
   if run.writer:
-    run.writer.write_scalars(i * run.total_iterations + done, latest, log=False)
+    offset = sum(_batch_iterations(run.cfg, j) for j in range(i))
+    run.writer.write_scalars(offset + done, latest, log=False)
   logging.info(run.progress.line(
       run.done_iterations, f'{where} iteration {done}/{run.total_iterations}, loss '
       f"{latest['loss']:.4f}, bn {latest['bn']:.4f}, ce {latest['ce']:.4f}"))
@@ -520,6 +526,9 @@ def validate(config) -> None:
       raise UserError('synthesis.reuse_from copies batches that do not depend on the others; a '
                       'generator batch starts where the previous one left the generator: drop '
                       'reuse_from or use method=pixels')
+    if cfg.stats_scope != 'global' or cfg.multires_iterations or cfg.adi_weight:
+      raise UserError('synthesis.method=generator supports stats_scope=global without '
+                      'multires_iterations or adi_weight: set those, or use method=pixels')
     g = cfg.generator
     if g.steps < 1 or g.width < 1 or g.latent_dim < 1 or not 0 < g.meta_lr <= 1:
       raise UserError(f'synthesis.generator: steps={g.steps}, width={g.width}, latent_dim='
@@ -565,8 +574,6 @@ def run(config, workdir) -> dict:
                     f'{inputs.problem.num_classes} classes): choose a divisor')
   if cfg.multires_iterations and any(s % 2 for s in inputs.problem.image_shape[:2]):
     raise UserError('synthesis.multires_iterations needs even image sizes: set it to 0')
-  if cfg.method == 'generator':
-    generator.check(cfg, inputs.problem.image_shape)
   writer = metrics.Writer(fileio.path(workdir) / 'tensorboard' / 'synthesis')
   try:   # closed on a refusal too (an open event writer fails at interpreter exit)
     summary = generate(inputs, cfg, stage_dir(workdir, 'synthesize'), config.seed, writer)

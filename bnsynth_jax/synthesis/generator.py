@@ -62,14 +62,12 @@ class GenState:
   iteration: jax.Array
 
 
-def check(cfg, image_shape) -> None:
-  h, w, _ = image_shape
+def check(image_shape) -> None:
+  """The generator upsamples twice by 2: image sides must be divisible by 4."""
+  h, w = image_shape[:2]
   if h % 4 or w % 4:
     raise UserError(f'synthesis.method=generator makes images in two x2 upsamplings: the '
                     f'{h}x{w} images need sides divisible by 4; use method=pixels')
-  if cfg.stats_scope != 'global' or cfg.multires_iterations or cfg.adi_weight:
-    raise UserError('synthesis.method=generator supports stats_scope=global without '
-                    'multires_iterations or adi_weight: set those, or use method=pixels')
 
 
 def iterations_of_batch(cfg, i: int) -> int:
@@ -101,10 +99,15 @@ def create_optimizer(cfg) -> optax.GradientTransformation:
                                ('generator', 'latents'))
 
 
-def _shardings(state, mesh, batch: int):
+def _shardings(state, mesh):
+  """The latents, the images and the latents' Adam moments on 'data'; the rest replicated."""
   data, repl = parallel.data_sharding(mesh), parallel.replicated(mesh)
-  shapes = {tuple(state.z.shape), tuple(state.x.shape)}
-  return jax.tree.map(lambda leaf: data if tuple(leaf.shape) in shapes else repl, state)
+  latents_opt = state.opt_state.inner_states['latents']
+  opt = jax.tree.map(lambda _: repl, state.opt_state)
+  opt = opt._replace(inner_states={**opt.inner_states, 'latents': jax.tree.map(
+      lambda leaf: data if leaf.ndim else repl, latents_opt)})
+  return state.replace(params=jax.tree.map(lambda _: repl, state.params), z=data,
+                       opt_state=opt, x=data, best_x=data, best_loss=repl, iteration=repl)
 
 
 def make_init(problem: Problem, cfg, tx, mesh, seed: int):
@@ -120,7 +123,7 @@ def make_init(problem: Problem, cfg, tx, mesh, seed: int):
                     iteration=jnp.asarray(0, jnp.int32))
 
   abstract = jax.eval_shape(init, np.int32(0), initial_params(problem, cfg, seed))
-  shardings = _shardings(abstract, mesh, shape[0])
+  shardings = _shardings(abstract, mesh)
   repl = parallel.replicated(mesh)
   return jax.jit(init, in_shardings=(repl, repl), out_shardings=shardings), shardings
 
