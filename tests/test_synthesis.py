@@ -149,19 +149,24 @@ def run_steps(inputs, cfg, n_steps, batch_index=0):
   return np.asarray(state.x), {k: float(v) for k, v in terms.items()}
 
 
+def assert_eight_devices_equal_one(run, inputs, cfg):
+  """run(inputs, cfg, steps) -> (images, loss terms): the same on 8 devices as on 1."""
+  with parallel.restrict_devices(1):
+    x1, t1 = run(inputs, cfg, 4)
+  x8, t8 = run(inputs, cfg, 4)
+  np.testing.assert_allclose(x8, x1, rtol=1e-4, atol=1e-4)
+  for k in t1:
+    np.testing.assert_allclose(t8[k], t1[k], rtol=1e-4, atol=1e-5)
+  assert t8['bn'] > 0
+
+
 @pytest.mark.versions
 @pytest.mark.parametrize('kind', ['global', 'classwise'])
 def test_eight_device_step_equals_one_device(tmp_path, kind):
   teacher_dir, stats_dir = make_artifacts(tmp_path, kind)
   cfg = synth_config()
-  inputs = synthesis.load_inputs(cfg, teacher_dir, stats_dir)
-  with parallel.restrict_devices(1):
-    x1, t1 = run_steps(inputs, cfg, 4)
-  x8, t8 = run_steps(inputs, cfg, 4)
-  np.testing.assert_allclose(x8, x1, rtol=1e-4, atol=1e-4)
-  for k in t1:
-    np.testing.assert_allclose(t8[k], t1[k], rtol=1e-4, atol=1e-5)
-  assert t8['bn'] > 0
+  assert_eight_devices_equal_one(run_steps, synthesis.load_inputs(cfg, teacher_dir, stats_dir),
+                                 cfg)
 
 
 def test_multires_warmup_iterates_are_never_the_kept_best(tmp_path):
