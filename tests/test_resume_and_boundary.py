@@ -38,14 +38,19 @@ def test_kill9_and_resume_is_byte_identical(digits_stats_workdir, tmp_path, meth
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   shutil.copytree(digits_stats_workdir, straight)
   shutil.copytree(digits_stats_workdir, killed)
-  # The generator: every batch takes 30 steps too (time to be killed mid-batch, after 7).
   args = ('--config=configs/digits.py', '--stages=synthesize', *SYNTH,
-          f'--config.synthesis.method={method}', '--config.synthesis.generator.steps=30')
+          f'--config.synthesis.method={method}')
+  if method == 'generator':   # two batches of 40, 30 steps each (killed mid-batch after 7)
+    args += ('--config.synthesis.batch_size=40', '--config.synthesis.generator.steps=30',
+             '--config.synthesis.generator.width=4', '--config.synthesis.generator.latent_dim=8')
   assert run_main(*args, f'--workdir={straight}').returncode == 0
 
   env = dict(os.environ, PYTHONPATH=str(REPO))
   triggers = [killed / 'synthetic' / 'inflight' / 'batch-00001',     # mid-batch
               killed / 'synthetic' / 'shards' / 'shard-00003.npz']   # between batches
+  if method == 'generator':   # between a batch's next initialisation and its shard, mid-batch
+    triggers = [killed / 'synthetic' / 'generator' / 'init_00000.msgpack',
+                killed / 'synthetic' / 'inflight' / 'batch-00001']
   for trigger in triggers:
     proc = subprocess.Popen([sys.executable, '-m', 'bnsynth_jax.main', *args,
                              f'--workdir={killed}'], cwd=REPO, env=env,
