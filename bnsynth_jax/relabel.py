@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from bnsynth_jax import (artifacts, augment, fileio, metrics, parallel, report,
+from bnsynth_jax import (artifacts, augment, fileio, metrics, parallel, report, synthesis,
                          synthetic_data, views_np)
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
@@ -58,14 +58,11 @@ def validate(config) -> None:
 def input_fingerprints(config, workdir) -> dict:
   """The teacher and the synthetic set the labels are made from (in the stage config): a
   finished relabelling is not reused for another teacher or another set."""
-  teacher = fileio.path(config.synthesis.teacher_dir or stage_dir(workdir, 'teacher'))
+  out = {'teacher_sha256': synthesis.input_fingerprints(config, workdir).get('teacher_sha256')}
   synthetic = stage_dir(workdir, 'synthesize') / 'manifest.json'
-  out = {}
-  if (teacher / 'manifest.json').exists():
-    out['teacher_sha256'] = fileio.read_json(teacher / 'manifest.json').get('variables_sha256')
   if synthetic.exists():
     out['synthetic_manifest_sha256'] = hashlib.sha256(synthetic.read_bytes()).hexdigest()
-  return out
+  return {k: v for k, v in out.items() if v is not None}
 
 
 def relabel_seed(config) -> int:
@@ -196,7 +193,7 @@ def generate(config, workdir) -> dict:
   mix['logits'] = np.stack(per_epoch, 1)
   if parallel.is_main_process():
     fileio.atomic_write_npz(out / views_np.MIXED_FILE, **mix)
-  agreement = float(np.mean(np.argmax(mix['logits'][:, :, :], -1) == ds.labels[:, None]))
+  agreement = float(np.mean(np.argmax(mix['logits'], -1) == ds.labels[:, None]))
   return {'epochs': int(cfg.epochs), 'mix': cfg.mix, 'mix_alpha': float(cfg.mix_alpha),
           'mix_prob': float(cfg.mix_prob), 'bn': cfg.bn, 'num_images': len(ds),
           'forward_passes': len(ds) * int(cfg.epochs), 'label_seconds': seconds,
