@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import hashlib
 import io
 import json
@@ -60,7 +61,7 @@ def atomic_write_bytes(target, data: bytes) -> None:
   """
   target = path(target)
   target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = target.parent / f'.{target.name}.tmp-{uuid.uuid4().hex[:8]}'
+  tmp = target.parent / f'.{target.name}.tmp-{uuid.uuid4().hex[:8]}'   # (TEMPORARY_GLOB)
   with deferred_signals():
     try:
       with tmp.open('wb') as f:
@@ -79,6 +80,31 @@ def atomic_write_bytes(target, data: bytes) -> None:
       with contextlib.suppress(OSError):
         tmp.unlink(missing_ok=True)
       raise
+
+
+TEMPORARY_GLOB = '.*.tmp-*'
+
+
+def remove_stale_temporaries(folder) -> list:
+  """Deletes the temporary files a killed writer left under `folder`; returns their paths.
+
+  Call only while no writer is running (a stage's start, under the workdir lock): each
+  temporary belongs to a write that never reached its rename, so nothing refers to it.
+  """
+  folder = path(folder)
+  if not folder.exists():
+    return []
+  stale, pending = [], [folder]
+  while pending:                # (epath has no recursive glob on remote paths)
+    for p in pending.pop().iterdir():
+      if p.is_dir():
+        pending.append(p)
+      elif fnmatch.fnmatch(p.name, TEMPORARY_GLOB):
+        stale.append(p)
+  for p in stale:
+    with contextlib.suppress(OSError):
+      p.unlink()
+  return stale
 
 
 def atomic_write_text(target, text: str) -> None:

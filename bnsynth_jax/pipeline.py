@@ -238,6 +238,15 @@ def _finish_release(config, workdir, stage: str) -> None:
   report.update(workdir, {'privacy': {**record, 'cumulative': summary}})
 
 
+def _remove_stale_temporaries(workdir, stage: str) -> None:
+  """A killed run's half-written temporaries go before the stage resumes (process 0)."""
+  if parallel.is_main_process():
+    stale = fileio.remove_stale_temporaries(stage_dir(workdir, stage))
+    if stale:
+      logging.info('stage %s: removed %d temporary file(s) a killed run left', stage, len(stale))
+  parallel.sync(f'clean-{stage}')
+
+
 def _run_stages(config, workdir, selected: list[Stage], data, overwrite) -> dict:
   logging.info('devices: %s', parallel.describe_devices())
   _check_privacy_spend(config, workdir, selected, data, overwrite)
@@ -253,6 +262,7 @@ def _run_stages(config, workdir, selected: list[Stage], data, overwrite) -> dict
       _finish_release(config, workdir, stage.name)
       continue
     logging.info('stage %s: starting', stage.name)
+    _remove_stale_temporaries(workdir, stage.name)
     t0 = time.perf_counter()
     args = (config, workdir, data) if stage.private else (public_config(config), workdir)
     stage.run(*args)

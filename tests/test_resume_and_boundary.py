@@ -62,9 +62,13 @@ def test_kill9_and_resume_is_byte_identical(digits_stats_workdir, tmp_path, meth
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
   assert not (killed / 'synthetic' / 'manifest.json').exists()
+  # A kill inside an atomic write leaves its temporary: planted here, so the clean-up is
+  # tested whichever instant the kills above landed on.
+  (killed / 'synthetic' / 'shards').mkdir(parents=True, exist_ok=True)
+  (killed / 'synthetic' / 'shards' / '.shard-00000.npz.tmp-0123abcd').write_bytes(b'half')
   resumed = run_main(*args, f'--workdir={killed}')
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'resum' in resumed.stderr
+  assert 'resum' in resumed.stderr and 'temporary file(s) a killed run left' in resumed.stderr
   a, b = straight / 'synthetic', killed / 'synthetic'
   assert dataset_files(a) == dataset_files(b)
   assert any(str(f).startswith('shards') for f in dataset_files(a))
