@@ -103,7 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   # --- statistics (the last stage that reads private images for synthesis)
   c.stats = ml_collections.ConfigDict()
-  c.stats.kind = 'classwise'    # classwise | global
+  c.stats.kind = 'classwise'    # classwise | global (a BN teacher's running statistics; for
+                                # GroupNorm or in DP mode, moments pooled over the split)
   c.stats.batch_size = 500
 
   # --- synthesis (reads only the teacher and statistics artifacts)

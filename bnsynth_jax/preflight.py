@@ -27,6 +27,7 @@ import jax
 from absl import logging
 
 from bnsynth_jax import artifacts, fileio, input_pipeline, models, parallel, privacy
+from bnsynth_jax import stats as stats_stage
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import is_done, stage_dir
 
@@ -91,7 +92,7 @@ def _gather_facts(config, workdir, pending, private, data, problems) -> Facts:
     partitions = jax.process_count()
   facts = Facts(devices, partitions)
   reads_images = [s for s in pending if s in private
-                  and not (s == 'stats' and config.stats.kind == 'global')]
+                  and not (s == 'stats' and not stats_stage.reads_images(config))]
   if reads_images:
     try:
       info = data.info

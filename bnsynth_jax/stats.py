@@ -1,7 +1,11 @@
 """BatchNorm statistics: global and class-wise, and the standalone statistics artifact.
 
 * global: the teacher's `batch_stats` collection itself (running mean and
-  variance of every BN layer's input).
+  variance of every BN layer's input); for a teacher without running statistics
+  (GroupNorm) or in DP mode, the moments of every normalisation input pooled over
+  the whole training split (`pooled_global`): exact, or through the same Gaussian
+  mechanism as the class-wise ones, with one row for all classes instead of one per
+  class, so each noised mean averages ~C times more examples.
 * classwise: for every class c and BN layer l, the exact per-channel mean and
   biased variance of layer l's input over all training images of class c, the
   teacher in inference mode. Accumulated as sums of (x - K) and (x - K)^2 with a
@@ -20,6 +24,7 @@ stage.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -163,9 +168,26 @@ def dp_classwise_statistics(model, variables, partitions, split_size: int, num_p
 def validate(config) -> None:
   if config.stats.kind not in KINDS:
     raise UserError(f"unknown stats.kind {config.stats.kind!r}: use 'global' or 'classwise'")
-  if config.stats.kind == 'global' and config.model.get('norm', 'batch') == 'group':
-    raise UserError('stats.kind=global reads the teacher\'s BatchNorm running statistics, and '
-                    'a GroupNorm teacher has none: set --config.stats.kind=classwise')
+
+
+def pooled_global(config) -> bool:
+  """stats.kind=global measured on the private split (GroupNorm has no running statistics;
+  in DP mode a prior's running statistics are of public data): the stage reads images."""
+  return config.stats.kind == 'global' and (config.model.get('norm', 'batch') == 'group'
+                                            or privacy.enabled(config))
+
+
+def reads_images(config) -> bool:
+  return config.stats.kind != 'global' or pooled_global(config)
+
+
+def _one_class(partitions):
+  """The split with every label 0: pooled moments are class-wise ones of a single class."""
+  return [dataclasses.replace(p, labels=np.zeros_like(p.labels)) for p in partitions]
+
+
+def _pooled(statistics):
+  return {m: {k: v[0] for k, v in layers.items()} for m, layers in statistics.items()}
 
 
 def run(config, workdir, data: PrivateData) -> dict:
@@ -173,24 +195,28 @@ def run(config, workdir, data: PrivateData) -> dict:
   model, variables, teacher_manifest = artifacts.load_model(teacher_dir)
   image_shape = teacher_manifest['image_shape']
   layers = layer_order(model, variables, image_shape)
-  kind = config.stats.kind
-  if kind == 'global':
+  kind, num_classes = config.stats.kind, teacher_manifest['num_classes']
+  pooled = pooled_global(config)
+  partitions = _one_class(data.split('train')) if pooled else data.split('train')
+  rows = 1 if pooled else num_classes
+  if kind == 'global' and not pooled:
     statistics = artifacts.global_statistics(variables)
-    counts = np.zeros(teacher_manifest['num_classes'])
   elif privacy.enabled(config):
     record = teacher_manifest['privacy']
     statistics, counts, applied = dp_classwise_statistics(
-        model, variables, data.split('train'), data.split_size('train'), data.num_partitions,
-        teacher_manifest['num_classes'], teacher_manifest['mean'], teacher_manifest['std'],
+        model, variables, partitions, data.split_size('train'), data.num_partitions,
+        rows, teacher_manifest['mean'], teacher_manifest['std'],
         config.stats.batch_size, clip_norm=float(config.privacy.stats_clip_norm),
         noise_multiplier=record['stats']['noise_multiplier'], rng=privacy.statistics_rng(config))
     teacher_manifest = {**teacher_manifest, 'privacy': {
         **record, 'stats': {**record['stats'], **applied}}}
   else:
     statistics, counts = classwise_statistics(
-        model, variables, data.split('train'), data.split_size('train'), data.num_partitions,
-        teacher_manifest['num_classes'], teacher_manifest['mean'], teacher_manifest['std'],
-        config.stats.batch_size)
+        model, variables, partitions, data.split_size('train'), data.num_partitions,
+        rows, teacher_manifest['mean'], teacher_manifest['std'], config.stats.batch_size)
+  if kind == 'global':
+    statistics = _pooled(statistics) if pooled else statistics
+    counts = np.zeros(num_classes)       # (a global artifact holds no class counts)
   manifest = artifacts.save_statistics(stage_dir(workdir, 'stats'), kind=kind,
                            statistics=statistics, class_counts=counts,
                            teacher_manifest=teacher_manifest, layers=layers)

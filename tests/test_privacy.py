@@ -108,7 +108,6 @@ def test_a_plan_over_budget_or_impossible_is_refused():
 
 @pytest.mark.parametrize('change,needle', [
     ({'model.norm': 'batch'}, 'model.norm=group'),
-    ({'stats.kind': 'global'}, 'stats.kind=classwise'),
     ({'privacy.delta': 0.0}, 'privacy.delta'),
     ({'privacy.teacher_fraction': 1.0}, 'teacher_fraction')])
 def test_dp_mode_refuses_settings_it_cannot_guarantee(change, needle):
@@ -246,6 +245,15 @@ def test_dp_statistics_without_clipping_or_noise_are_the_exact_classwise_moments
       noise_multiplier=0.0, rng=np.random.default_rng(0))
   np.testing.assert_allclose(noised_counts, counts)
   assert applied['sensitivity'] == 2e6
+  # stats.kind=global in DP mode: the same mechanism with one row for the whole split.
+  pooled, pooled_counts, _ = stats.dp_classwise_statistics(
+      model, variables, stats._one_class(parts), n, 1, 1, [0.5] * 3, [0.5] * 3, 16,
+      clip_norm=1e6, noise_multiplier=0.0, rng=np.random.default_rng(0))
+  pooled = stats._pooled(pooled)
+  np.testing.assert_allclose(pooled_counts, [n])
+  for name in exact['mean']:      # the count-weighted average of the class-wise means
+    np.testing.assert_allclose(pooled['mean'][name], counts @ exact['mean'][name] / n,
+                               rtol=1e-4, atol=1e-5)
   scales = privacy.public_scales(model, variables, (8, 8, 3))
   for name in exact['mean']:
     np.testing.assert_allclose(got['mean'][name], exact['mean'][name], rtol=1e-4, atol=1e-5)

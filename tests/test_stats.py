@@ -40,6 +40,37 @@ def test_classwise_statistics_equal_numpy():
       np.testing.assert_allclose(got['var'][name][c], ac.var(0), rtol=1e-3, atol=1e-5)
 
 
+def test_pooled_global_statistics_equal_numpy_over_the_whole_split():
+  model = models.create_model('resnet_tiny', 3, norm='group')     # no running statistics
+  variables = models.init_variables(model, jax.random.key(1), (8, 8, 3))
+  rng = np.random.RandomState(1)
+  n = 37
+  images = rng.randint(0, 256, (n, 8, 8, 3)).astype(np.uint8)
+  parts = [input_pipeline.Partition(0, images, rng.randint(0, 3, n).astype(np.int32))]
+  got, counts = stats.classwise_statistics(model, variables, stats._one_class(parts), n, 1, 1,
+                                           [0.5] * 3, [0.5] * 3, batch_size=16)
+  got = stats._pooled(got)
+  assert counts.tolist() == [n]
+  _, captured = models.capture_bn_inputs(
+      model, variables, jnp.asarray((images / 255.0 - 0.5) / 0.5, jnp.float32))
+  for path, a in captured.items():
+    a = np.asarray(a, np.float64).reshape(-1, a.shape[-1])
+    np.testing.assert_allclose(got['mean']['/'.join(path)], a.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got['var']['/'.join(path)], a.var(0), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize('norm,epsilon,pooled', [('batch', 0.0, False), ('group', 0.0, True),
+                                                 ('batch', 8.0, True)])
+def test_global_statistics_are_pooled_where_there_are_no_private_running_statistics(
+    norm, epsilon, pooled):
+  from bnsynth_jax import config_lib
+  c = config_lib.default_config()
+  c.stats.kind, c.model.norm, c.privacy.epsilon = 'global', norm, epsilon
+  assert stats.pooled_global(c) == pooled and stats.reads_images(c) == pooled
+  c.stats.kind = 'classwise'
+  assert not stats.pooled_global(c) and stats.reads_images(c)
+
+
 def teacher_manifest(variables, name='resnet_tiny'):
   from bnsynth_jax import checkpointing
   return {'class_names': ['a', 'b', 'c'], 'num_classes': 3, 'image_shape': [8, 8, 3],

@@ -87,9 +87,6 @@ def validate(config) -> None:
                     'BatchNorm in training mode mixes across the batch: set '
                     '--config.model.norm=group (or fine-tune a public prior, privacy.prior, '
                     'whose BatchNorm statistics stay frozen)')
-  if config.stats.kind != 'classwise':
-    problems.append('privacy.epsilon > 0 noises the class-wise statistics (a GroupNorm teacher '
-                    'has no running statistics): set --config.stats.kind=classwise')
   if config.teacher.pretrained or config.teacher.init_from:
     problems.append('privacy.epsilon > 0 needs a teacher trained here by DP-SGD: unset '
                     'teacher.pretrained / teacher.init_from (a public starting point is '
