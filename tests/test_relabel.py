@@ -61,9 +61,9 @@ def test_mixed_views_equal_the_per_image_reference_bit_for_bit(mix):
     assert 0.5 < np.mean(pasted | blended) < 0.8
 
 
-def _workdir(tmp_path, epochs=3):
-  """A finished synthesis (9 images of 8 x 8) and a random resnet8 teacher in tmp_path."""
-  _synthetic_dir(tmp_path)
+def _workdir(tmp_path, epochs=3, n_per_class=3):
+  """A finished synthesis (3 x n_per_class images of 8 x 8) and a random resnet8 teacher."""
+  _synthetic_dir(tmp_path, n_per_class=n_per_class)
   ds = synthetic_data.load_synthetic(stage_dir(tmp_path, 'synthesize'))
   config = config_lib.default_config()
   config.model.name = 'resnet8'
@@ -117,16 +117,18 @@ def test_relabel_resumes_byte_identically_and_matches_one_device(tmp_path):
   relabel.run(config, tmp_path / 'a')
   assert (out / views_np.MIXED_FILE).read_bytes() == whole
   assert jax.device_count() == 8
-  for bn in ('running', 'batch'):
-    config.relabel.bn = bn
-    eight, _ = _workdir(tmp_path / f'8_{bn}')
-    one, _ = _workdir(tmp_path / f'1_{bn}')
+  refused, _ = _workdir(tmp_path / 'refused')
+  refused.relabel.bn, refused.relabel.batch_size = 'batch', 8
+  with pytest.raises(UserError, match='must divide the 9 images'):   # before anything is written
+    relabel.precheck(refused, tmp_path / 'refused', {})
+  assert not stage_dir(tmp_path / 'refused', 'relabel').exists()
+  for bn in ('running', 'batch'):   # batch: 24 images in 3 labelling batches of 8
+    n_per_class = 3 if bn == 'running' else 8
+    eight, _ = _workdir(tmp_path / f'8_{bn}', n_per_class=n_per_class)
+    one, _ = _workdir(tmp_path / f'1_{bn}', n_per_class=n_per_class)
     eight.relabel.bn = one.relabel.bn = bn
     eight.relabel.batch_size = one.relabel.batch_size = 9 if bn == 'running' else 8
-    if bn == 'batch':   # 8 per batch over 9 images: refused before anything is written
-      with pytest.raises(UserError, match='must divide the 9 images'):
-        relabel.precheck(eight, tmp_path / f'8_{bn}', {})
-      continue
+    relabel.precheck(eight, tmp_path / f'8_{bn}', {})
     relabel.run(eight, tmp_path / f'8_{bn}')
     with parallel.restrict_devices(1):
       relabel.run(one, tmp_path / f'1_{bn}')
