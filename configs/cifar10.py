@@ -49,8 +49,12 @@ method on top,
   --config.synthesis.generator.steps=30 --config.relabel.epochs=100 --config.student.labels=mixed
 the set costs 372 s of optimisation instead of 2,728 s (94,000 image-iterations instead of
 1,000,000; BN loss 21.93 against 14.63, teacher agreement 0.936 against 0.993) and its student
-reaches **70.60%** (ratio 1.170). Neither is the default yet: the project adopts a lever with
-two seeds, and the second did not fit the session that measured them.
+reaches **70.60%** (ratio 1.170); a second seed (`--config.seed=1`: another generator, latents,
+views and student) **71.96%** (ratio 1.192; 275 s of optimisation, beside digits runs). Both
+seeds beat the real subset, so this is the CPU variant's default (`generator_with_mixed_labels`
+below; the audit variants keep the recipe their audits measured). The per-image optimiser and
+per-view labels of the rows above: --config.synthesis.method=pixels
+--config.synthesis.iterations=500 --config.relabel.epochs=0 --config.student.labels=views.
 A multi-resolution warm-up is no cheaper route: on one 200-image batch, 400 iterations at 16x16
 then 100 at 32x32 end at BN loss 27.26 / teacher agreement 0.840, worse than 100 plain
 iterations (23.13 / 0.975) at ~2.5x their cost (benchmarks/README.md, utility per compute).
@@ -137,4 +141,19 @@ def get_config(variant: str = 'gpu'):
   s.view_crop_padding = st.crop_padding
   s.view_flip = st.flip
   st.labels = 'views'
+  if variant == 'cpu':
+    generator_with_mixed_labels(c)
   return c
+
+
+def generator_with_mixed_labels(c) -> None:
+  """The CPU default since 2026-12-02 (two seeds, 70.60% / 71.96% against 60.36% for 2,000
+  real images; the docstring above): the generator makes the set, the relabel stage labels
+  each student epoch's CutMix view, the student learns those logits at T 4."""
+  s = c.synthesis
+  s.method = 'generator'
+  s.iterations = 200            # batch 0 from scratch; each later batch generator.steps
+  s.generator.steps = 30
+  c.relabel.epochs = int(c.student.epochs)
+  c.student.labels = 'mixed'
+  c.student.mixed_temperature = 4.0
