@@ -24,7 +24,9 @@ def get_config():
   c.model.norm = 'group'
   c.privacy.epsilon = 8.0
   c.privacy.delta = 1e-5
-  c.privacy.prior = 'pretrained/procedural_digits_resnet8_gn'
+  # 1,024 glyph classes (2026-12-02): epsilon 8 student 91.92%, epsilon 1 up to 71.59%
+  # (docs/privacy.md); the 64-class pretrained/procedural_digits_resnet8_gn before.
+  c.privacy.prior = 'pretrained/procedural_digits_resnet8_gn_c1024'
   c.privacy.prior_is_public = True      # generated images only (configs/procedural_prior.py)
   c.privacy.prior_trainable = 'last_stage'
   t = c.teacher
@@ -34,4 +36,10 @@ def get_config():
   t.weight_decay = 0.0          # the noise regularises; decay only shrinks the signal
   t.warmup_epochs = 2
   t.eval_every_epochs = 20
+  # Pooled (global) noised moments: ~10x the examples per noised mean; at epsilon 8 on par
+  # with class-wise (91.92% vs 90.81%), at epsilon 1 better (students 54.6-71.6% vs 46.5%).
+  c.stats.kind = 'global'
+  c.relabel.epochs = 100        # mixed-view labels: post-processing, no privacy cost
+  c.relabel.mix = 'both'
+  c.student.labels = 'mixed'
   return c

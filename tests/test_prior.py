@@ -221,13 +221,13 @@ def test_the_shipped_data_free_prior_fits_the_digits_dp_teacher_from_any_folder(
   from bnsynth_jax.configs import digits_dp
   monkeypatch.chdir(tmp_path)                      # the config names it relative to the repo
   config = digits_dp.get_config()
-  config.privacy.update(prior='pretrained/procedural_digits_resnet8_gn', prior_is_public=True)
+  assert config.privacy.prior_is_public
   assert prior.problems(config) == []
   assert (prior.folder(config) / 'variables.msgpack').is_file()
   model = models.from_config(config.model, 10)
   start = prior.initial_variables(config, model, (8, 8, 1), jax.random.key(0))
   _, held, manifest = artifacts.load_model(prior.folder(config))
-  assert manifest['num_classes'] == 64 and start['params']['head']['kernel'].shape[-1] == 10
+  assert manifest['num_classes'] == 1024 and start['params']['head']['kernel'].shape[-1] == 10
   for a, b in zip(jax.tree.leaves(start['params']['stem_conv']),
                   jax.tree.leaves(held['params']['stem_conv'])):
     np.testing.assert_array_equal(a, b)
