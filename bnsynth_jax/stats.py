@@ -186,6 +186,10 @@ def _one_class(partitions):
   return [dataclasses.replace(p, labels=np.zeros_like(p.labels)) for p in partitions]
 
 
+def _train_partitions(data, pooled: bool):
+  return _one_class(data.split('train')) if pooled else data.split('train')
+
+
 def _pooled(statistics):
   return {m: {k: v[0] for k, v in layers.items()} for m, layers in statistics.items()}
 
@@ -197,23 +201,23 @@ def run(config, workdir, data: PrivateData) -> dict:
   layers = layer_order(model, variables, image_shape)
   kind, num_classes = config.stats.kind, teacher_manifest['num_classes']
   pooled = pooled_global(config)
-  partitions = _one_class(data.split('train')) if pooled else data.split('train')
   rows = 1 if pooled else num_classes
-  if kind == 'global' and not pooled:
+  if not reads_images(config):          # a BatchNorm teacher's running statistics
     statistics = artifacts.global_statistics(variables)
   elif privacy.enabled(config):
     record = teacher_manifest['privacy']
     statistics, counts, applied = dp_classwise_statistics(
-        model, variables, partitions, data.split_size('train'), data.num_partitions,
-        rows, teacher_manifest['mean'], teacher_manifest['std'],
+        model, variables, _train_partitions(data, pooled), data.split_size('train'),
+        data.num_partitions, rows, teacher_manifest['mean'], teacher_manifest['std'],
         config.stats.batch_size, clip_norm=float(config.privacy.stats_clip_norm),
         noise_multiplier=record['stats']['noise_multiplier'], rng=privacy.statistics_rng(config))
     teacher_manifest = {**teacher_manifest, 'privacy': {
         **record, 'stats': {**record['stats'], **applied}}}
   else:
     statistics, counts = classwise_statistics(
-        model, variables, partitions, data.split_size('train'), data.num_partitions,
-        rows, teacher_manifest['mean'], teacher_manifest['std'], config.stats.batch_size)
+        model, variables, _train_partitions(data, pooled), data.split_size('train'),
+        data.num_partitions, rows, teacher_manifest['mean'], teacher_manifest['std'],
+        config.stats.batch_size)
   if kind == 'global':
     statistics = _pooled(statistics) if pooled else statistics
     counts = np.zeros(num_classes)       # (a global artifact holds no class counts)

@@ -5,9 +5,11 @@
 
 The digits config with a GroupNorm + weight-standardised teacher trained by DP-SGD and
 noised class-wise statistics (bnsynth_jax/privacy/). The teacher starts from the shipped
-data-free prior, pretrained/procedural_digits_resnet8_gn (a resnet8 trained on generated
+data-free prior, pretrained/procedural_digits_resnet8_gn_c1024 (a resnet8 trained on generated
 glyph images only: configs/procedural_prior.py; public by construction, so it costs no
-privacy), and DP-SGD trains its last stage and a fresh head. Measured at epsilon 8
+privacy), and DP-SGD trains its last stage and a fresh head. Pooled noised statistics
+(stats.kind=global) and mixed-view labels since 2026-12-02 (docs/privacy.md: epsilon 8
+student 91.92%). With the 64-class prior, pretrained/procedural_digits_resnet8_gn, measured at epsilon 8
 (teacher test accuracy, teacher stage only, docs/privacy.md has the commands): from scratch
 42.90%; with the prior, training everything 42.06%, the head only 80.22%, the last stage
 83.29% at learning rate 1.0, 88.02% at 0.3, 85.24% at 0.1. At epsilon 1 fewer steps and
