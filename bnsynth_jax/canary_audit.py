@@ -12,7 +12,7 @@ from absl import logging
 from bnsynth_jax import fileio
 from bnsynth_jax.errors import UserError
 
-STAGES = 'teacher,stats,synthesize,student'
+STAGES = 'teacher,stats,synthesize,relabel,student'   # relabel: a no-op at relabel.epochs 0
 FPRS = (0.01, 0.001)
 TARGETS = {
     'student': 'synthetic-trained student: logit margin on the planted label',
@@ -71,13 +71,19 @@ def balanced_design(num_shadows: int, k: int, rng: np.random.Generator) -> np.nd
 # Attacks and their measures
 
 
+# LiRA's variance choices and their attacks' name suffixes.
+VARIANCES = {'': 'pooled', '_per_canary_variance': 'per_canary',
+             '_shrunk_variance': 'shrunk'}
+
+
 def lira_scores(scores: np.ndarray, design: np.ndarray, variance: str = 'pooled') -> np.ndarray:
   """Online LiRA, leave-one-run-out: [M, K] log-likelihood ratios log N(s; mu_in_k, sd_in) -
   log N(s; mu_out_k, sd_out) of each run's score, with per-canary IN and OUT means from the
   other runs. `variance`: 'pooled' -- one IN and one OUT variance over every canary (the
   fixed-variance LiRA, robust with few shadows); 'per_canary' -- each canary's own variance,
   its IN and OUT deviations pooled (as the LiRA paper's online attack with enough shadows;
-  a canary with fewer than 2 IN or 2 OUT runs falls back to the pooled one)."""
+  a canary with fewer than 2 IN or 2 OUT runs falls back to the pooled one); 'shrunk' --
+  each canary's own averaged with the pool's (`_per_canary_sd`)."""
   m_runs = scores.shape[0]
   out = np.zeros_like(scores, dtype=np.float64)
   for m in range(m_runs):
@@ -90,20 +96,32 @@ def lira_scores(scores: np.ndarray, design: np.ndarray, variance: str = 'pooled'
       var = ((scores - mu) ** 2 * w).sum() / max(w.sum() - w.shape[1], 1)
       stats.append((mu, np.full(scores.shape[1], np.sqrt(max(var, 1e-12))), w))
     (mu_in, sd_in, w_in), (mu_out, sd_out, w_out) = stats
-    if variance == 'per_canary':
-      sd_in, sd_out = _per_canary_sd(scores, mu_in, mu_out, w_in, w_out, sd_in, sd_out)
+    if variance in ('per_canary', 'shrunk'):
+      sd_in, sd_out = _per_canary_sd(scores, mu_in, mu_out, w_in, w_out, sd_in, sd_out,
+                                     shrink=variance == 'shrunk')
+    elif variance != 'pooled':
+      raise ValueError(f'unknown LiRA variance {variance!r}')
     s = scores[m]
     out[m] = (-0.5 * ((s - mu_in) / sd_in) ** 2 - np.log(sd_in)
               + 0.5 * ((s - mu_out) / sd_out) ** 2 + np.log(sd_out))
   return out
 
 
-def _per_canary_sd(scores, mu_in, mu_out, w_in, w_out, pooled_in, pooled_out):
+def _per_canary_sd(scores, mu_in, mu_out, w_in, w_out, pooled_in, pooled_out,
+                   shrink: bool = False):
   """Each canary's standard deviation, its IN and OUT squared deviations pooled (the same
-  for both hypotheses); the pooled ones where a canary has too few runs of either kind."""
+  for both hypotheses); the pooled ones where a canary has too few runs of either kind.
+  With `shrink`, each canary's variance is averaged half and half with the variance
+  pooled over all canaries (an estimate from ~14 runs is noisy, and a too small one makes
+  the likelihood ratio of an OUT run extreme: the false positives that decide TPR at low
+  FPR)."""
   n_in, n_out = w_in.sum(0), w_out.sum(0)
   squares = ((scores - mu_in) ** 2 * w_in).sum(0) + ((scores - mu_out) ** 2 * w_out).sum(0)
-  sd = np.sqrt(np.maximum(squares / np.maximum(n_in + n_out - 2, 1), 1e-12))
+  dof = np.maximum(n_in + n_out - 2, 1)
+  var = np.maximum(squares / dof, 1e-12)
+  if shrink:
+    var = 0.5 * var + 0.5 * max(squares.sum() / max(dof.sum(), 1), 1e-12)
+  sd = np.sqrt(var)
   enough = (n_in >= 2) & (n_out >= 2)
   return np.where(enough, sd, pooled_in), np.where(enough, sd, pooled_out)
 
@@ -151,26 +169,60 @@ def augmented_lira_scores(scores: np.ndarray, design: np.ndarray, variance: str)
                   for a in range(scores.shape[-1])], axis=0)
 
 
+def multivariate_lira_scores(scores: np.ndarray, design: np.ndarray,
+                             per_canary_scale: bool = False) -> np.ndarray:
+  """LiRA on all the queries of a canary at once ([M, K, A] scores -> [M, K]): per canary
+  the IN and OUT mean vectors over the other runs, one covariance of the queries pooled
+  over every (other run, canary) residual -- the queries of one canary (shifted views)
+  are strongly correlated, which averaging their ratios as if independent ignores -- and
+  the log-likelihood ratio of two Gaussians with that covariance, the linear discriminant
+  d' C^-1 (s - (mu_in + mu_out) / 2), d = mu_in - mu_out. With `per_canary_scale`, each
+  canary's covariance is the pooled one times its own residual scale (its mean squared
+  Mahalanobis residual per query), shrunk half-way to 1 as `_per_canary_sd`."""
+  m_runs, k, a = scores.shape
+  out = np.zeros((m_runs, k))
+  for m in range(m_runs):
+    others = np.arange(m_runs) != m
+    w_in = (design & others[:, None])[..., None]
+    w_out = (~design & others[:, None])[..., None]
+    mu_in = (scores * w_in).sum(0) / np.maximum(w_in.sum(0), 1)
+    mu_out = (scores * w_out).sum(0) / np.maximum(w_out.sum(0), 1)
+    resid = np.where(design[..., None], scores - mu_in, scores - mu_out)[others]  # [M-1, K, A]
+    dof = max(resid.shape[0] * k - 2 * k, 1)
+    cov = np.einsum('rka,rkb->ab', resid, resid) / dof
+    cov += np.eye(a) * max(1e-9, 1e-6 * np.trace(cov) / a)
+    inv = np.linalg.inv(cov)
+    scale = np.ones(k)
+    if per_canary_scale:
+      own = np.einsum('rka,ab,rkb->k', resid, inv, resid) / (a * max(resid.shape[0] - 2, 1))
+      scale = 0.5 * own + 0.5
+    d = mu_in - mu_out
+    out[m] = np.einsum('ka,ab,kb->k', d, inv, scores[m] - 0.5 * (mu_in + mu_out)) / scale
+  return out
+
+
 def evaluate_attacks(scores: dict[str, np.ndarray], design: np.ndarray, bootstrap: int,
                      seed: int) -> dict:
-  """{target: {attack: measures}} over every (run, canary) pair: LiRA with a pooled and a
-  per-canary variance, the global threshold, and for [M, K, A] scores (several queries per
-  canary, `augmented_queries`) LiRA on the first (plain) query, over all of them (the
-  likelihood ratios averaged) and on their mean score; then
+  """{target: {attack: measures}} over every (run, canary) pair: LiRA with a pooled, a
+  per-canary and a shrunk per-canary variance, the global threshold, and for [M, K, A]
+  scores (several queries per canary, `augmented_queries`) LiRA on the first (plain) query,
+  over all of them (the likelihood ratios averaged), on their mean score, and on their
+  vector (`multivariate_lira_scores`); then
   'strongest', the attack of the highest TPR at 0.1% FPR (ties: AUC)."""
   results = {}
   for target, s in scores.items():
     plain = s[..., 0] if s.ndim == 3 else s
-    attacks = {'lira': lira_scores(plain, design),
-               'lira_per_canary_variance': lira_scores(plain, design, variance='per_canary')}
-    if s.ndim == 3:
-      attacks['lira_augmented'] = augmented_lira_scores(s, design, 'pooled')
-      attacks['lira_augmented_per_canary_variance'] = augmented_lira_scores(s, design,
-                                                                            'per_canary')
-      # The queries' scores averaged first (one less noisy statistic per canary), then LiRA.
-      attacks['lira_mean_query'] = lira_scores(s.mean(-1), design)
-      attacks['lira_mean_query_per_canary_variance'] = lira_scores(s.mean(-1), design,
-                                                                   variance='per_canary')
+    attacks = {}
+    for suffix, variance in VARIANCES.items():
+      attacks['lira' + suffix] = lira_scores(plain, design, variance)
+      if s.ndim == 3:
+        attacks['lira_augmented' + suffix] = augmented_lira_scores(s, design, variance)
+        # The queries' scores averaged first (one less noisy statistic per canary), then LiRA.
+        attacks['lira_mean_query' + suffix] = lira_scores(s.mean(-1), design, variance)
+    if s.ndim == 3 and s.shape[-1] > 1:
+      attacks['lira_multivariate'] = multivariate_lira_scores(s, design)
+      attacks['lira_multivariate_per_canary_scale'] = multivariate_lira_scores(
+          s, design, per_canary_scale=True)
     attacks['threshold'] = plain
     results[target] = {name: attack_measures(a[design], a[~design], bootstrap, seed)
                        for name, a in attacks.items()}
@@ -195,16 +247,20 @@ def model_logits(model, variables, manifest, images) -> np.ndarray:
   return np.concatenate([np.asarray(o, np.float64) for o in out])
 
 
+QUERY_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1), (-1, -1), (-1, 1), (1, -1), (1, 1))
+
+
 def augmented_queries(images: np.ndarray, flip: bool = True) -> np.ndarray:
   """[A, K, H, W, C]: each image as it is (query 0), then shifted by s pixels (s = H/16, at
-  least 1; edges repeated) up, down, left and right, and with `flip` (a model trained on
-  mirrored views) each of these five mirrored: the training-time views an attack queries
-  (the LiRA paper queries flips and shifts)."""
+  least 1) to its 8 neighbours (QUERY_SHIFTS, in units of s), the border filled with zeros
+  as the training crops pad, and with `flip` (a model trained on mirrored views) each of
+  these nine mirrored: training-time views an attack queries (the LiRA paper queries flips
+  and shifts)."""
   s = max(1, images.shape[1] // 16)
   h, w = images.shape[1:3]
-  padded = np.pad(images, ((0, 0), (s, s), (s, s), (0, 0)), mode='edge')
-  shifts = [(0, 0), (-s, 0), (s, 0), (0, -s), (0, s)]
-  views = [padded[:, s + dy:s + dy + h, s + dx:s + dx + w] for dy, dx in shifts]
+  padded = np.pad(images, ((0, 0), (s, s), (s, s), (0, 0)))
+  views = [padded[:, s + dy * s:s + dy * s + h, s + dx * s:s + dx * s + w]
+           for dy, dx in QUERY_SHIFTS]
   return np.stack(views + ([v[:, :, ::-1] for v in views] if flip else []))
 
 
@@ -380,6 +436,9 @@ def run_shadow(config, workdir, m: int, plan: dict,
   workdir = fileio.path(workdir)
   scores_file = workdir / f'shadow_{m}' / 'scores.npz'
   scores = dict(fileio.read_npz(scores_file)) if scores_file.exists() else None
+  if scores is not None and _stale_queries(scores, config):
+    logging.info('canary audit: shadow run %d: scored with other queries; rescoring', m + 1)
+    scores = None       # the pipeline below finds its stages done and only scores
   if scores is not None and (not real_student or 'real_student' in scores):
     return scores
   names = plan['class_names']
@@ -403,6 +462,12 @@ def run_shadow(config, workdir, m: int, plan: dict,
         stage_dir(run_dir, 'evaluate') / 'full_real', plan['canaries'], test, c.student.flip)
   fileio.atomic_write_npz(scores_file, **scores)
   return scores
+
+
+def _stale_queries(scores: dict, config) -> bool:
+  """Whether a run's kept scores used another query set than `augmented_queries` now makes."""
+  expected = len(QUERY_SHIFTS) * (2 if config.student.flip else 1)
+  return np.shape(scores['student'])[-1] != expected
 
 
 def parse_ids(spec: str, num_shadows: int) -> list[int]:

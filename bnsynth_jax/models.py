@@ -122,6 +122,20 @@ class BottleneckBlock(nn.Module):
     return nn.relu(residual + y)
 
 
+def conv_and_norm(norm: str, train: bool, dtype) -> tuple[ModuleDef, ModuleDef]:
+  """The convolution and normalisation layer factories of `model.norm`: 'group' --
+  weight-standardised convolutions and GroupNorm (per-example, DP-SGD safe); 'batch' --
+  plain convolutions and BatchNorm (batch statistics in training, running ones otherwise)."""
+  kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+  if norm == 'group':
+    conv = functools.partial(StandardizedConv, dtype=dtype, kernel_init=kernel_init)
+    return conv, functools.partial(GroupNorm, dtype=dtype, param_dtype=jnp.float32)
+  conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype, kernel_init=kernel_init)
+  return conv, functools.partial(nn.BatchNorm, use_running_average=not train,
+                                 momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                 dtype=dtype, param_dtype=jnp.float32)
+
+
 class ResNet(nn.Module):
   """Generic ResNet. `features` returns the pooled penultimate features."""
   stage_sizes: Sequence[int]
@@ -133,20 +147,9 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   norm: str = 'batch'          # batch | group (GroupNorm + weight-standardised convolutions)
 
-  def setup_layers(self, train: bool):
-    kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-    if self.norm == 'group':
-      conv = functools.partial(StandardizedConv, dtype=self.dtype, kernel_init=kernel_init)
-      return conv, functools.partial(GroupNorm, dtype=self.dtype, param_dtype=jnp.float32)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kernel_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                             dtype=self.dtype, param_dtype=jnp.float32)
-    return conv, norm
-
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    conv, norm = self.setup_layers(train)
+    conv, norm = conv_and_norm(self.norm, train, self.dtype)
     x = x.astype(self.dtype)
     if self.stem == 'imagenet':
       x = conv(self.stem_width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
@@ -191,11 +194,21 @@ _ARCHS: dict[str, Callable[[], dict]] = {
                              widths=[64, 128, 256, 512]),
 }
 
-MODEL_NAMES = tuple(_ARCHS)
+# ScatterNet front ends (bnsynth_jax/scatternet.py): a fixed wavelet transform that needs
+# no data (public by construction), then a small normalised CNN (Tramer & Boneh 2021).
+SCATTER_ARCHS: dict[str, dict] = {
+    'scatternet_cnn': dict(widths=(64, 64)),
+    'scatternet_cnn_tiny': dict(widths=(8, 8)),    # for tests
+    'scatternet_linear': dict(widths=()),
+    'scatternet_linear_pool2': dict(widths=(), pool=2),
+    'scatternet_linear_pool4': dict(widths=(), pool=4),
+}
+
+MODEL_NAMES = tuple(_ARCHS) + tuple(SCATTER_ARCHS)
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def from_config(model_config, num_classes: int) -> ResNet:
+def from_config(model_config, num_classes: int) -> nn.Module:
   """The model a config's `model` section names."""
   return create_model(model_config.name, num_classes, stem=model_config.get('stem', 'cifar'),
                       norm=model_config.get('norm', 'batch'),
@@ -203,14 +216,18 @@ def from_config(model_config, num_classes: int) -> ResNet:
 
 
 def create_model(name: str, num_classes: int, *, stem: str = 'cifar',
-                 dtype: str = 'float32', norm: str = 'batch') -> ResNet:
+                 dtype: str = 'float32', norm: str = 'batch') -> nn.Module:
   """Builds a model by name; raises UserError naming the valid choices."""
-  if name not in _ARCHS:
+  if name not in MODEL_NAMES:
     raise UserError(f'unknown model {name!r}: choose one of {", ".join(MODEL_NAMES)}')
   if dtype not in _DTYPES:
     raise UserError(f'unknown model dtype {dtype!r}: use float32 or bfloat16')
   if norm not in NORMS:
     raise UserError(f"unknown model.norm {norm!r}: use 'batch' or 'group'")
+  if name in SCATTER_ARCHS:
+    from bnsynth_jax import scatternet
+    return scatternet.ScatterNetCNN(num_classes=num_classes, dtype=_DTYPES[dtype], norm=norm,
+                                    **SCATTER_ARCHS[name])
   kwargs = _ARCHS[name]()
   if name in ('resnet18', 'resnet34', 'resnet50'):  # CIFAR ResNets have one stem
     kwargs['stem'] = stem

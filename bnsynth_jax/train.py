@@ -178,36 +178,59 @@ def train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std, num_
 
 def dp_train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std,
                   num_classes: int, clip_norm: float, augmult: int, frozen_bn: bool = False,
-                  trainable: str = 'all'):
+                  trainable: str = 'all', model: nn.Module | None = None):
   """One DP-SGD step: GroupNorm (no batch statistics), or a prior's BatchNorm frozen in
   inference mode (`frozen_bn`), so an example's gradient never sees the others. Each
   example's gradient, averaged over `augmult` augmentations of it, is clipped by
   jax_privacy.clipped_grad; the optimizer (`dp_optimizer`) adds the Gaussian noise to the
   sum and divides by the batch. `trainable` (privacy/prior.py): the parameters outside it
-  get no gradient, so the clip norm is spent on those trained."""
+  get no gradient, so the clip norm is spent on those trained. A `model` with a
+  `public_front_end` (a fixed transform with no parameters: scatternet.py) has it applied
+  to every view of the batch once, outside the per-example gradients, and the rest
+  (`from_front_end`) differentiated per example: the same gradients, far cheaper."""
   from jax_privacy import clipping   # only DP mode needs it
   from bnsynth_jax.privacy import prior
   mask = prior.trainable_mask(state.params, trainable)
+  front_end = getattr(model, 'public_front_end', None)
   frozen = {'batch_stats': state.batch_stats} if frozen_bn else {}
 
-  def example_loss(params, images, labels, rng):      # one example: images [1, H, W, C]
-    params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
+  def views(images, rng):     # one example's augmult standardised views
     x = jnp.repeat(augment.to_unit(images), augmult, axis=0)
-    x = augment.random_crop_flip(rng, x, cfg.crop_padding, cfg.flip)
-    logits = state.apply_fn({'params': params, **frozen}, augment.standardise(x, mean, std),
-                            train=not frozen_bn)
+    return augment.standardise(augment.random_crop_flip(rng, x, cfg.crop_padding, cfg.flip),
+                               mean, std)
+
+  def example_loss(params, inputs, labels, rng):      # one example: inputs [1, ...]
+    params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, mask)
+    variables = {'params': params, **frozen}
+    if front_end is None:
+      logits = state.apply_fn(variables, views(inputs, rng), train=not frozen_bn)
+    else:    # the views' public transform, computed below for the whole batch
+      logits = state.apply_fn(variables, inputs[0], train=not frozen_bn,
+                              method='from_front_end')
     targets = jax.nn.one_hot(jnp.repeat(labels, augmult), num_classes)
     return jnp.mean(cross_entropy(logits, targets)), logits[:1]
 
+  step_key = jax.random.fold_in(base_key, step)
+  inputs = batch['images']
+  if front_end is not None:
+    inputs = public_front_end_views(front_end, views, inputs, step_key)
   grad_fn = clipping.clipped_grad(example_loss, has_aux=True, l2_clip_norm=clip_norm,
                                   batch_argnums=(1, 2), prng_argnum=3, return_values=True)
-  grads, aux = grad_fn(state.params, batch['images'], batch['labels'],
-                       jax.random.fold_in(base_key, step))
+  grads, aux = grad_fn(state.params, inputs, batch['labels'], step_key)
   state = state.apply_gradients(grads=grads)
   # Each example's first augmented view's logits (jax_privacy stacks them: [B, K]).
   logits = aux.aux.reshape(batch['labels'].shape[0], -1)
   accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['labels'])
   return state, {'loss': jnp.mean(aux.values), 'accuracy': accuracy}
+
+
+def public_front_end_views(front_end, views, images, step_key):
+  """[B, augmult, ...]: each example's views (its own key, split from the step key)
+  through the public front end, batched."""
+  keys = jax.random.split(step_key, images.shape[0])
+  x = jax.vmap(views)(images[:, None], keys)                     # [B, augmult, H, W, C]
+  out = front_end(x.reshape(-1, *x.shape[2:]))
+  return out.reshape(*x.shape[:2], *out.shape[1:])
 
 
 def dp_optimizer(cfg, lr: optax.Schedule, dp: dict) -> optax.GradientTransformation:
@@ -274,7 +297,8 @@ def _jitted_train_step(cfg, mesh, step_key, mean, std, num_classes, labels, soft
   if dp is not None:
     step = functools.partial(dp_train_step, clip_norm=dp['clip_norm'], augmult=dp['augmult'],
                              frozen_bn=dp.get('frozen_bn', False),
-                             trainable=dp.get('trainable', 'all'), **common)
+                             trainable=dp.get('trainable', 'all'), model=dp.get('model'),
+                             **common)
   else:
     step = functools.partial(train_step, labels=labels, soft_temperature=soft_temperature,
                              views=None if views is None else {**views,
@@ -371,7 +395,8 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
   state, start_step, elapsed_before, history = _resume(name, ckpt_dir, progress_file, state,
                                                        total_steps)
   step_fn = _jitted_train_step(cfg, mesh, step_key, mean, std, num_classes, labels,
-                               soft_temperature, views, steps_per_epoch, dp)
+                               soft_temperature, views, steps_per_epoch,
+                               dp and {**dp, 'model': model})
   run_eval = _test_evaluation(name, model, cfg, test, mean, std, mesh, steps_per_epoch,
                               history, writer)
   eval_every = (max(1, int(round(cfg.eval_every_epochs * steps_per_epoch)))

@@ -8,6 +8,12 @@ This 2-core CPU (ResNet-20 on the CIFAR-10 image folder, 2,000 synthetic images;
 ../shared/data/cifar10/cifar10-jpeg.tar.gz into ~/.cache/bnsynth/cifar10 first):
   python -m bnsynth_jax.main --config=configs/cifar10.py:cpu --workdir=DIR
 
+DP mode at the canary audit's scale (a 5,000-image private set; epsilon 8 by default):
+  python -m bnsynth_jax.main --config=configs/cifar10.py:cpu_dp --config.data.root=DIR/base \
+      --workdir=DIR2
+its teacher is a GroupNorm + linear head on ScatterNet coefficients (a data-free prior, public
+by construction; 44.77% at epsilon 8 against 23.77% for a ResNet-20 from scratch).
+
 The CPU variant's teacher is committed: add
   --config.teacher.pretrained=pretrained/cifar10_resnet20
 to import it instead of training it (about 2 hours here); pretrained/cifar10_resnet20_80ep is
@@ -111,21 +117,30 @@ def get_config(variant: str = 'gpu'):
       st.batch_size = 100
     if variant == 'cpu_dp':
       # The audit scale in DP mode (epsilon 8 by default; --config.privacy.epsilon=E):
-      # a GroupNorm + weight-standardised teacher by DP-SGD with large batches and a high
-      # learning rate, no weight decay (as configs/digits_dp.py), noised class-wise stats.
+      # the data-free ScatterNet prior (bnsynth_jax/scatternet.py: a fixed wavelet
+      # transform, public by construction) under a GroupNorm + linear head on its 2x2-pooled
+      # coefficients, trained by DP-SGD with large batches, no augmentation (Tramer & Boneh),
+      # no weight decay; 0.7 of the budget for it, noised class-wise statistics of the
+      # coefficients for the rest. At epsilon 8 on the 5,000-image base set its teacher
+      # reaches 44.77% against 23.77% for the GroupNorm ResNet-20 trained from scratch
+      # (docs/privacy.md, "CIFAR-10 with the ScatterNet prior").
       #   python -m bnsynth_jax.canary --config=configs/cifar10.py:cpu_dp \
       #       --train_subset=5000 --canaries=50 --shadows=16 --workdir=DIR
+      c.model.name = 'scatternet_linear_pool4'
       c.model.norm = 'group'
       c.privacy.epsilon = 8.0
+      c.privacy.teacher_fraction = 0.7
       # DP mode derives nothing from the private files: CIFAR-10's public shape, given.
       c.data.image_size = 32
       c.data.channels = 3
-      c.teacher.batch_size = 512
-      c.teacher.epochs = 30
-      c.teacher.learning_rate = 1.0
+      c.teacher.batch_size = 1024
+      c.teacher.epochs = 60
+      c.teacher.learning_rate = 0.5
       c.teacher.weight_decay = 0.0
       c.teacher.warmup_epochs = 2
       c.teacher.eval_every_epochs = 10
+      c.teacher.crop_padding = 0
+      c.teacher.flip = False
   else:
     raise ValueError(f'unknown cifar10 config variant {variant!r}: use gpu, cpu, cpu_audit or '
                      'cpu_dp')

@@ -1,0 +1,63 @@
+"""The ScatterNet teachers (bnsynth_jax/scatternet.py): the public front end has no
+parameters, and DP-SGD computing it once per batch gives the gradients of the whole model."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from bnsynth_jax import config_lib, models, parallel, scatternet, train
+
+
+def _model(name='scatternet_linear_pool2'):
+  return models.create_model(name, 3, norm='group')
+
+
+@pytest.mark.versions
+def test_the_front_end_has_no_parameters_and_the_model_is_front_then_rest():
+  model = _model('scatternet_cnn_tiny')
+  variables = models.init_variables(model, jax.random.key(0), (16, 16, 1))
+  assert not any('scatter' in '/'.join(map(str, k)) and 'norm' not in '/'.join(map(str, k))
+                 for k, _ in jax.tree_util.tree_flatten_with_path(variables['params'])[0])
+  x = np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 1)).astype(np.float32)
+  s = scatternet.scattering(x)
+  assert s.shape == (4, 4, 4, 81)
+  whole = model.apply(variables, x)
+  split = model.apply(variables, model.public_front_end(x), method='from_front_end')
+  np.testing.assert_allclose(np.asarray(whole), np.asarray(split), rtol=1e-6, atol=1e-6)
+  _, captured = models.capture_bn_inputs(model, variables, x)
+  assert list(captured)[0] == ('scatter_norm',)        # the coefficients' moments are matched
+
+
+def test_an_image_size_the_transform_cannot_take_is_one_clear_error():
+  from bnsynth_jax.errors import UserError
+  with pytest.raises(UserError, match='divisible by 4'):
+    scatternet.scattering(np.zeros((1, 10, 10, 1), np.float32))
+
+
+def _step(model, use_front_end: bool):
+  cfg = config_lib.train_config(batch_size=8, crop_padding=0, flip=False, learning_rate=1.0,
+                                momentum=0.0, nesterov=False, weight_decay=0.0)
+  rng = np.random.default_rng(0)
+  batch = {'images': rng.integers(0, 256, (8, 16, 16, 1), dtype=np.uint8),
+           'labels': rng.integers(0, 3, 8).astype(np.int32)}
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  dp = {'clip_norm': 1e-2, 'noise_multiplier': 1.0, 'augmult': 2,
+        'noise_key': jax.random.PRNGKey(0)}
+  state = train.create_train_state(jax.random.key(0), model, (16, 16, 1),
+                                   train.dp_optimizer(cfg, optax.constant_schedule(1.0), dp),
+                                   mesh)
+  new, _ = jax.jit(lambda s, b: train.dp_train_step(
+      s, b, 0, base_key=jax.random.key(1), cfg=cfg, mean=(0.5,), std=(0.5,), num_classes=3,
+      clip_norm=1e-2, augmult=2, model=model if use_front_end else None))(
+          state, parallel.to_global(mesh, batch))
+  return jax.tree.map(lambda a, b: np.asarray(a - b), new.params, state.params)
+
+
+@pytest.mark.versions
+def test_dp_sgd_with_the_front_end_outside_the_per_example_gradients_is_the_same_step():
+  model = _model()
+  outside, inside = _step(model, True), _step(model, False)
+  for a, b in zip(jax.tree.leaves(outside), jax.tree.leaves(inside)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  assert max(float(np.abs(a).max()) for a in jax.tree.leaves(outside)) > 0
