@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bnsynth_jax import scatternet
 from bnsynth_jax.errors import UserError
 
 ModuleDef = Any
@@ -173,6 +174,55 @@ class ResNet(nn.Module):
     return logits
 
 
+class ScatterNetCNN(nn.Module):
+  """Scattering -> GroupNorm(27) -> [conv 3x3 -> norm -> tanh (-> max-pool)] x len(widths)
+  (-> avg-pool) -> linear head. `features` returns the flattened last map. No widths is
+  Tramer & Boneh's ScatterNet + linear model.
+
+  `public_front_end` (the scattering) has no parameters and depends on no data: DP-SGD
+  (train.dp_train_step) computes it once per batch, outside the per-example gradients,
+  and calls `from_front_end` on its output."""
+  num_classes: int
+  widths: Sequence[int] = (64, 64)
+  pool: int = 1
+  dtype: Any = jnp.float32
+  norm: str = 'group'
+
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    return self.from_front_end(scatternet.scattering(x), train=train,
+                               return_features=return_features)
+
+  @staticmethod
+  def public_front_end(x):
+    return scatternet.scattering(x)
+
+  @nn.compact
+  def from_front_end(self, s, train: bool = False, return_features: bool = False):
+    conv, norm = conv_and_norm(self.norm, train, self.dtype)
+    if self.norm == 'group':
+      y = nn.GroupNorm(num_groups=_groups(s.shape[-1]), epsilon=BN_EPSILON,
+                       dtype=self.dtype, name='scatter_norm')(s)
+    else:
+      y = norm(name='scatter_norm')(s)
+    for i, width in enumerate(self.widths):
+      y = conv(width, (3, 3), name=f'conv{i + 1}')(y.astype(self.dtype))
+      y = nn.tanh(norm(name=f'norm{i + 1}')(y))
+      if i == 0:
+        y = nn.max_pool(y, (2, 2), strides=(2, 2))
+    if self.pool > 1:
+      y = nn.avg_pool(y, (self.pool, self.pool), strides=(self.pool, self.pool))
+    features = y.astype(jnp.float32).reshape(y.shape[0], -1)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(features)
+    if return_features:
+      return logits, features
+    return logits
+
+
+def _groups(channels: int) -> int:
+  """27 groups where the coefficients allow it (81 per input channel), else one."""
+  return 27 if channels % 27 == 0 else 1
+
+
 def _cifar_resnet(depth: int, width: int = 16):
   if (depth - 2) % 6:
     raise ValueError(f'CIFAR ResNet depth must be 6n+2, got {depth}')
@@ -225,8 +275,7 @@ def create_model(name: str, num_classes: int, *, stem: str = 'cifar',
   if norm not in NORMS:
     raise UserError(f"unknown model.norm {norm!r}: use 'batch' or 'group'")
   if name in SCATTER_ARCHS:
-    from bnsynth_jax import scatternet
-    return scatternet.ScatterNetCNN(num_classes=num_classes, dtype=_DTYPES[dtype], norm=norm,
+    return ScatterNetCNN(num_classes=num_classes, dtype=_DTYPES[dtype], norm=norm,
                                     **SCATTER_ARCHS[name])
   kwargs = _ARCHS[name]()
   if name in ('resnet18', 'resnet34', 'resnet50'):  # CIFAR ResNets have one stem
