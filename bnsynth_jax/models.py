@@ -1,6 +1,7 @@
 """Flax linen ResNets whose BatchNorm running statistics live in `batch_stats`.
 
-Two families:
+Two ResNet families (and ScatterNetCNN, a fixed wavelet transform under a small
+normalised head: the data-free DP prior of scatternet.py):
   * CIFAR ResNets (He et al. 2016, section 4.2): depth 6n+2, three stages of
     basic blocks with 16/32/64 channels (resnet8/14/20/32/44/56/110).
   * ResNet-18/34/50 with a CIFAR stem (3x3 conv, stride 1, no max-pool) or an
@@ -189,7 +190,7 @@ class ScatterNetCNN(nn.Module):
   norm: str = 'group'
 
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    return self.from_front_end(scatternet.scattering(x), train=train,
+    return self.from_front_end(self.public_front_end(x), train=train,
                                return_features=return_features)
 
   @staticmethod
