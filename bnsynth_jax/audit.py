@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 from bnsynth_jax import (artifacts, augment, evaluation, fileio, input_pipeline, metrics,
                          models, parallel, report, synthetic_data, train)
 from bnsynth_jax.errors import UserError
-from bnsynth_jax.workdir import stage_dir
+from bnsynth_jax.workdir import stage_dir, teacher_dir
 from bnsynth_jax.sources import PrivateData
 
 
@@ -520,7 +520,7 @@ def validate(config) -> None:
 def run(config, workdir, data: PrivateData) -> dict:
   cfg = config.audit
   out_dir = stage_dir(workdir, 'audit')
-  teacher, teacher_vars, tm = artifacts.load_model(stage_dir(workdir, 'teacher'))
+  teacher, teacher_vars, tm = artifacts.load_model(teacher_dir(config, workdir))
   synth = synthetic_data.load_synthetic(cfg.synthetic_dir or
                                         stage_dir(workdir, 'synthesize'))
   if synth.manifest['teacher_sha256'] != tm['variables_sha256']:

@@ -193,6 +193,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.student.model.name = 'resnet20'
   c.student.model.stem = 'cifar'
   c.student.model.dtype = 'float32'
+  c.student.model.norm = 'batch'  # batch | group (a ScatterNet student matching a DP teacher)
   c.student.labels = 'hard'     # hard | soft (teacher soft labels) | views (per-view soft labels)
                                 # | mixed (the relabel stage's mixed-view logits)
   c.student.mixed_temperature = 4.0   # labels=mixed: targets softmax(logits / T), loss T^2 x CE

@@ -15,7 +15,7 @@ from absl import logging
 from bnsynth_jax import (artifacts, config_lib, fileio, input_pipeline, parallel, report,
                          synthetic_data, train)
 from bnsynth_jax.sources import PrivateData
-from bnsynth_jax.workdir import stage_dir
+from bnsynth_jax.workdir import stage_dir, teacher_dir
 
 # The real-subset baseline's members: indices into the private train split.
 MEMBERS_FILE = 'real_subset_members.npz'
@@ -45,7 +45,7 @@ def _train_real_student(config, workdir, data, name, parts, size, teacher_manife
 
 def run(config, workdir, data: PrivateData) -> dict:
   mesh = parallel.make_mesh()
-  teacher_manifest = artifacts.load_model(stage_dir(workdir, 'teacher'))[2]
+  teacher_manifest = artifacts.load_model(teacher_dir(config, workdir))[2]
   test = (data.split('test'), data.split_size('test'), data.num_partitions)
   model, variables, student_manifest = artifacts.load_model(
       stage_dir(workdir, 'student') / 'synthetic')

@@ -31,7 +31,7 @@ from absl import logging
 from bnsynth_jax import (artifacts, augment, fileio, metrics, parallel, report, synthesis,
                          synthetic_data, views_np)
 from bnsynth_jax.errors import UserError
-from bnsynth_jax.workdir import stage_dir
+from bnsynth_jax.workdir import stage_dir, teacher_dir
 
 MIXES = ('cutmix', 'mixup', 'both', 'none')
 BN_MODES = ('running', 'batch')
@@ -158,10 +158,10 @@ def generate(config, workdir) -> dict:
   cfg = config.relabel
   out = stage_dir(workdir, 'relabel')
   ds = synthetic_data.load_synthetic(stage_dir(workdir, 'synthesize'))
-  teacher_dir = config.synthesis.teacher_dir or stage_dir(workdir, 'teacher')
-  model, variables, teacher = artifacts.load_model(teacher_dir, dtype='float32')
+  teacher_folder = teacher_dir(config, workdir)
+  model, variables, teacher = artifacts.load_model(teacher_folder, dtype='float32')
   if ds.manifest.get('teacher_sha256') not in (None, teacher['variables_sha256']):
-    raise UserError(f'{teacher_dir} is not the teacher that synthesised these images (sha256 '
+    raise UserError(f'{teacher_folder} is not the teacher that synthesised these images (sha256 '
                     f'{teacher["variables_sha256"][:12]} != {ds.manifest["teacher_sha256"][:12]}): '
                     'point synthesis.teacher_dir at that teacher')
   mesh = parallel.make_mesh()

@@ -77,3 +77,22 @@ def test_no_function_over_80_lines():
         if length > 80 and (path.stem, node.name) not in allowed:
           long.append(f'{path.stem}.{node.name}: {length} lines')
   assert long == []
+
+
+def test_stages_after_stats_find_the_teacher_through_synthesis_teacher_dir():
+  """Only the teacher and stats stages (the owner's, on the private data) read WORKDIR/teacher
+  directly; every later stage uses workdir.teacher_dir, which honours synthesis.teacher_dir
+  (a workdir holding a generator or a third party's synthesis has no teacher of its own)."""
+  direct = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob('*.py')
+                  if "stage_dir(workdir, 'teacher')" in p.read_text())
+  assert direct == ['stats.py', 'teacher.py', 'workdir.py'], direct
+
+
+def test_teacher_dir_honours_the_config(tmp_path):
+  from bnsynth_jax import config_lib, workdir
+  config = config_lib.default_config()
+  assert workdir.teacher_dir(config, tmp_path) == tmp_path / 'teacher'
+  config.synthesis.teacher_dir = str(tmp_path / 'received')
+  assert workdir.teacher_dir(config, tmp_path / 'w') == tmp_path / 'received'
+  config.synthesis.stats_dir = str(tmp_path / 'got_stats')
+  assert workdir.stats_dir(config, tmp_path / 'w') == tmp_path / 'got_stats'

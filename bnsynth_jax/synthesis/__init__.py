@@ -39,7 +39,7 @@ from bnsynth_jax.synthesis.objective import (Problem, bn_matching_loss, feature_
                                              make_loss_fn, total_variation)
 from bnsynth_jax.synthesis.pixels import (SynthState, batch_keys, create_optimizer, make_init,
                                           make_step, state_shardings)
-from bnsynth_jax.workdir import stage_dir
+from bnsynth_jax.workdir import stage_dir, stats_dir, teacher_dir
 
 METHODS = ('pixels', 'generator')
 AUGMENTS = ('jitter_flip', 'random_resized_crop', 'none')
@@ -110,11 +110,11 @@ class Inputs:
   stats_manifest: dict
 
 
-def load_inputs(cfg, teacher_dir, stats_dir) -> Inputs:
+def load_inputs(cfg, teacher_folder, stats_folder) -> Inputs:
   """Loads and cross-checks the teacher and statistics artifacts."""
-  model, variables, teacher_manifest = artifacts.load_model(teacher_dir, dtype=cfg.dtype)
-  eval_model, _, _ = artifacts.load_model(teacher_dir, dtype='float32')
-  statistics, stats_manifest = artifacts.load_statistics(stats_dir, teacher_manifest, variables)
+  model, variables, teacher_manifest = artifacts.load_model(teacher_folder, dtype=cfg.dtype)
+  eval_model, _, _ = artifacts.load_model(teacher_folder, dtype='float32')
+  statistics, stats_manifest = artifacts.load_statistics(stats_folder, teacher_manifest, variables)
   layers = stats_manifest['layers']
   weights = {name: (cfg.first_bn_multiplier if i == 0 else 1.0)
              for i, name in enumerate(layers)}
@@ -206,7 +206,7 @@ def precheck(config, workdir, stage_config: dict) -> None:
   name a synthesis made with this run's teacher, statistics and settings (its stage config
   covers every run_info field but the image count); else UserError naming the differences."""
   if config.synthesis.method == 'generator':
-    teacher = fileio.path(config.synthesis.teacher_dir or stage_dir(workdir, 'teacher'))
+    teacher = teacher_dir(config, workdir)
     if (teacher / 'manifest.json').exists():
       generator.check(fileio.read_json(teacher / 'manifest.json')['image_shape'])
   reuse_from = config.synthesis.get('reuse_from')
@@ -552,11 +552,10 @@ def input_fingerprints(config, workdir) -> dict:
   a finished synthesis is not reused for another teacher or other statistics."""
   cfg = config.synthesis
   out = {}
-  for key, folder, field in (('teacher_sha256', cfg.teacher_dir or stage_dir(workdir, 'teacher'),
-                              'variables_sha256'),
-                             ('statistics_sha256', cfg.stats_dir or stage_dir(workdir, 'stats'),
+  for key, folder, field in (('teacher_sha256', teacher_dir(config, workdir), 'variables_sha256'),
+                             ('statistics_sha256', stats_dir(config, workdir),
                               'statistics_sha256')):
-    manifest = fileio.path(folder) / 'manifest.json'
+    manifest = folder / 'manifest.json'
     if manifest.exists():
       out[key] = fileio.read_json(manifest).get(field)
   return out
@@ -564,9 +563,7 @@ def input_fingerprints(config, workdir) -> dict:
 
 def run(config, workdir) -> dict:
   cfg = config.synthesis
-  teacher_dir = cfg.teacher_dir or stage_dir(workdir, 'teacher')
-  stats_dir = cfg.stats_dir or stage_dir(workdir, 'stats')
-  inputs = load_inputs(cfg, teacher_dir, stats_dir)
+  inputs = load_inputs(cfg, teacher_dir(config, workdir), stats_dir(config, workdir))
   num_images = cfg.images_per_class * inputs.problem.num_classes
   if num_images % cfg.batch_size:
     raise UserError(f'synthesis.batch_size={cfg.batch_size} does not divide the '
