@@ -5,7 +5,11 @@ normalised head: the data-free DP prior of scatternet.py):
   * CIFAR ResNets (He et al. 2016, section 4.2): depth 6n+2, three stages of
     basic blocks with 16/32/64 channels (resnet8/14/20/32/44/56/110).
   * ResNet-18/34/50 with a CIFAR stem (3x3 conv, stride 1, no max-pool) or an
-    ImageNet stem (7x7 conv, stride 2, 3x3 max-pool).
+    ImageNet stem (7x7 conv, stride 2, 3x3 max-pool). With the ImageNet stem the network
+    is torchvision's layout exactly (symmetric padding k // 2 on every convolution and the
+    max-pool, stride on the 3x3 of a bottleneck), so bnsynth_jax/convert.py maps a
+    torchvision state dict onto it; the CIFAR models keep flax's 'SAME' padding (which
+    pads a stride-2 convolution on one side only) that the committed checkpoints use.
 
 `dtype` is the computation dtype (float32 or bfloat16); parameters and the BN
 running statistics are always float32 (flax reduces BN moments in float32).
@@ -138,6 +142,14 @@ def conv_and_norm(norm: str, train: bool, dtype) -> tuple[ModuleDef, ModuleDef]:
                                  dtype=dtype, param_dtype=jnp.float32)
 
 
+def symmetric_padding(conv: ModuleDef) -> ModuleDef:
+  """`conv` padded k // 2 on both sides (PyTorch's Conv2d(padding=k // 2)) unless told."""
+  def make(features, kernel_size, strides=(1, 1), **kwargs):
+    kwargs.setdefault('padding', [(k // 2, k // 2) for k in kernel_size])
+    return conv(features, kernel_size, strides, **kwargs)
+  return make
+
+
 class ResNet(nn.Module):
   """Generic ResNet. `features` returns the pooled penultimate features."""
   stage_sizes: Sequence[int]
@@ -153,11 +165,11 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = False, return_features: bool = False):
     conv, norm = conv_and_norm(self.norm, train, self.dtype)
     x = x.astype(self.dtype)
-    if self.stem == 'imagenet':
-      x = conv(self.stem_width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)],
-               name='stem_conv')(x)
+    if self.stem == 'imagenet':     # torchvision's layout (see the module docstring)
+      conv = symmetric_padding(conv)
+      x = conv(self.stem_width, (7, 7), (2, 2), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     elif self.stem == 'cifar':
       x = conv(self.stem_width, (3, 3), name='stem_conv')(x)
       x = nn.relu(norm(name='stem_bn')(x))

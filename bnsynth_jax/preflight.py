@@ -27,9 +27,10 @@ import jax
 from absl import logging
 
 from bnsynth_jax import artifacts, fileio, input_pipeline, models, parallel, privacy
+from bnsynth_jax.privacy import prior as privacy_prior
 from bnsynth_jax import stats as stats_stage
 from bnsynth_jax.errors import UserError
-from bnsynth_jax.workdir import is_done, stage_dir
+from bnsynth_jax.workdir import is_done, stage_dir, stats_dir, teacher_dir
 
 MIN_IMAGE_SIZE = 8
 MAX_DERIVED_IMAGE_SIZE = 64      # image folders: larger images are resized to this by default
@@ -109,7 +110,7 @@ def _gather_facts(config, workdir, pending, private, data, problems) -> Facts:
     facts.native_size = info.native_size
     return facts
   # No private data this run: what the artifacts on disk say.
-  for directory in (config.synthesis.teacher_dir or stage_dir(workdir, 'teacher'),
+  for directory in (teacher_dir(config, workdir),
                     stage_dir(workdir, 'synthesize')):
     manifest = _read_manifest(directory)
     if manifest:
@@ -117,7 +118,7 @@ def _gather_facts(config, workdir, pending, private, data, problems) -> Facts:
       facts.class_names = tuple(manifest['class_names'])
       facts.image_shape = tuple(manifest['image_shape'])
       break
-  stats = _read_manifest(config.synthesis.stats_dir or stage_dir(workdir, 'stats'))
+  stats = _read_manifest(stats_dir(config, workdir))
   if stats and stats.get('kind') == 'classwise' and any(stats.get('class_counts', [])):
     facts.train_counts = tuple(int(c) for c in stats['class_counts'])
   return facts
@@ -265,6 +266,17 @@ def _private_derivations(config, workdir, pending) -> list[str]:
   return problems
 
 
+def _public_normalisation(config, channels: int) -> tuple[tuple, tuple, str]:
+  """DP mode's data.mean / std: a public prior's own (what its weights were trained with),
+  else the public constants of privacy.PUBLIC_MEAN / PUBLIC_STD."""
+  manifest = (_read_manifest(privacy_prior.folder(config))
+              if privacy_prior.enabled(config) else None)
+  if manifest and len(manifest.get('mean', ())) == channels:
+    return (tuple(manifest['mean']), tuple(manifest['std']),
+            f'the public prior {config.privacy.prior}\'s')
+  return (privacy.PUBLIC_MEAN,) * channels, (privacy.PUBLIC_STD,) * channels, 'public constants'
+
+
 def _derive_privacy(config, workdir, facts: Facts, problems, pending) -> list[str]:
   """DP mode: public normalisation constants, and the noise multipliers calibrated to the
   budget (a plan over budget is a problem, before any training). A workdir whose teacher
@@ -282,11 +294,9 @@ def _derive_privacy(config, workdir, facts: Facts, problems, pending) -> list[st
     return []
   notes = []
   if not (config.data.mean or config.data.std) and facts.image_shape:
-    c = facts.image_shape[2]
-    config.data.mean = (privacy.PUBLIC_MEAN,) * c
-    config.data.std = (privacy.PUBLIC_STD,) * c
+    config.data.mean, config.data.std, whose = _public_normalisation(config, facts.image_shape[2])
     notes.append(f'derived data.mean={config.data.mean}, data.std={config.data.std} (DP mode: '
-                 'public constants, not statistics of the private images)')
+                 f'{whose}, not statistics of the private images)')
   try:
     record = privacy.plan(config, facts.train_size)
   except UserError as e:
