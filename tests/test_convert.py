@@ -14,11 +14,17 @@ from bnsynth_jax import artifacts, checkpointing, convert, models
 from bnsynth_jax.errors import UserError
 
 
+def _torch():
+  """torch, or the test skips: the converter's torchvision tests need it (not a dependency)."""
+  return pytest.importorskip(
+      'torch', reason='PyTorch is not installed (optional: pip install -e .[torch])')
+
+
 def _torchvision_resnet():
   """torchvision.models.resnet. A torchvision wheel built for another torch (here a CUDA
   build beside the CPU torch) fails on its compiled ops at import; its ResNet is plain Python,
   so that module alone is loaded then."""
-  pytest.importorskip('torch', reason='PyTorch is not installed (optional: pip install -e .[torch])')
+  _torch()
   try:
     import torchvision.models.resnet as resnet
     return resnet
@@ -39,7 +45,7 @@ def _torchvision_resnet():
 def _random_torchvision(arch: str, num_classes: int, seed: int):
   """A randomly initialised torchvision ResNet in eval mode, its BatchNorm running
   statistics and affine parameters drawn too (so every converted leaf matters)."""
-  import torch
+  torch = _torch()
   torch.manual_seed(seed)
   net = getattr(_torchvision_resnet(), arch)(num_classes=num_classes)
   with torch.no_grad():
@@ -54,7 +60,7 @@ def _random_torchvision(arch: str, num_classes: int, seed: int):
 
 @pytest.mark.parametrize('arch', ['resnet18', 'resnet50'])
 def test_torchvision_logits_match(arch):
-  import torch
+  torch = _torch()
   net = _random_torchvision(arch, num_classes=7, seed=0)
   # 48x48: the stride-2 layers meet an odd side (3 -> 2), where padding conventions differ.
   x = np.random.default_rng(1).normal(size=(3, 48, 48, 3)).astype(np.float32)
@@ -70,7 +76,7 @@ def test_torchvision_logits_match(arch):
 
 
 def test_cli_writes_a_teacher_folder_the_prior_loads(tmp_path):
-  import torch
+  torch = _torch()
   net = _random_torchvision('resnet18', num_classes=5, seed=2)
   pth = tmp_path / 'r18.pth'
   torch.save(net.state_dict(), pth)
