@@ -28,11 +28,27 @@ MANIFEST_FILE = 'manifest.json'
 
 def model_record(model_config) -> dict[str, str]:
   """The manifest's 'model': name, stem, dtype, and norm when it is not BatchNorm (so the
-  manifests of BatchNorm models stay as they were)."""
+  manifests of BatchNorm models stay as they were); with the ImageNet stem, the padding
+  layout (models.py: torchvision's symmetric padding since 2026-12-03)."""
   record = {'name': model_config.name, 'stem': model_config.stem, 'dtype': model_config.dtype}
   if model_config.get('norm', 'batch') != 'batch':
     record['norm'] = model_config.norm
+  if model_config.stem == 'imagenet':
+    record['padding'] = IMAGENET_STEM_PADDING
   return record
+
+
+IMAGENET_STEM_PADDING = 'symmetric'
+
+
+def _check_layout(directory, m: dict) -> None:
+  """An ImageNet-stem model saved before its padding became torchvision's (one-sided 'SAME'
+  on the stride-2 layers then) would compute other features with the same weights."""
+  if m['stem'] == 'imagenet' and m.get('padding') != IMAGENET_STEM_PADDING:
+    raise UserError(f'{directory} holds an ImageNet-stem {m["name"]} saved with the padding '
+                    'layout before 2026-12-03 (one-sided on stride-2 layers), which this '
+                    'version does not build: train it again, or re-convert its source with '
+                    'python -m bnsynth_jax.convert')
 
 
 def save_model(directory, *, model_config, variables, class_names, image_shape, mean, std,
@@ -80,6 +96,7 @@ def load_model(directory, dtype: str | None = None):
                     f'{digest[:12]} != {manifest["variables_sha256"][:12]}): the file was '
                     'altered or half-copied; copy the folder again')
   m = manifest['model']
+  _check_layout(directory, m)
   model = models.create_model(m['name'], manifest['num_classes'], stem=m['stem'],
                               dtype=dtype or m['dtype'], norm=m.get('norm', 'batch'))
   return model, variables, manifest

@@ -2,20 +2,24 @@
 
   python -m bnsynth_jax.convert --torchvision=resnet18.pth --arch=resnet18 \
       --image_size=64 --out=priors/resnet18_imagenet
-  python -m bnsynth_jax.convert --flax=CKPT --arch=resnet18 --num_classes=1000 \
-      --image_size=64 --out=priors/resnet18_flax
+  python -m bnsynth_jax.convert --flax=CKPT --arch=resnet18 --mean=0.5,0.5,0.5 \
+      --std=0.5,0.5,0.5 --image_size=64 --out=priors/resnet18_flax
 
 --torchvision: a torchvision ResNet-18/34/50 state dict (`torch.save(model.state_dict())`,
 e.g. the ImageNet weights torchvision downloads; reading it needs torch, nothing else does).
 --flax: an orbax checkpoint folder or a flax msgpack file holding {'params', 'batch_stats'}
-in this package's module names (a model trained with bnsynth_jax.models elsewhere).
+in this package's module names (a model trained with bnsynth_jax.models elsewhere; one with
+the ImageNet stem trained before 2026-12-03 padded its stride-2 layers on one side, and
+computes other features in today's layout). --mean / --std: the normalisation its inputs
+were trained with (required with --flax; torchvision's ImageNet constants by default).
 
 The result is this package's ResNet with the ImageNet stem, which is torchvision's layout
 exactly (bnsynth_jax/models.py), in the teacher-folder format (variables.msgpack +
 manifest.json, artifacts.py). Use it as
 
   --config.privacy.prior=priors/resnet18_imagenet --config.privacy.prior_is_public=True \
-      --config.model.name=resnet18 --config.model.stem=imagenet --config.data.image_size=64
+      --config.model.name=resnet18 --config.model.stem=imagenet --config.model.norm=batch \
+      --config.data.image_size=64
 
 Input resolution: the convolutions take any size, so --image_size only states the size the
 folder is used at (privacy.prior checks it against data.image_size). ImageNet models were
@@ -62,8 +66,8 @@ def _module_name(torch_prefix: str) -> str:
 
 
 def _as_numpy(value) -> np.ndarray:
-  if hasattr(value, 'detach'):       # a torch tensor
-    value = value.detach().cpu().numpy()
+  if hasattr(value, 'detach'):       # a torch tensor (float() first: numpy has no bfloat16)
+    value = value.detach().cpu().float().numpy()
   return np.asarray(value, np.float32)
 
 
@@ -72,18 +76,21 @@ def from_torchvision(state_dict: Mapping[str, Any]) -> dict:
   ResNet state dict: convolution kernels OIHW -> HWIO, the linear layer transposed."""
   out: dict = {'params': {}, 'batch_stats': {}}
   for key, value in state_dict.items():
-    prefix, leaf = key.rsplit('.', 1)
+    prefix, _, leaf = key.rpartition('.')
     if leaf == 'num_batches_tracked':
       continue
     array = _as_numpy(value)
     name = _module_name(prefix)
     if leaf == 'weight' and array.ndim == 4:
       collection, target, array = 'params', 'kernel', array.transpose(2, 3, 1, 0)
-    elif name == 'head':
+    elif name == 'head' and leaf in ('weight', 'bias'):
       collection, target = 'params', 'kernel' if leaf == 'weight' else 'bias'
       array = array.T if leaf == 'weight' else array
-    else:
+    elif name != 'head' and leaf in _TORCH_NORMS:
       collection, target = _TORCH_NORMS[leaf]
+    else:
+      raise UserError(f'unexpected torchvision parameter {key!r}: give the state dict of a '
+                      f'torchvision ResNet ({", ".join(ARCHS)})')
     node = out[collection]
     for part in name.split('/'):
       node = node.setdefault(part, {})
@@ -127,7 +134,14 @@ def load_torch_state_dict(path) -> dict:
   except ImportError as e:
     raise UserError('--torchvision needs PyTorch to read the .pth file: '
                     'pip install -e .[torch]') from e
-  state = torch.load(str(path), map_location='cpu', weights_only=True)
+  try:
+    state = torch.load(str(path), map_location='cpu', weights_only=True)
+  except Exception as e:  # noqa: BLE001  (torch raises several kinds for a bad file)
+    raise UserError(f'{path} is not a readable state dict ({type(e).__name__}): save it with '
+                    'torch.save(model.state_dict(), FILE)') from e
+  if not isinstance(state, Mapping):
+    raise UserError(f'{path} holds a {type(state).__name__}, not a state dict: save it with '
+                    'torch.save(model.state_dict(), FILE)')
   if 'state_dict' in state and isinstance(state['state_dict'], Mapping):
     state = state['state_dict']
   return {k.removeprefix('module.'): v for k, v in state.items()}
@@ -138,11 +152,16 @@ def load_flax_variables(path) -> dict:
   path = fileio.path(path)
   if path.is_dir():
     import orbax.checkpoint as ocp
-    tree = ocp.PyTreeCheckpointer().restore(str(path))
+    read = lambda: ocp.PyTreeCheckpointer().restore(str(path))
   else:
     from flax import serialization
-    tree = serialization.msgpack_restore(path.read_bytes())
-  if 'params' not in tree:
+    read = lambda: serialization.msgpack_restore(path.read_bytes())
+  try:
+    tree = read()
+  except Exception as e:  # noqa: BLE001  (orbax / msgpack raise several kinds)
+    raise UserError(f'{path} is not a readable flax checkpoint ({type(e).__name__}): give a '
+                    'msgpack file or one orbax checkpoint step folder') from e
+  if not isinstance(tree, Mapping) or 'params' not in tree:
     raise UserError(f'{path} holds no "params": give a checkpoint of {{"params", '
                     '"batch_stats"}} in bnsynth_jax.models names')
   return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {})}
@@ -161,7 +180,11 @@ def write_teacher_folder(out, variables, *, arch, image_size, source: dict,
                          class_names=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
   """Checks `variables` against the package's `arch` and writes the teacher folder."""
   import ml_collections
-  num_classes = variables['params']['head']['bias'].shape[0]
+  head = variables['params'].get('head', {})
+  if 'bias' not in head:
+    raise UserError('the checkpoint has no classifier head (params/head/bias): give a whole '
+                    'ResNet, head included')
+  num_classes = np.shape(head['bias'])[0]
   class_names = list(class_names or [f'class_{i}' for i in range(num_classes)])
   if len(class_names) != num_classes:
     raise UserError(f'{len(class_names)} class names for a {num_classes}-class head: give '
@@ -185,6 +208,9 @@ flags.DEFINE_enum('arch', None, ARCHS, 'the architecture (default: read from a t
 flags.DEFINE_integer('image_size', 64, 'the image side the folder is used at')
 flags.DEFINE_string('out', None, 'the teacher folder to write')
 flags.DEFINE_string('class_names', None, 'a text file, one class name per line')
+flags.DEFINE_list('mean', None, 'per-channel input mean in [0, 1] the model was trained with '
+                  '(required with --flax; default with --torchvision: ImageNet\'s)')
+flags.DEFINE_list('std', None, 'per-channel input std (as --mean)')
 
 
 def main(argv) -> None:
@@ -196,6 +222,20 @@ def main(argv) -> None:
   except UserError as e:
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def _normalisation() -> tuple[tuple, tuple]:
+  """--mean / --std as 3 floats each; torchvision's ImageNet constants for --torchvision."""
+  if FLAGS.mean is None and FLAGS.std is None and FLAGS.torchvision:
+    return IMAGENET_MEAN, IMAGENET_STD
+  try:
+    mean, std = tuple(map(float, FLAGS.mean or ())), tuple(map(float, FLAGS.std or ()))
+  except ValueError as e:
+    raise UserError(f'--mean / --std must be numbers ({e})') from e
+  if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+    raise UserError('give --mean=R,G,B and --std=R,G,B (3 values each, std > 0): the '
+                    'normalisation the model was trained with')
+  return mean, std
 
 
 def convert() -> None:
@@ -217,8 +257,10 @@ def convert() -> None:
   if FLAGS.class_names:
     names = [n.strip() for n in fileio.path(FLAGS.class_names).read_text().splitlines()
              if n.strip()]
+  mean, std = _normalisation()
   manifest = write_teacher_folder(
       FLAGS.out, variables, arch=arch, image_size=FLAGS.image_size, class_names=names,
+      mean=mean, std=std,
       source={'format': 'torchvision' if FLAGS.torchvision else 'flax',
               'file': str(source), 'sha256': _file_sha256(source)})
   logging.info('wrote %s: %s, %d classes, %s images, variables sha256 %s', FLAGS.out, arch,

@@ -1,6 +1,7 @@
 """bnsynth_jax.convert: torchvision / flax ResNets as teacher folders (a DP prior)."""
 
 import importlib.util
+import json
 import pathlib
 import subprocess
 import sys
@@ -85,7 +86,8 @@ def test_cli_writes_a_teacher_folder_the_prior_loads(tmp_path):
                         '--image_size=40', f'--out={out}'], capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
   model, variables, manifest = artifacts.load_model(out)
-  assert manifest['model'] == {'name': 'resnet18', 'stem': 'imagenet', 'dtype': 'float32'}
+  assert manifest['model'] == {'name': 'resnet18', 'stem': 'imagenet', 'dtype': 'float32',
+                               'padding': 'symmetric'}
   assert manifest['image_shape'] == [40, 40, 3] and manifest['num_classes'] == 5
   assert manifest['mean'] == pytest.approx(convert.IMAGENET_MEAN)
   assert manifest['converted_from']['format'] == 'torchvision'
@@ -96,6 +98,77 @@ def test_cli_writes_a_teacher_folder_the_prior_loads(tmp_path):
   again = subprocess.run([sys.executable, '-m', 'bnsynth_jax.convert', f'--torchvision={pth}',
                           f'--out={out}'], capture_output=True, text=True)
   assert again.returncode == 2 and 'already holds a model' in again.stderr
+
+
+def test_imagenet_stem_pads_like_torch_without_torch():
+  """The layout the torchvision test checks, without torch (it runs in CI): the 7x7 stem and
+  a stride-2 3x3 pad k // 2 on both sides, and the max-pool pads with -inf one on each side,
+  at even sides (32 -> 16 -> 8), where flax's 'SAME' pads a stride-2 layer (0, 1)."""
+  from jax import lax
+  model = models.create_model('resnet18', 3, stem='imagenet')
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
+  _, state = model.apply(variables, x, capture_intermediates=True, mutable=['intermediates'])
+  out = state['intermediates']
+  params = variables['params']
+
+  def conv(inputs, kernel, stride, pad):
+    return lax.conv_general_dilated(inputs, kernel, (stride, stride), [(pad, pad)] * 2,
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  np.testing.assert_allclose(out['stem_conv']['__call__'][0],
+                             conv(x, params['stem_conv']['kernel'], 2, 3), atol=1e-5)
+  stage1 = out['stage1_block2']['__call__'][0]
+  np.testing.assert_allclose(out['stage2_block1']['conv1']['__call__'][0],
+                             conv(stage1, params['stage2_block1']['conv1']['kernel'], 2, 1),
+                             atol=1e-5)
+  stem = np.asarray(jax.nn.relu(out['stem_bn']['__call__'][0]))
+  padded = np.pad(stem, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  pooled = np.stack([np.stack([padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(1, 2))
+                               for j in range(8)], axis=1) for i in range(8)], axis=1)
+  block1_input = conv(pooled, params['stage1_block1']['conv1']['kernel'], 1, 1)
+  np.testing.assert_allclose(out['stage1_block1']['conv1']['__call__'][0], block1_input,
+                             atol=1e-4)
+
+
+def test_old_imagenet_layout_is_refused(tmp_path):
+  """A teacher folder saved before the padding changed (no layout marker) is refused."""
+  model = models.create_model('resnet18', 3, stem='imagenet')
+  variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
+  manifest = convert.write_teacher_folder(tmp_path / 't', variables, arch='resnet18',
+                                          image_size=32, source={'format': 'flax'})
+  assert manifest['model']['padding'] == 'symmetric'
+  artifacts.load_model(tmp_path / 't')
+  path = tmp_path / 't' / artifacts.MANIFEST_FILE
+  old = json.loads(path.read_text())
+  del old['model']['padding']
+  path.write_text(json.dumps(old))
+  with pytest.raises(UserError, match='padding layout before 2026-12-03'):
+    artifacts.load_model(tmp_path / 't')
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+  """A file that is no state dict, a tree without a head, a bad --mean: one-line errors."""
+  junk = tmp_path / 'junk.msgpack'
+  junk.write_bytes(b'not msgpack at all')
+  with pytest.raises(UserError, match='not a readable flax checkpoint'):
+    convert.load_flax_variables(junk)
+  model = models.create_model('resnet18', 3, stem='imagenet')
+  variables = models.init_variables(model, jax.random.key(0), (32, 32, 3))
+  headless = {'params': {k: v for k, v in variables['params'].items() if k != 'head'},
+              'batch_stats': variables['batch_stats']}
+  with pytest.raises(UserError, match='no classifier head'):
+    convert.write_teacher_folder(tmp_path / 'h', headless, arch='resnet18', image_size=32,
+                                 source={})
+  with pytest.raises(UserError, match='unexpected torchvision parameter'):
+    convert.from_torchvision({'fc.scale': np.zeros(3)})
+  source = tmp_path / 'v.msgpack'
+  checkpointing.save_variables(source, variables)
+  run = subprocess.run([sys.executable, '-m', 'bnsynth_jax.convert', f'--flax={source}',
+                        '--arch=resnet18', f'--out={tmp_path}/o'],
+                       capture_output=True, text=True)
+  assert run.returncode == 2 and '--mean=R,G,B' in run.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / 'o').exists()
 
 
 def test_flax_msgpack_round_trip(tmp_path):

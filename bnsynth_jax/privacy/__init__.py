@@ -28,8 +28,9 @@ part is calibrated at delta/2 on its own, and the composition is what is reporte
 (never more than the epsilon asked for; a plan that would exceed it is refused before
 training). Everything after the stats stage (synthesis, per-view labels, students,
 evaluation) only post-processes these two releases, so the synthetic set inherits the
-guarantee. Normalisation constants are public in this mode (data.mean/std, 0.5 by
-default), not computed from the private images.
+guarantee. Normalisation constants are public in this mode (data.mean/std: a public
+prior's recorded mean/std when privacy.prior is set, else 0.5), not computed from the
+private images.
 
 Secret randomness (bnsynth_jax/owner.py): the DP-SGD batch sampling and noise key come from
 a 128-bit secret drawn from the OS when the teacher stage first starts, kept owner-only in
