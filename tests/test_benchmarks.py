@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -204,3 +205,20 @@ def test_method_rows_read_a_finished_workdir(tmp_path):
                         '80 (1)', '7', '45.00%', '0.750']
   assert cells[12] == '`python -m bnsynth_jax.main --workdir=gen (the stages before its first ' \
       'copied from base)`'
+
+
+def test_public_split_never_draws_a_private_index():
+  """benchmarks/public_private_split.py: the public draw takes per_class images of each public
+  class and none of the excluded (private base + canary) indices; too few is an error."""
+  spec = importlib.util.spec_from_file_location(
+      'public_private_split', REPO / 'benchmarks' / 'public_private_split.py')
+  split = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(split)
+  labels = np.arange(400) % 4
+  excluded = np.arange(0, 400, 3)
+  chosen = split.public_indices(labels, excluded, [1, 3], per_class=40, seed=0)
+  assert len(chosen) == 80 and len(set(chosen.tolist())) == 80
+  assert not set(chosen.tolist()) & set(excluded.tolist())
+  assert sorted(np.bincount(labels[chosen], minlength=4).tolist()) == [0, 0, 40, 40]
+  with pytest.raises(SystemExit, match='lower --public_per_class'):
+    split.public_indices(labels, excluded, [1], per_class=100, seed=0)
