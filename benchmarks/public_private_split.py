@@ -14,13 +14,15 @@ base set's indices in the train split and the canaries' sources) and writes two 
 
 A teacher trained on OUT/public (no DP: it is public) then serves as `privacy.prior` for a DP
 run on OUT/private: a prior trained on other classes of images from the same source, a
-stated public set disjoint from the private one by construction (checked: the script fails
-if any public image equals a private one byte for byte).
+stated public set disjoint from the private one by construction (checked: --config must name
+the data the audit drew from, and the script fails if any public image equals, byte for byte,
+one of the images the audit wrote to AUDIT/base/train or one of its canaries).
 """
 
 from __future__ import annotations
 
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -60,6 +62,32 @@ def public_indices(labels, excluded, public_labels, per_class: int, seed: int) -
   return np.concatenate(chosen)
 
 
+def check_same_data(config_data, plan: dict) -> None:
+  """The config must name the data the audit drew from: its indices mean nothing elsewhere."""
+  used = plan['settings']['data']
+  norm = lambda k, v: fileio.path(v).as_posix() if k == 'root' and v else str(v)
+  given = {k: norm(k, config_data.get(k, '')) for k in used}
+  if given != {k: norm(k, v) for k, v in used.items()}:
+    raise SystemExit(f'error: --config reads {given} but the audit drew from {used}: give the '
+                     "audit's config (and --config.data.root)")
+
+
+def audit_images(audit: pathlib.Path, canaries, base_size: int) -> set[bytes]:
+  """The bytes of every image the audit wrote (its base set's PNGs) and of its canaries."""
+  from PIL import Image
+  files = sorted((audit / 'base' / 'train').rglob('*.png'))
+  if len(files) != base_size:
+    raise SystemExit(f'error: {audit}/base/train holds {len(files)} images, not the plan\'s '
+                     f'{base_size}: run the audit again to finish its first stage')
+  return {_pixels(np.asarray(Image.open(f))) for f in files} | {_pixels(c) for c in canaries}
+
+
+def _pixels(image: np.ndarray) -> bytes:
+  """uint8 pixels without a channel axis of one (as a PNG of one channel decodes)."""
+  image = np.asarray(image, np.uint8)
+  return (image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).tobytes()
+
+
 def _write(root, images, labels, keep_labels, names) -> int:
   mask = np.isin(labels, keep_labels)
   canary_audit.write_split(root, images[mask], labels[mask], names)
@@ -72,7 +100,10 @@ def main(argv):
   if out.exists():
     raise SystemExit(f'error: {out} exists: give a new --out')
   config = FLAGS.config
-  plan = fileio.read_npz(pathlib.Path(FLAGS.audit) / 'canaries.npz')
+  audit = pathlib.Path(FLAGS.audit)
+  audit_plan = fileio.read_json(audit / 'plan.json')
+  check_same_data(config.data, audit_plan)  # before any decoding
+  plan = fileio.read_npz(audit / 'canaries.npz')
   base, sources = plan['base_index'], plan['source_index']
   images, labels, names = canary_audit._load_split(config, 'train')
   test_images, test_labels, _ = canary_audit._load_split(config, 'test')
@@ -83,10 +114,12 @@ def main(argv):
   private = [i for i in range(len(names)) if i not in public]
   excluded = np.concatenate([base, sources[sources >= 0]]).astype(int)
   pub = public_indices(labels, excluded, public, FLAGS.public_per_class, FLAGS.seed)
-  private_bytes = {images[i].tobytes() for i in base}
-  if any(images[i].tobytes() in private_bytes for i in pub):
-    raise SystemExit('error: a public image equals a private one; nothing written')
+  private_bytes = audit_images(audit, plan['images'], audit_plan['base_size'])
+  if any(_pixels(images[i]) in private_bytes for i in pub):
+    raise SystemExit('error: a public image equals a private one or a canary; nothing written')
   staging = out.with_name(out.name + '.partial')
+  if staging.exists():   # a crashed earlier run, perhaps with other flags
+    shutil.rmtree(staging)
   counts = {
       'private/train': _write(staging / 'private' / 'train', images[base], labels[base],
                               private, names),

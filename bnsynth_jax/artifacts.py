@@ -47,8 +47,9 @@ def _check_layout(directory, m: dict) -> None:
   if m['stem'] == 'imagenet' and m.get('padding') != IMAGENET_STEM_PADDING:
     raise UserError(f'{directory} holds an ImageNet-stem {m["name"]} saved with the padding '
                     'layout before 2026-12-03 (one-sided on stride-2 layers), which this '
-                    'version does not build: train it again, or re-convert its source with '
-                    'python -m bnsynth_jax.convert')
+                    'version does not build: train it again (a folder converted from a torchvision '
+                    '.pth: convert the .pth again; converting its variables with --flax would '
+                    'keep the old layout)')
 
 
 def save_model(directory, *, model_config, variables, class_names, image_shape, mean, std,

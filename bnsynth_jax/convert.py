@@ -167,6 +167,34 @@ def load_flax_variables(path) -> dict:
   return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {})}
 
 
+def refuse_old_layout_folder(path) -> None:
+  """A flax file inside a teacher folder whose manifest predates the ImageNet stem's
+  symmetric padding: its weights were trained with the old layout, and converting them would
+  stamp the new one on them (artifacts._check_layout)."""
+  path = fileio.path(path)
+  for folder in ([path] if path.is_dir() else []) + list(path.resolve().parents)[:3]:
+    manifest = folder / 'manifest.json'
+    if manifest.is_file():
+      try:
+        model = fileio.read_json(manifest).get('model', {})
+      except (OSError, ValueError, AttributeError):
+        return
+      if model.get('stem') == 'imagenet' and model.get('padding') != artifacts.IMAGENET_STEM_PADDING:
+        raise UserError(f'{path} belongs to {folder}, an ImageNet-stem model trained with the '
+                        'padding layout before 2026-12-03: converting it would not change its '
+                        'features; train it again')
+      return
+
+
+def read_class_names(path) -> list[str]:
+  try:
+    text = fileio.path(path).read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f'--class_names={path} is not a readable text file '
+                    f'({type(e).__name__}): give one class name per line') from e
+  return [n.strip() for n in text.splitlines() if n.strip()]
+
+
 def _file_sha256(path) -> str:
   path = fileio.path(path)
   files = sorted(p for p in path.rglob('*') if p.is_file()) if path.is_dir() else [path]
@@ -252,11 +280,9 @@ def convert() -> None:
   else:
     if not FLAGS.arch:
       raise UserError('--flax needs --arch (one of ' + ', '.join(ARCHS) + ')')
+    refuse_old_layout_folder(source)
     arch, variables = FLAGS.arch, load_flax_variables(source)
-  names = None
-  if FLAGS.class_names:
-    names = [n.strip() for n in fileio.path(FLAGS.class_names).read_text().splitlines()
-             if n.strip()]
+  names = read_class_names(FLAGS.class_names) if FLAGS.class_names else None
   mean, std = _normalisation()
   manifest = write_teacher_folder(
       FLAGS.out, variables, arch=arch, image_size=FLAGS.image_size, class_names=names,

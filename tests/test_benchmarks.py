@@ -219,6 +219,34 @@ def test_public_split_never_draws_a_private_index():
   chosen = split.public_indices(labels, excluded, [1, 3], per_class=40, seed=0)
   assert len(chosen) == 80 and len(set(chosen.tolist())) == 80
   assert not set(chosen.tolist()) & set(excluded.tolist())
-  assert sorted(np.bincount(labels[chosen], minlength=4).tolist()) == [0, 0, 40, 40]
+  assert np.bincount(labels[chosen], minlength=4).tolist() == [0, 40, 0, 40]
   with pytest.raises(SystemExit, match='lower --public_per_class'):
     split.public_indices(labels, excluded, [1], per_class=100, seed=0)
+
+
+def test_public_split_checks_the_audits_data(tmp_path):
+  """The split refuses a config that reads other data than the audit's, and its byte check
+  reads what the audit wrote (its base PNGs and its canaries), refusing an unfinished base."""
+  import ml_collections
+  from bnsynth_jax import canary_audit
+  spec = importlib.util.spec_from_file_location(
+      'public_private_split', REPO / 'benchmarks' / 'public_private_split.py')
+  split = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(split)
+  plan = {'settings': {'data': {'name': '', 'root': '/data/cifar', 'source': 'imagefolder'}},
+          'base_size': 3}
+  data = ml_collections.ConfigDict({'name': '', 'root': '/data/cifar/', 'source': 'imagefolder'})
+  split.check_same_data(data, plan)
+  data.root = '/data/other'
+  with pytest.raises(SystemExit, match='the audit drew from'):
+    split.check_same_data(data, plan)
+  rng = np.random.default_rng(0)
+  base = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+  canaries = rng.integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+  canary_audit.write_split(tmp_path / 'base' / 'train', base[:2], np.array([0, 1]), ['a', 'b'])
+  with pytest.raises(SystemExit, match='holds 2 images, not the plan'):
+    split.audit_images(tmp_path, canaries, 3)
+  canary_audit.write_split(tmp_path / 'base' / 'train', base, np.array([0, 1, 1]), ['a', 'b'])
+  seen = split.audit_images(tmp_path, canaries, 3)
+  assert {split._pixels(x) for x in [*base, *canaries]} == seen
+  assert split._pixels(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)) not in seen
