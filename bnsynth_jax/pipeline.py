@@ -108,9 +108,19 @@ def stage_config(config, stage: str, workdir=None) -> dict[str, Any]:
 
 
 def _config_differences(stored: dict, current: dict) -> list[str]:
-  # Keys only one side has come from a different code version: not a conflict.
-  return sorted(k for k in stored.keys() & current.keys()
-                if fileio.to_json(stored[k]) != fileio.to_json(current[k]))
+  """The keys whose value differs. A key only one side has comes from another code version:
+  a conflict only where the current value is not the key's default (a new key's default is
+  the behaviour the older version had; any other value changes what the stage computes)."""
+  defaults = _flatten(config_lib.default_config())
+  same = lambda a, b: fileio.to_json(a) == fileio.to_json(b)
+  changed = [k for k in stored.keys() & current.keys() if not same(stored[k], current[k])]
+  added = [k for k in current.keys() - stored.keys()
+           if k in defaults and not same(defaults[k], current[k])]
+  return sorted(changed + added)
+
+
+def _shown(record: dict, key: str) -> str:
+  return fileio.to_json(record[key]).strip() if key in record else '(not recorded)'
 
 
 def clear_stage(workdir, stage: str) -> None:
@@ -135,8 +145,7 @@ def claim_stage(config, workdir, stage: str, overwrite: bool) -> None:
     if not diffs:
       return
     if not overwrite:
-      shown = '; '.join(f'{k}: {fileio.to_json(stored[k]).strip()} -> '
-                        f'{fileio.to_json(current[k]).strip()}' for k in diffs[:3])
+      shown = '; '.join(f'{k}: {_shown(stored, k)} -> {_shown(current, k)}' for k in diffs[:3])
       more = f' (and {len(diffs) - 3} more)' if len(diffs) > 3 else ''
       raise UserError(
           f'workdir {workdir} holds a {stage} stage made with a different config ({shown}'

@@ -108,6 +108,15 @@ def test_workdir_with_a_different_config(tmp_path):
   # Keys that do not change results (logging cadence) may differ.
   assert run_main(*base, '--config.teacher.learning_rate=0.05',
                   '--config.teacher.log_every_steps=7').returncode == 0
+  # A record from an older version lacks a newer key: fine at its default (the old
+  # behaviour), a conflict at any other value.
+  base = (*base, '--config.teacher.learning_rate=0.05')
+  record = workdir / 'teacher' / 'stage_config.json'
+  older = {k: v for k, v in json.loads(record.read_text()).items() if k != 'teacher.ema_decay'}
+  record.write_text(json.dumps(older))
+  assert run_main(*base).returncode == 0
+  assert_user_error(run_main(*base, '--config.teacher.ema_decay=0.9'),
+                    'teacher.ema_decay: (not recorded) -> 0.9', '--overwrite')
 
 
 def test_teacher_init_from_starts_from_a_finished_teacher(tmp_path):
