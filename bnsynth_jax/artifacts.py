@@ -72,15 +72,16 @@ def save_model(directory, *, model_config, variables, class_names, image_shape, 
   return manifest
 
 
-def check_same_model(manifest: dict, model_config, what: str) -> None:
-  """Raises a UserError naming the first of model.name / stem / norm in which the artifact
-  of `manifest` (described as `what`, e.g. 'privacy.prior DIR') differs from the config."""
+def check_same_model(manifest: dict, model_config, what: str, field: str = 'model') -> None:
+  """Raises a UserError naming the first of name / stem / norm in which the artifact of
+  `manifest` (described as `what`, e.g. 'privacy.prior DIR') differs from `model_config`, the
+  config's `field` (model, or student.model)."""
   for key in ('name', 'stem', 'norm'):
     held = manifest['model'].get(key, 'batch')
     wanted = model_config.get(key, 'batch')
     if held != wanted:
       raise UserError(f'{what} holds model.{key}={held!r} but the config says {wanted!r}: set '
-                      f'--config.model.{key}={held}')
+                      f'--config.{field}.{key}={held}')
 
 
 def load_model(directory, dtype: str | None = None):

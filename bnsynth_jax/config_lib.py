@@ -197,6 +197,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.student.labels = 'hard'     # hard | soft (teacher soft labels) | views (per-view soft labels)
                                 # | mixed (the relabel stage's mixed-view logits)
   c.student.mixed_temperature = 4.0   # labels=mixed: targets softmax(logits / T), loss T^2 x CE
+  # Start the students (synthetic and real-subset, the same recipe) from privacy.prior's
+  # variables instead of a random initialisation (a fresh head where the class count
+  # differs). The prior must be declared public: it costs nothing, as for the teacher.
+  c.student.init_from_prior = False
   # The students' seed (batch order and initialisation; also the real-subset baseline's, whose
   # members stay those of `seed`). None = `seed`; set it to retrain on the same synthetic set
   # for seed-to-seed spread: --config.student.seed=1.

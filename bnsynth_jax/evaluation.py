@@ -14,6 +14,7 @@ from absl import logging
 
 from bnsynth_jax import (artifacts, config_lib, fileio, input_pipeline, parallel, report,
                          synthetic_data, train)
+from bnsynth_jax.privacy import prior
 from bnsynth_jax.sources import PrivateData
 from bnsynth_jax.workdir import stage_dir, teacher_dir
 
@@ -27,10 +28,14 @@ def _train_real_student(config, workdir, data, name, parts, size, teacher_manife
   batches = input_pipeline.PartitionedBatches(parts, data.num_partitions, size, cfg.batch_size,
                                               seed=seed)
 
+  start = prior.student_start(config, teacher_manifest['num_classes'],
+                              teacher_manifest['image_shape'], seed)
+
   def summary_values(summary):
     return {'test_accuracy': summary['test_accuracy'],
             'train_seconds': summary['train_seconds'], 'num_images': size, 'labels': 'hard',
-            'model': cfg.model.name, 'epochs': summary['epochs'], 'steps': summary['steps']}
+            'model': cfg.model.name, 'epochs': summary['epochs'], 'steps': summary['steps'],
+            'init': prior.student_record(config) or 'random'}
 
   _, summary = train.fit_and_save(
       stage_dir(workdir, 'evaluate') / name, model_config=cfg.model,
@@ -38,7 +43,7 @@ def _train_real_student(config, workdir, data, name, parts, size, teacher_manife
       image_shape=teacher_manifest['image_shape'], mean=teacher_manifest['mean'],
       std=teacher_manifest['std'], extra=lambda s: {'trained_on': name, **summary_values(s)},
       tensorboard=fileio.path(workdir) / 'tensorboard' / name,
-      name=name, cfg=cfg, batches=batches, seed=seed + 1,
+      name=name, cfg=cfg, batches=batches, seed=seed + 1, init=start,
       test=(data.split('test'), data.split_size('test'), data.num_partitions))
   return summary_values(summary)
 

@@ -1,4 +1,8 @@
-"""The student stage: train a fresh network from scratch on the synthetic dataset alone.
+"""The student stage: train a fresh network on the synthetic dataset alone.
+
+From scratch by default; with student.init_from_prior from the public prior's variables
+(privacy.prior, declared public: reading it costs nothing, and the student still sees no
+private data).
 
 This stage is called without a PrivateData handle (it is not a private stage): the
 only data it can read is WORKDIR/synthetic. Labels are the target hard labels
@@ -15,6 +19,7 @@ import numpy as np
 from bnsynth_jax import (config_lib, fileio, input_pipeline, parallel, relabel, report,
                          synthetic_data, train, views_np)
 from bnsynth_jax.errors import UserError
+from bnsynth_jax.privacy import prior
 from bnsynth_jax.workdir import stage_dir
 
 LABELS = ('hard', 'soft', 'views', 'mixed')
@@ -70,6 +75,8 @@ class MixedViewBatches:
 
 def validate(config) -> None:
   cfg = config.student
+  for problem in prior.student_problems(config):
+    raise UserError(problem)
   if cfg.labels not in LABELS:
     raise UserError(f"unknown student.labels {cfg.labels!r}: use one of {', '.join(LABELS)}")
   if cfg.labels == 'mixed' and not relabel.enabled(config):
@@ -92,10 +99,12 @@ def run(config, workdir) -> dict:
                                               seed=seed)
   if cfg.labels == 'mixed':
     batches = MixedViewBatches(batches, ds.images, relabel.load_mixed(workdir))
+  start = prior.student_start(config, manifest['num_classes'], manifest['image_shape'], seed)
+
   def summary_values(summary):
     return {'train_seconds': summary['train_seconds'], 'labels': cfg.labels,
             'num_images': len(ds), 'model': cfg.model.name, 'epochs': summary['epochs'],
-            'steps': summary['steps']}
+            'steps': summary['steps'], 'init': prior.student_record(config) or 'random'}
 
   _, summary = train.fit_and_save(
       stage_dir(workdir, 'student') / 'synthetic', model_config=cfg.model,
@@ -104,7 +113,7 @@ def run(config, workdir) -> dict:
       extra=lambda s: {'trained_on': 'synthetic', **summary_values(s),
                        **({'privacy': manifest['privacy']} if manifest.get('privacy') else {})},
       tensorboard=fileio.path(workdir) / 'tensorboard' / 'student',
-      name='student', cfg=cfg, batches=batches, seed=seed + 1, labels=cfg.labels,
+      name='student', cfg=cfg, batches=batches, seed=seed + 1, labels=cfg.labels, init=start,
       soft_temperature=(cfg.mixed_temperature if cfg.labels == 'mixed'
                         else manifest['soft_label_temperature']),
       views=None if views is None else {'key': jax.random.key(views['seed']),

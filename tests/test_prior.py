@@ -70,6 +70,34 @@ def test_the_prior_starts_every_layer_but_a_head_of_another_class_count(tmp_path
   assert start['params']['head']['kernel'].shape[-1] == 3
 
 
+def test_a_student_starts_from_the_public_prior_only_when_asked_and_declared(tmp_path):
+  from bnsynth_jax import student
+  held = save_prior(tmp_path / 'p', classes=('a', 'b', 'c', 'd'))
+  config = dp_config(tmp_path / 'p')
+  config.student.model.update(name='resnet_tiny', norm='group')
+  assert prior.student_start(config, 3, (8, 8, 1), seed=0) is None       # off by default
+  assert prior.student_record(config) is None
+  config.student.init_from_prior = True
+  student.validate(config)
+  start = prior.student_start(config, 3, (8, 8, 1), seed=0)
+  for name in held['params']:
+    if name != prior.HEAD:
+      for a, b in zip(jax.tree.leaves(start['params'][name]), jax.tree.leaves(held['params'][name])):
+        np.testing.assert_array_equal(a, b)
+  assert start['params']['head']['kernel'].shape == (held['params']['head']['kernel'].shape[0], 3)
+  assert prior.student_record(config) == {'prior': str(tmp_path / 'p'), 'declared_public': True,
+                                          'variables_sha256': prior.weights_sha256(tmp_path / 'p')}
+  config.student.model.norm = 'batch'                    # the student's model must be the prior's
+  with pytest.raises(UserError, match='student.model.norm=group'):
+    prior.student_start(config, 3, (8, 8, 1), seed=0)
+  config.privacy.prior_is_public = False
+  with pytest.raises(UserError, match='prior_is_public=True'):
+    student.validate(config)
+  config.privacy.prior = ''
+  with pytest.raises(UserError, match='privacy.prior'):
+    student.validate(config)
+
+
 def test_trainable_masks():
   model = models.create_model('resnet_tiny', 3, norm='group')
   params = models.init_variables(model, jax.random.key(0), (8, 8, 1))['params']
@@ -170,15 +198,21 @@ def test_a_dp_run_with_a_prior_names_it_in_every_manifest_and_pays_only_its_step
           '--config.privacy.stats_noise_multiplier=4', '--config.teacher.num_steps=3',
           '--config.teacher.batch_size=128', '--config.synthesis.images_per_class=4',
           '--config.synthesis.batch_size=40', '--config.synthesis.iterations=2',
-          f'--workdir={workdir}', '--stages=teacher,stats,synthesize')
+          '--config.student.model.name=resnet_tiny', '--config.student.model.norm=group',
+          '--config.student.init_from_prior=True', '--config.student.num_steps=2',
+          '--config.student.batch_size=40',
+          f'--workdir={workdir}', '--stages=teacher,stats,synthesize,student')
   result = run_main(*args)
   assert result.returncode == 0, result.stderr[-3000:]
   expected = prior.weights_sha256(tmp_path / 'prior')
   manifests = [workdir / d / 'manifest.json' for d in ('teacher', 'stats', 'synthetic')]
-  for path in manifests:
+  for path in manifests + [workdir / 'student' / 'synthetic' / 'manifest.json']:
     record = json.loads(path.read_text())['privacy']
     assert record['prior']['variables_sha256'] == expected, path
     assert record['prior']['declared_public'] is True and record['private'] is True
+  # The student started from the same public prior (student.init_from_prior), recorded.
+  start = json.loads((workdir / 'student' / 'manifest.json').read_text())['synthetic']['init']
+  assert start['variables_sha256'] == expected and start['declared_public'] is True
   # The prior costs nothing: the budget is the one of the same private steps from scratch.
   from bnsynth_jax.configs import digits
   scratch = digits.get_config()

@@ -86,13 +86,14 @@ def record(config) -> dict:
           'prior_command': manifest.get('command')}
 
 
-def initial_variables(config, model, image_shape, rng) -> dict:
-  """The prior's variables for `model` (checked against the config), with a fresh head
-  where the prior's has another class count."""
+def initial_variables(config, model, image_shape, rng, field: str = 'model') -> dict:
+  """The prior's variables for `model` (checked against the config's `field`: model, or
+  student.model), with a fresh head where the prior's has another class count."""
   from bnsynth_jax import artifacts, models
   where = config.privacy.prior
   _, prior, manifest = artifacts.load_model(folder(config))
-  artifacts.check_same_model(manifest, config.model, f'privacy.prior {where}')
+  model_config = config.student.model if field == 'student.model' else config.model
+  artifacts.check_same_model(manifest, model_config, f'privacy.prior {where}', field)
   if list(manifest['image_shape']) != list(image_shape):
     raise UserError(f'privacy.prior {where} takes {manifest["image_shape"]} images but the '
                     f'data is {list(image_shape)}: set --config.data.image_size and '
@@ -120,6 +121,38 @@ def _merge(fresh, prior, where):
                     'give a prior of the same architecture (model.name, widths)')
 
   return jax.tree_util.tree_map_with_path(pick, fresh)
+
+
+def student_problems(config) -> list[str]:
+  """student.init_from_prior needs a prior declared public (it is then free: the student
+  reads only it and the released synthetic set)."""
+  if not config.student.get('init_from_prior', False):
+    return []
+  if not enabled(config):
+    return ['student.init_from_prior=True starts the students from privacy.prior, which is '
+            'empty: give --config.privacy.prior=DIR (a public teacher folder) or drop the flag']
+  return [] if config.privacy.get('prior_is_public', False) else [
+      f'student.init_from_prior=True reads privacy.prior={config.privacy.prior}: declare it '
+      'public with --config.privacy.prior_is_public=True']
+
+
+def student_start(config, num_classes: int, image_shape, seed: int) -> dict | None:
+  """student.init_from_prior: the variables a student (and its real-subset baseline, the
+  same recipe) starts from -- the public prior's, a fresh head where the class count
+  differs; None (a random initialisation) otherwise."""
+  if not config.student.get('init_from_prior', False):
+    return None
+  from bnsynth_jax import models
+  model = models.from_config(config.student.model, num_classes)
+  return initial_variables(config, model, image_shape, jax.random.key(seed), 'student.model')
+
+
+def student_record(config) -> dict | None:
+  """What a student's manifest says of its start: the prior, its sha256, the declaration."""
+  if not config.student.get('init_from_prior', False):
+    return None
+  return {'prior': str(config.privacy.prior), 'variables_sha256': weights_sha256(folder(config)),
+          'declared_public': bool(config.privacy.prior_is_public)}
 
 
 def trainable_mask(params, which: str):
