@@ -75,8 +75,9 @@ class MixedViewBatches:
 
 def validate(config) -> None:
   cfg = config.student
-  for problem in prior.student_problems(config):
-    raise UserError(problem)
+  problems = prior.student_problems(config)
+  if problems:
+    raise UserError(problems[0])
   if cfg.labels not in LABELS:
     raise UserError(f"unknown student.labels {cfg.labels!r}: use one of {', '.join(LABELS)}")
   if cfg.labels == 'mixed' and not relabel.enabled(config):

@@ -20,6 +20,7 @@ initialisation; every other layer must match the configured model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pathlib
 
@@ -92,7 +93,7 @@ def initial_variables(config, model, image_shape, rng, field: str = 'model') -> 
   from bnsynth_jax import artifacts, models
   where = config.privacy.prior
   _, prior, manifest = artifacts.load_model(folder(config))
-  model_config = config.student.model if field == 'student.model' else config.model
+  model_config = functools.reduce(getattr, field.split('.'), config)
   artifacts.check_same_model(manifest, model_config, f'privacy.prior {where}', field)
   if list(manifest['image_shape']) != list(image_shape):
     raise UserError(f'privacy.prior {where} takes {manifest["image_shape"]} images but the '
