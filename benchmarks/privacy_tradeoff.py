@@ -63,9 +63,19 @@ def _row(eps_text: str, folder: pathlib.Path, real_subset: float | None) -> tupl
 
   ratio = acc['student']['mean'] / real_subset if real_subset else None
   s = audit['settings']
+  student_cell = fmt(tpr['student'])
+  if 'release' in attacks:        # audits since 2026-12-05: the release's students, averaged
+    release = attacks['release']['strongest']['tpr_at_0.001_fpr']
+    student_cell = (f"{fmt(release)} (release, {audit['release_students'] + 1} students); "
+                    f'one student {student_cell}')
+    tpr['student'] = max(tpr['student'], release, key=lambda m: m['value'])
+  bound = audit.get('lower_bound', {}).get('release') or audit.get('lower_bound', {}).get(
+      'student')
+  if bound:
+    student_cell += f"; replace-one epsilon >= {bound['value']:.2f} (95%)"
   row = [eps_text, _privacy_cell(p),
          f"{100 * acc['teacher']['mean']:.2f}%", f"{100 * acc['student']['mean']:.2f}%",
-         f'{ratio:.3f}' if ratio else '—', fmt(tpr['student']), fmt(tpr['synthetic_nn']),
+         f'{ratio:.3f}' if ratio else '—', student_cell, fmt(tpr['synthetic_nn']),
          fmt(tpr['teacher']), f"{s['shadows']} x {s['canaries']} {s['kind']}",
          f"`{audit['command']}`"]
   point = {'epsilon': p['epsilon'] if p else math.inf, 'teacher': acc['teacher']['mean'],

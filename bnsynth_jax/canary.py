@@ -1,7 +1,7 @@
 """Canary audit: how much the whole pipeline leaks about its most exposed training records.
 
   python -m bnsynth_jax.canary --config=configs/digits.py --workdir=DIR \
-      --canaries=50 --shadows=16 [--kind=mislabeled] [--config.x.y=v ...]
+      --canaries=50 --shadows=16 [--kind=mislabeled] [--adjacency=replace] [--config.x.y=v ...]
 
 Published audits of synthetic-data pipelines (Aerni, Zhang and Tramer, CCS 2024;
 ethz-spylab/misleading-privacy-evals) plant canaries -- mislabeled or out-of-distribution
@@ -34,6 +34,19 @@ Here:
    bootstrap 95% intervals, by jax_privacy.auditing; per target the strongest attack (by
    TPR at 0.1% FPR) is reported as such.
 
+   With --release_students=N (3 by default), N more students per run trained on the run's
+   synthetic release with other seeds: the attacker holds the release and can train its own
+   students; the mean margin of the audit's student and these N (target 'release') carries
+   less of one student's training noise.
+5. Lower bound (--adjacency=replace): an OUT run holds the canary's alternative record in
+   its place (a mislabeled canary's source image with its true label), and every (run,
+   canary) is IN with probability 1/2 independently, so IN and OUT differ by replacing one
+   record -- the adjacency the DP guarantee is stated for. The one-run audit of Steinke,
+   Nasr and Jagielski (2023; jax_privacy.auditing) then gives a lower bound on that
+   epsilon at 95% confidence; each half of the runs is attacked with LiRA fitted on the
+   other half only, so no guess sees its own bit. The default 'add_remove' (balanced
+   design, canaries absent from OUT runs) reports only an indication.
+
 Output: DIR/canary_audit.json, DIR/canary_audit.md and DIR/canary_roc.png; each run's
 scores in DIR/shadow_<m>/scores.npz (kept, so an interrupted audit rescored later only
 trains what is missing).
@@ -61,6 +74,15 @@ flags.DEFINE_string('shadow_ids', '', 'Runs to train here, e.g. 0-7 (empty = all
                     'report is written when every run has its scores.')
 flags.DEFINE_integer('bootstrap', 200, 'Bootstrap resamples for the intervals.')
 flags.DEFINE_integer('audit_seed', 0, 'Seed of the canary choice and the IN/OUT design.')
+flags.DEFINE_enum('adjacency', 'add_remove', ['add_remove', 'replace'],
+                  "How an OUT run differs from an IN run: 'add_remove' (the canary absent; a "
+                  "balanced design) or 'replace' (the canary's alternative record in its place, "
+                  'each (run, canary) IN independently: the adjacency of the DP guarantee, and '
+                  'the one-run lower bound on its epsilon).')
+flags.DEFINE_integer('release_students', 3, 'Students more per shadow run, trained on its '
+                     'synthetic release with other seeds: the attacker holds the release, and '
+                     "the mean of their margins (target 'release') has less of one student's "
+                     'training noise. Added to finished runs without retraining them; 0 = none.')
 flags.DEFINE_bool('real_student', False, 'Also attack a student of the student recipe trained '
                   'on each run\'s real training data (its IN canaries included): the contrast '
                   'to the synthetic-trained student; one more real-data training per run, '
@@ -81,7 +103,8 @@ def main(argv):
         FLAGS.config, FLAGS.workdir, num_canaries=FLAGS.canaries, num_shadows=FLAGS.shadows,
         kind=FLAGS.kind, train_subset=FLAGS.train_subset, shadow_ids=FLAGS.shadow_ids,
         bootstrap=FLAGS.bootstrap, audit_seed=FLAGS.audit_seed,
-        real_student=FLAGS.real_student)
+        real_student=FLAGS.real_student, adjacency=FLAGS.adjacency,
+        release_students=FLAGS.release_students)
   except UserError as e:
     for line in str(e).splitlines():
       print(f'error: {line}', file=sys.stderr, flush=True)

@@ -9,11 +9,10 @@ import re
 import numpy as np
 from absl import logging
 
-from bnsynth_jax import fileio
+from bnsynth_jax import canary_attacks, fileio
 from bnsynth_jax.errors import UserError
 
 STAGES = 'teacher,stats,synthesize,relabel,student'   # relabel: a no-op at relabel.epochs 0
-FPRS = (0.01, 0.001)
 TARGETS = {
     'student': 'synthetic-trained student: logit margin on the planted label',
     'synthetic_nn': 'synthetic images: negative L2 distance to the nearest one',
@@ -24,6 +23,12 @@ TARGETS = {
 # data (its IN canaries included), the contrast to the synthetic-trained student.
 REAL_STUDENT = {'real_student': 'student trained on the real data (same recipe): logit margin '
                                 'on the planted label'}
+# With --release_students=N: the attacker holds the release and trains N more students on
+# it (other seeds); the mean of their and the audit student's margins is one score with less
+# of a single student's training noise (digits: 32.0% against 20.9% at 0.1% FPR, N=3).
+RELEASE = {'release': 'synthetic release: mean logit margin on the planted label of the '
+                      'audit\'s student and more trained on the release'}
+RELEASE_SEED_STRIDE = 7919      # student seeds of the extra students: seed + stride x (j + 1)
 
 
 @dataclasses.dataclass
@@ -34,13 +39,28 @@ class Canaries:
   source_index: np.ndarray  # int [K], index in the train split (noise: -1)
 
 
+# How an OUT run differs from an IN run. 'add_remove': the canary is absent (the dataset
+# is one record smaller). 'replace': the canary's slot holds its alternative record instead
+# -- a mislabeled canary's source image with its true label, a noise canary's second noise
+# image -- so IN and OUT differ by replacing one record, the adjacency DP mode's guarantee
+# is stated for; with an independent design this gives the one-run lower bound below.
+ADJACENCIES = ('add_remove', 'replace')
+
+
+@dataclasses.dataclass
+class Alternatives:
+  images: np.ndarray        # uint8 [K, H, W, C], what an OUT run holds in canary k's place
+  labels: np.ndarray        # int32 [K]
+
+
 # ----------------------------------------------------------------------------
 # Canaries and the IN/OUT design
 
 
 def choose_canaries(images, labels, num_classes: int, k: int, kind: str,
                     rng: np.random.Generator) -> tuple[Canaries, np.ndarray]:
-  """K canaries and the mask of train images left in the base set."""
+  """K canaries and the mask of train images left in the base set (the random draws of an
+  audit made before --adjacency existed, so its plans still read back the same)."""
   if k < 2 or k > len(labels) // 2:
     raise UserError(f'--canaries={k} must be between 2 and half the train split '
                     f'({len(labels) // 2})')
@@ -58,6 +78,28 @@ def choose_canaries(images, labels, num_classes: int, k: int, kind: str,
   raise UserError(f"unknown canary kind {kind!r}: use 'mislabeled' or 'noise'")
 
 
+def alternatives(canaries: Canaries, images, labels, num_classes: int,
+                 rng: np.random.Generator) -> Alternatives:
+  """The record an OUT run holds in each canary's place (adjacency 'replace'): a mislabeled
+  canary's source image with its true label, a noise canary's second noise image with a
+  random label."""
+  if np.all(canaries.source_index >= 0):
+    idx = canaries.source_index
+    return Alternatives(images[idx], labels[idx].astype(np.int32))
+  k = len(canaries.labels)
+  return Alternatives(rng.integers(0, 256, canaries.images.shape, dtype=np.uint8),
+                      rng.integers(0, num_classes, k).astype(np.int32))
+
+
+def independent_design(num_shadows: int, k: int, rng: np.random.Generator) -> np.ndarray:
+  """bool [M, K]: every (run, canary) IN with probability 1/2, independently -- what the
+  one-run audit's bound assumes (a balanced column is not independent across runs)."""
+  if num_shadows < 4 or num_shadows % 2:
+    raise UserError(f'--shadows={num_shadows} must be even and at least 4 (16 or more for '
+                    'TPR at low FPR)')
+  return rng.random((num_shadows, k)) < 0.5
+
+
 def balanced_design(num_shadows: int, k: int, rng: np.random.Generator) -> np.ndarray:
   """bool [M, K]: canary k is IN exactly M/2 runs."""
   if num_shadows < 4 or num_shadows % 2:
@@ -65,171 +107,6 @@ def balanced_design(num_shadows: int, k: int, rng: np.random.Generator) -> np.nd
                     'TPR at low FPR)')
   column = np.arange(num_shadows) < num_shadows // 2
   return np.stack([rng.permutation(column) for _ in range(k)], axis=1)
-
-
-# ----------------------------------------------------------------------------
-# Attacks and their measures
-
-
-# LiRA's variance choices and their attacks' name suffixes.
-VARIANCES = {'': 'pooled', '_per_canary_variance': 'per_canary',
-             '_shrunk_variance': 'shrunk'}
-
-
-def lira_scores(scores: np.ndarray, design: np.ndarray, variance: str = 'pooled') -> np.ndarray:
-  """Online LiRA, leave-one-run-out: [M, K] log-likelihood ratios log N(s; mu_in_k, sd_in) -
-  log N(s; mu_out_k, sd_out) of each run's score, with per-canary IN and OUT means from the
-  other runs. `variance`: 'pooled' -- one IN and one OUT variance over every canary (the
-  fixed-variance LiRA, robust with few shadows); 'per_canary' -- each canary's own variance,
-  its IN and OUT deviations pooled (as the LiRA paper's online attack with enough shadows;
-  a canary with fewer than 2 IN or 2 OUT runs falls back to the pooled one); 'shrunk' --
-  each canary's own averaged with the pool's (`_per_canary_sd`)."""
-  m_runs = scores.shape[0]
-  out = np.zeros_like(scores, dtype=np.float64)
-  for m in range(m_runs):
-    others = np.arange(m_runs) != m
-    stats = []
-    for member in (True, False):
-      w = (design == member) & others[:, None]
-      n = np.maximum(w.sum(0), 1)
-      mu = (scores * w).sum(0) / n
-      var = ((scores - mu) ** 2 * w).sum() / max(w.sum() - w.shape[1], 1)
-      stats.append((mu, np.full(scores.shape[1], np.sqrt(max(var, 1e-12))), w))
-    (mu_in, sd_in, w_in), (mu_out, sd_out, w_out) = stats
-    if variance in ('per_canary', 'shrunk'):
-      sd_in, sd_out = _per_canary_sd(scores, mu_in, mu_out, w_in, w_out, sd_in, sd_out,
-                                     shrink=variance == 'shrunk')
-    elif variance != 'pooled':
-      raise ValueError(f'unknown LiRA variance {variance!r}')
-    s = scores[m]
-    out[m] = (-0.5 * ((s - mu_in) / sd_in) ** 2 - np.log(sd_in)
-              + 0.5 * ((s - mu_out) / sd_out) ** 2 + np.log(sd_out))
-  return out
-
-
-def _per_canary_sd(scores, mu_in, mu_out, w_in, w_out, pooled_in, pooled_out,
-                   shrink: bool = False):
-  """Each canary's standard deviation, its IN and OUT squared deviations pooled (the same
-  for both hypotheses); the pooled ones where a canary has too few runs of either kind.
-  With `shrink`, each canary's variance is averaged half and half with the variance
-  pooled over all canaries (an estimate from ~14 runs is noisy, and a too small one makes
-  the likelihood ratio of an OUT run extreme: the false positives that decide TPR at low
-  FPR)."""
-  n_in, n_out = w_in.sum(0), w_out.sum(0)
-  squares = ((scores - mu_in) ** 2 * w_in).sum(0) + ((scores - mu_out) ** 2 * w_out).sum(0)
-  dof = np.maximum(n_in + n_out - 2, 1)
-  var = np.maximum(squares / dof, 1e-12)
-  if shrink:
-    var = 0.5 * var + 0.5 * max(squares.sum() / max(dof.sum(), 1), 1e-12)
-  sd = np.sqrt(var)
-  enough = (n_in >= 2) & (n_out >= 2)
-  return np.where(enough, sd, pooled_in), np.where(enough, sd, pooled_out)
-
-
-def attack_measures(in_scores, out_scores, bootstrap: int, seed: int) -> dict:
-  """AUC and TPR at FPRS (jax_privacy.auditing), each with a bootstrap 95% interval."""
-  from jax_privacy import auditing
-  auditor = auditing.CanaryScoreAuditor(np.asarray(in_scores), np.asarray(out_scores))
-  params = (auditing.BootstrapParams(num_samples=bootstrap, quantiles=(0.025, 0.975),
-                                     seed=seed) if bootstrap else None)
-
-  def with_interval(value, fn):
-    out = {'value': float(value)}
-    if params is not None:
-      lo, hi = np.asarray(fn(params), np.float64)
-      out['ci95'] = [float(lo), float(hi)]
-    return out
-
-  result = {'auc': with_interval(auditor.attack_auroc(),
-                                 lambda p: auditor.attack_auroc(bootstrap_params=p))}
-  for fpr in FPRS:
-    result[f'tpr_at_{fpr:g}_fpr'] = with_interval(
-        auditor.tpr_at_given_fpr(fpr),
-        lambda p, fpr=fpr: auditor.tpr_at_given_fpr(fpr, bootstrap_params=p))
-  # A statistically valid lower bound on epsilon (Clopper-Pearson, 95%, Bonferroni over
-  # thresholds): a DP run's must stay below its guarantee.
-  result['epsilon_lower_bound_95'] = float(auditor.epsilon_clopper_pearson(0.05, delta=1e-5))
-  result['num_in'], result['num_out'] = int(np.size(in_scores)), int(np.size(out_scores))
-  return result
-
-
-def roc_curve(in_scores, out_scores) -> tuple[np.ndarray, np.ndarray]:
-  scores = np.concatenate([in_scores, out_scores])
-  member = np.concatenate([np.ones(len(in_scores)), np.zeros(len(out_scores))])
-  order = np.argsort(-scores, kind='stable')
-  tpr = np.concatenate([[0], np.cumsum(member[order]) / max(len(in_scores), 1)])
-  fpr = np.concatenate([[0], np.cumsum(1 - member[order]) / max(len(out_scores), 1)])
-  return fpr, tpr
-
-
-def augmented_lira_scores(scores: np.ndarray, design: np.ndarray, variance: str) -> np.ndarray:
-  """LiRA over several queries per canary ([M, K, A] scores: flips and shifts): each
-  query's log-likelihood ratio, averaged over the queries (as the LiRA paper's attack)."""
-  return np.mean([lira_scores(scores[..., a], design, variance)
-                  for a in range(scores.shape[-1])], axis=0)
-
-
-def multivariate_lira_scores(scores: np.ndarray, design: np.ndarray,
-                             per_canary_scale: bool = False) -> np.ndarray:
-  """LiRA on all the queries of a canary at once ([M, K, A] scores -> [M, K]): per canary
-  the IN and OUT mean vectors over the other runs, one covariance of the queries pooled
-  over every (other run, canary) residual -- the queries of one canary (shifted views)
-  are strongly correlated, which averaging their ratios as if independent ignores -- and
-  the log-likelihood ratio of two Gaussians with that covariance, the linear discriminant
-  d' C^-1 (s - (mu_in + mu_out) / 2), d = mu_in - mu_out. With `per_canary_scale`, each
-  canary's covariance is the pooled one times its own residual scale (its mean squared
-  Mahalanobis residual per query), shrunk half-way to 1 as `_per_canary_sd`."""
-  m_runs, k, a = scores.shape
-  out = np.zeros((m_runs, k))
-  for m in range(m_runs):
-    others = np.arange(m_runs) != m
-    w_in = (design & others[:, None])[..., None]
-    w_out = (~design & others[:, None])[..., None]
-    mu_in = (scores * w_in).sum(0) / np.maximum(w_in.sum(0), 1)
-    mu_out = (scores * w_out).sum(0) / np.maximum(w_out.sum(0), 1)
-    resid = np.where(design[..., None], scores - mu_in, scores - mu_out)[others]  # [M-1, K, A]
-    dof = max(resid.shape[0] * k - 2 * k, 1)
-    cov = np.einsum('rka,rkb->ab', resid, resid) / dof
-    cov += np.eye(a) * max(1e-9, 1e-6 * np.trace(cov) / a)
-    inv = np.linalg.inv(cov)
-    scale = np.ones(k)
-    if per_canary_scale:
-      own = np.einsum('rka,ab,rkb->k', resid, inv, resid) / (a * max(resid.shape[0] - 2, 1))
-      scale = 0.5 * own + 0.5
-    d = mu_in - mu_out
-    out[m] = np.einsum('ka,ab,kb->k', d, inv, scores[m] - 0.5 * (mu_in + mu_out)) / scale
-  return out
-
-
-def evaluate_attacks(scores: dict[str, np.ndarray], design: np.ndarray, bootstrap: int,
-                     seed: int) -> dict:
-  """{target: {attack: measures}} over every (run, canary) pair: LiRA with a pooled, a
-  per-canary and a shrunk per-canary variance, the global threshold, and for [M, K, A]
-  scores (several queries per canary, `augmented_queries`) LiRA on the first (plain) query,
-  over all of them (the likelihood ratios averaged), on their mean score, and on their
-  vector (`multivariate_lira_scores`); then
-  'strongest', the attack of the highest TPR at 0.1% FPR (ties: AUC)."""
-  results = {}
-  for target, s in scores.items():
-    plain = s[..., 0] if s.ndim == 3 else s
-    attacks = {}
-    for suffix, variance in VARIANCES.items():
-      attacks['lira' + suffix] = lira_scores(plain, design, variance)
-      if s.ndim == 3:
-        attacks['lira_augmented' + suffix] = augmented_lira_scores(s, design, variance)
-        # The queries' scores averaged first (one less noisy statistic per canary), then LiRA.
-        attacks['lira_mean_query' + suffix] = lira_scores(s.mean(-1), design, variance)
-    if s.ndim == 3 and s.shape[-1] > 1:
-      attacks['lira_multivariate'] = multivariate_lira_scores(s, design)
-      attacks['lira_multivariate_per_canary_scale'] = multivariate_lira_scores(
-          s, design, per_canary_scale=True)
-    attacks['threshold'] = plain
-    results[target] = {name: attack_measures(a[design], a[~design], bootstrap, seed)
-                       for name, a in attacks.items()}
-    best = max(results[target], key=lambda name: (
-        results[target][name]['tpr_at_0.001_fpr']['value'], results[target][name]['auc']['value']))
-    results[target]['strongest'] = {**results[target][best], 'attack': best}
-  return results
 
 
 # ----------------------------------------------------------------------------
@@ -339,9 +216,12 @@ def write_split(root, images, labels, class_names, prefix: str = 'img') -> list:
   return paths
 
 
-def shadow_data(workdir, m: int, base_paths, canary_paths, member: np.ndarray):
-  """WORKDIR/shadow_m/data: hard links to the base train images and this run's IN canaries,
-  the test split linked to the shared one. Built in a temporary folder, then renamed."""
+def shadow_data(workdir, m: int, base_paths, canary_paths, member: np.ndarray,
+                alternative_paths=None):
+  """WORKDIR/shadow_m/data: hard links to the base train images and this run's IN canaries
+  (with `alternative_paths`, adjacency 'replace': each OUT canary's alternative record in
+  its place), the test split linked to the shared one. Built in a temporary folder, then
+  renamed."""
   import os
   import shutil
   root = fileio.path(workdir) / f'shadow_{m}' / 'data'
@@ -350,7 +230,10 @@ def shadow_data(workdir, m: int, base_paths, canary_paths, member: np.ndarray):
   tmp = root.parent / 'data.tmp'
   if tmp.exists():
     shutil.rmtree(str(tmp))
-  for src in list(base_paths) + [p for p, is_in in zip(canary_paths, member) if is_in]:
+  slots = [p for p, is_in in zip(canary_paths, member) if is_in]
+  if alternative_paths is not None:
+    slots += [p for p, is_in in zip(alternative_paths, member) if not is_in]
+  for src in list(base_paths) + slots:
     dst = tmp / 'train' / src.parent.name / f'{src.parent.parent.name}_{src.name}'
     dst.parent.mkdir(parents=True, exist_ok=True)
     os.link(str(src), str(dst))
@@ -380,17 +263,21 @@ def _load_split(config, split: str):
 
 
 def prepare(config, workdir, *, num_canaries: int, num_shadows: int, kind: str,
-            train_subset: int, audit_seed: int) -> dict:
-  """The base set, the canaries and the design, written once to WORKDIR (plan.json last);
-  a later call reads them back, refusing other settings."""
+            train_subset: int, audit_seed: int, adjacency: str = 'add_remove') -> dict:
+  """The base set, the canaries (and with adjacency 'replace' their alternatives) and the
+  design, written once to WORKDIR (plan.json last); a later call reads them back, refusing
+  other settings."""
+  if adjacency not in ADJACENCIES:
+    raise UserError(f"--adjacency={adjacency!r}: use one of {', '.join(ADJACENCIES)}")
   workdir = fileio.path(workdir)
   settings = {'canaries': num_canaries, 'shadows': num_shadows, 'kind': kind,
               'train_subset': train_subset, 'audit_seed': audit_seed,
               'data': {'source': config.data.source, 'name': config.data.name,
-                       'root': config.data.root}}
+                       'root': config.data.root}, 'adjacency': adjacency}
   plan_file = workdir / 'plan.json'
   if plan_file.exists():
     plan = fileio.read_json(plan_file)
+    plan['settings'].setdefault('adjacency', 'add_remove')   # audits before the flag
     if plan['settings'] != settings:
       raise UserError(f'{workdir} holds a canary audit with other settings ({plan["settings"]}): '
                       'use a new --workdir or the same flags')
@@ -404,7 +291,14 @@ def prepare(config, workdir, *, num_canaries: int, num_shadows: int, kind: str,
     base = np.flatnonzero(keep)
     if train_subset:
       base = np.sort(rng.choice(base, min(train_subset, len(base)), replace=False))
-    design = balanced_design(num_shadows, num_canaries, rng)
+    if adjacency == 'replace':
+      design = independent_design(num_shadows, num_canaries, rng)
+      alt = alternatives(canaries, images, labels, len(names), rng)
+      write_split(workdir / 'base' / 'alternatives', alt.images, alt.labels, names,
+                  prefix='alternative')
+      fileio.atomic_write_npz(workdir / 'alternatives.npz', **dataclasses.asdict(alt))
+    else:
+      design = balanced_design(num_shadows, num_canaries, rng)
     write_split(workdir / 'base' / 'train', images[base], labels[base], names)
     write_split(workdir / 'base' / 'test', test_images, test_labels, names)
     write_split(workdir / 'base' / 'canaries', canaries.images, canaries.labels, names,
@@ -418,6 +312,9 @@ def prepare(config, workdir, *, num_canaries: int, num_shadows: int, kind: str,
   arrays = fileio.read_npz(workdir / 'canaries.npz')
   plan['canaries'] = Canaries(*(arrays[f.name] for f in dataclasses.fields(Canaries)))
   plan['design'] = arrays['design'].astype(bool)
+  if adjacency == 'replace':
+    alt = fileio.read_npz(workdir / 'alternatives.npz')
+    plan['alternatives'] = Alternatives(alt['images'], alt['labels'])
   return plan
 
 
@@ -426,11 +323,12 @@ def _paths(root, names, labels, prefix):
           for i, y in enumerate(labels)]
 
 
-def run_shadow(config, workdir, m: int, plan: dict,
-               real_student: bool = False) -> dict[str, np.ndarray]:
+def run_shadow(config, workdir, m: int, plan: dict, real_student: bool = False,
+               release_students: int = 0) -> dict[str, np.ndarray]:
   """Shadow run m (resumable: the pipeline's stages resume), then its scores (kept). With
-  `real_student`, also the evaluate stage's student on the run's whole real training split
-  (added to a finished run's scores without retraining anything else)."""
+  `real_student`, also the evaluate stage's student on the run's whole real training split;
+  with `release_students`, that many more students on the run's release (each added to a
+  finished run's scores without retraining anything else)."""
   from bnsynth_jax import pipeline
   from bnsynth_jax.workdir import stage_dir
   workdir = fileio.path(workdir)
@@ -439,12 +337,16 @@ def run_shadow(config, workdir, m: int, plan: dict,
   if scores is not None and _stale_queries(scores, config):
     logging.info('canary audit: shadow run %d: scored with other queries; rescoring', m + 1)
     scores = None       # the pipeline below finds its stages done and only scores
-  if scores is not None and (not real_student or 'real_student' in scores):
+  if scores is not None and (not real_student or 'real_student' in scores) and (
+      np.shape(scores.get('release_students', np.zeros((0,))))[0] >= release_students):
     return scores
   names = plan['class_names']
   base_paths = sorted((workdir / 'base' / 'train').glob('*/*.png'))
   canary_paths = _paths(workdir / 'base' / 'canaries', names, plan['canaries'].labels, 'canary')
-  root = shadow_data(workdir, m, base_paths, canary_paths, plan['design'][m])
+  alt = plan.get('alternatives')
+  alternative_paths = None if alt is None else _paths(workdir / 'base' / 'alternatives', names,
+                                                      alt.labels, 'alternative')
+  root = shadow_data(workdir, m, base_paths, canary_paths, plan['design'][m], alternative_paths)
   run_dir = workdir / f'shadow_{m}' / 'run'
   test = fileio.read_npz(workdir / 'test.npz')
   test = (test['images'], test['labels'])
@@ -454,14 +356,61 @@ def run_shadow(config, workdir, m: int, plan: dict,
                  len(plan['design']), int(plan['design'][m].sum()))
     pipeline.run(c, str(run_dir), STAGES)
     scores = score_run(run_dir, plan['canaries'], test, c)
-  if real_student:
+  if real_student and 'real_student' not in scores:
     logging.info('canary audit: shadow run %d: the student on the real data', m + 1)
     c.evaluate.real_subset, c.evaluate.full_real = False, True
     pipeline.run(c, str(run_dir), 'evaluate')
     scores['real_student'], scores['real_student_test_accuracy'] = model_scores(
         stage_dir(run_dir, 'evaluate') / 'full_real', plan['canaries'], test, c.student.flip)
+  if release_students:
+    scores = _add_release_students(scores, c, run_dir, plan['canaries'], test,
+                                   release_students, m)
   fileio.atomic_write_npz(scores_file, **scores)
   return scores
+
+
+def release_student_scores(config, run_dir, j: int, canaries: Canaries,
+                           test) -> tuple[np.ndarray, np.float64]:
+  """Extra student j of a finished shadow run: the pipeline's student stage with another
+  seed, in RUN/release_students/student_j, reading the run's synthetic release (and its
+  mixed-view labels) through relative links; resumes like any stage. Its [K, A] margins
+  and test accuracy."""
+  import os
+  from bnsynth_jax import config_lib, pipeline
+  from bnsynth_jax.workdir import stage_dir
+  run_dir = fileio.path(run_dir)
+  mini = run_dir / 'release_students' / f'student_{j}'
+  mini.mkdir(parents=True, exist_ok=True)
+  for stage in ('synthesize', 'relabel'):
+    folder, link = stage_dir(run_dir, stage), stage_dir(mini, stage)
+    if folder.exists() and not os.path.lexists(str(link)):
+      os.symlink(os.path.relpath(str(folder), str(mini)), str(link))
+  c = copy.deepcopy(config)
+  c.student.seed = config_lib.student_seed(config) + RELEASE_SEED_STRIDE * (j + 1)
+  pipeline.run(c, str(mini), 'student')
+  return model_scores(stage_dir(mini, 'student') / 'synthetic', canaries, test, c.student.flip)
+
+
+def _add_release_students(scores: dict, config, run_dir, canaries, test, n: int,
+                          m: int) -> dict:
+  have = np.shape(scores.get('release_students', np.zeros((0,))))[0]
+  if have >= n:
+    return scores
+  logging.info('canary audit: shadow run %d: %d more students on its release', m + 1, n)
+  extra = [release_student_scores(config, run_dir, j, canaries, test) for j in range(n)]
+  return {**scores, 'release_students': np.stack([e[0] for e in extra]),
+          'release_students_test_accuracy': np.array([e[1] for e in extra])}
+
+
+def with_release(run: dict, n: int) -> dict:
+  """A run's scores with the 'release' target: the mean margin of its student and its first
+  n extra students."""
+  if not n or 'release_students' not in run or len(run['release_students']) < n:
+    return run
+  students = np.concatenate([run['student'][None], run['release_students'][:n]])
+  return {**run, 'release': students.mean(0),
+          'release_test_accuracy': np.float64(np.mean(np.concatenate(
+              [[run['student_test_accuracy']], run['release_students_test_accuracy'][:n]])))}
 
 
 def _stale_queries(scores: dict, config) -> bool:
@@ -489,31 +438,38 @@ def parse_ids(spec: str, num_shadows: int) -> list[int]:
 
 def run(config, workdir, *, num_canaries: int = 50, num_shadows: int = 16,
         kind: str = 'mislabeled', train_subset: int = 0, shadow_ids: str = '',
-        bootstrap: int = 200, audit_seed: int = 0, real_student: bool = False) -> str | None:
+        bootstrap: int = 200, audit_seed: int = 0, real_student: bool = False,
+        adjacency: str = 'add_remove', release_students: int = 0) -> str | None:
   """Trains the missing shadow runs among `shadow_ids`, then (all runs scored) writes the
   report and returns its table; None while runs are missing."""
   workdir = fileio.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   plan = prepare(config, workdir, num_canaries=num_canaries, num_shadows=num_shadows,
-                 kind=kind, train_subset=train_subset, audit_seed=audit_seed)
+                 kind=kind, train_subset=train_subset, audit_seed=audit_seed,
+                 adjacency=adjacency)
   for m in parse_ids(shadow_ids, num_shadows):
-    run_shadow(config, workdir, m, plan, real_student)
+    run_shadow(config, workdir, m, plan, real_student, release_students)
   files = [workdir / f'shadow_{m}' / 'scores.npz' for m in range(num_shadows)]
   if not all(f.exists() for f in files):
     return None
-  runs = [fileio.read_npz(f) for f in files]
-  targets = dict(TARGETS, **(REAL_STUDENT if real_student else {}))
+  runs = [with_release(fileio.read_npz(f), release_students) for f in files]
+  targets = dict(TARGETS, **(REAL_STUDENT if real_student else {}),
+                 **(RELEASE if release_students else {}))
   if not all(t in r for r in runs for t in targets):
     return None   # another process (--shadow_ids) still adds the real-data students
   scores = {t: np.stack([r[t] for r in runs]) for t in targets}
-  results = evaluate_attacks(scores, plan['design'], bootstrap, audit_seed)
+  results = canary_attacks.evaluate_attacks(scores, plan['design'], bootstrap, audit_seed)
   summary = {
       'settings': plan['settings'], 'base_train_images': plan['base_size'],
       'privacy': _privacy_of(workdir),
       'test_accuracy': {t: {'mean': float(np.mean([r[f'{t}_test_accuracy'] for r in runs])),
                             'std': float(np.std([r[f'{t}_test_accuracy'] for r in runs]))}
-                        for t in ('teacher', 'student', 'real_student') if t in targets},
+                        for t in ('teacher', 'student', 'real_student', 'release')
+                        if t in targets},
+      'release_students': release_students,
       'targets': targets, 'attacks': results,
+      **({'lower_bound': {t: canary_attacks.one_run_lower_bound(scores[t], plan['design']) for t in targets}}
+         if adjacency == 'replace' else {}),
       'command': report_command(__import__('sys').argv[1:]),
   }
   fileio.atomic_write_json(workdir / 'canary_audit.json', summary)
@@ -548,15 +504,20 @@ def markdown(summary: dict) -> str:
   lines = [
       f"# Canary audit: {s['canaries']} {s['kind']} canaries, {s['shadows']} shadow pipelines",
       '',
-      f"- base train images: {summary['base_train_images']}; each canary IN half of the runs",
+      f"- base train images: {summary['base_train_images']}; "
+      + (ADJACENCY_TEXT['replace'] if s.get('adjacency') == 'replace'
+         else ADJACENCY_TEXT['add_remove']),
       '- privacy: ' + (f"(epsilon {p['epsilon']:.3g}, delta {p['delta']:g}), {p['accountant']}"
                        if p else 'none (not differentially private)'),
+      *([f"- the release target: the audit's student and {summary['release_students']} more "
+         'trained on each run\'s release (other seeds), their margins averaged']
+        if summary.get('release_students') else []),
       f"- test accuracy over the runs: teacher {100 * acc['teacher']['mean']:.2f}% "
       f"(sd {100 * acc['teacher']['std']:.2f}), synthetic-trained student "
       f"{100 * acc['student']['mean']:.2f}% (sd {100 * acc['student']['std']:.2f})"
       + (f", student trained on the real data {100 * acc['real_student']['mean']:.2f}% "
          f"(sd {100 * acc['real_student']['std']:.2f})" if 'real_student' in acc else ''),
-      '', '| target | attack | AUC | TPR at 1% FPR | TPR at 0.1% FPR | epsilon lower bound |',
+      '', '| target | attack | AUC | TPR at 1% FPR | TPR at 0.1% FPR | epsilon indication |',
       '|---|---|---|---|---|---|']
   for target, attacks in summary['attacks'].items():
     for attack, m in attacks.items():
@@ -564,13 +525,40 @@ def markdown(summary: dict) -> str:
       lines.append(f"| {summary['targets'][target]} | {attack} | {_fmt(m['auc'])} | "
                    f"{_fmt(m['tpr_at_0.01_fpr'])} | {_fmt(m['tpr_at_0.001_fpr'])} | "
                    f"{m['epsilon_lower_bound_95']:.2f} |")
-  lines += ['', 'Chance is AUC 50% and TPR equal to the FPR. The epsilon lower bound holds with 95% '
-            'confidence (Clopper-Pearson, delta 1e-5): a DP run must stay below its epsilon. '
-            'Intervals: bootstrap 95% over the '
+  lines += ['', 'Chance is AUC 50% and TPR equal to the FPR. Intervals: bootstrap 95% over the '
             f"{summary['attacks']['student']['lira']['num_in']} IN and "
-            f"{summary['attacks']['student']['lira']['num_out']} OUT (run, canary) pairs.",
-            '', f"Command: `{summary['command']}`", '']
+            f"{summary['attacks']['student']['lira']['num_out']} OUT (run, canary) pairs. "
+            + INDICATION_TEXT]
+  lines += _lower_bound_lines(summary)
+  lines += ['', f"Command: `{summary['command']}`", '']
   return '\n'.join(lines)
+
+
+ADJACENCY_TEXT = {
+    'add_remove': 'each canary IN half of the runs, absent from the others (add/remove)',
+    'replace': 'each (run, canary) IN with probability 1/2 independently; an OUT run holds '
+               "the canary's alternative record in its place (replace-one, the guarantee's "
+               'adjacency)'}
+INDICATION_TEXT = (
+    "'Epsilon indication': jax_privacy's Clopper-Pearson bound (95%, delta 1e-5) treating each "
+    '(run, canary) pair as an independent trial; the runs add or replace many canaries at '
+    'once and the attack fits on the other runs, so it indicates leakage but is not a bound '
+    "matched to the guarantee (that is the one-run bound of an audit with --adjacency=replace).")
+
+
+def _lower_bound_lines(summary: dict) -> list[str]:
+  bounds = summary.get('lower_bound')
+  if not bounds:
+    return ['', 'No lower bound matched to the guarantee: this audit removes canaries '
+            '(add/remove) with a balanced design; --adjacency=replace gives one.']
+  first = next(iter(bounds.values()))
+  lines = ['', f"Lower bound on the replace-one epsilon ({100 * first['confidence']:.0f}% "
+           f"confidence, delta {first['delta']:g}); " + first['method'] + ':', '',
+           '| target | epsilon lower bound | attack (fold) |', '|---|---|---|']
+  for target, b in bounds.items():
+    lines.append(f"| {summary['targets'][target]} | {b['value']:.2f} | {b['attack']} "
+                 f"({b['fold']}) |")
+  return lines
 
 
 def _roc_figure(path, scores: dict, design: np.ndarray) -> None:
@@ -580,8 +568,9 @@ def _roc_figure(path, scores: dict, design: np.ndarray) -> None:
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5, 5))
   for target, s in scores.items():
-    lira = augmented_lira_scores(s, design, 'pooled') if s.ndim == 3 else lira_scores(s, design)
-    fpr, tpr = roc_curve(lira[design], lira[~design])
+    lira = (canary_attacks.augmented_lira_scores(s, design, 'pooled') if s.ndim == 3
+            else canary_attacks.lira_scores(s, design))
+    fpr, tpr = canary_attacks.roc_curve(lira[design], lira[~design])
     ax.plot(np.maximum(fpr, 1e-4), np.maximum(tpr, 1e-4), label=target)
   ax.plot([1e-4, 1], [1e-4, 1], 'k:', label='chance')
   ax.set(xscale='log', yscale='log', xlabel='false positive rate', ylabel='true positive rate',

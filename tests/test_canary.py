@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnsynth_jax import canary_audit
+from bnsynth_jax import canary_attacks, canary_audit
 from bnsynth_jax.errors import UserError
 
 
@@ -19,7 +19,7 @@ def test_lira_reports_chance_on_two_samples_of_one_distribution():
   rng = np.random.default_rng(0)
   design = canary_audit.balanced_design(16, 60, rng)
   scores = rng.normal(0, 1, design.shape)                      # IN and OUT alike
-  result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=50, seed=0)['x']
+  result = canary_attacks.evaluate_attacks({'x': scores}, design, bootstrap=50, seed=0)['x']
   for attack in ('lira', 'lira_per_canary_variance', 'threshold'):
     # jax_privacy's AUC allows randomising between thresholds: chance is its floor, 0.5 (and
     # the best of many thresholds sits a little above it on a finite sample).
@@ -56,7 +56,7 @@ def test_lira_finds_a_canary_a_tiny_model_memorises():
     ys = np.concatenate([base_y, planted[design[r]]])
     w = np.asarray(fit(jnp.asarray(xs), jnp.asarray(ys)))
     scores[r] = canary_audit.logit_margins(canaries @ w[:-1] + w[-1], planted)
-  result = canary_audit.evaluate_attacks({'lr': scores}, design, bootstrap=0, seed=0)['lr']
+  result = canary_attacks.evaluate_attacks({'lr': scores}, design, bootstrap=0, seed=0)['lr']
   assert result['lira']['auc']['value'] > 0.9
   assert result['lira']['tpr_at_0.01_fpr']['value'] > 0.3
 
@@ -68,7 +68,7 @@ def test_per_canary_variance_finds_canaries_of_different_spreads():
   design = canary_audit.balanced_design(16, 50, rng)
   sd = np.exp(rng.uniform(np.log(0.05), np.log(5), 50))
   scores = rng.normal(0, 3, 50) + sd * rng.normal(0, 1, design.shape) + design * 3 * sd
-  result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=0, seed=0)['x']
+  result = canary_attacks.evaluate_attacks({'x': scores}, design, bootstrap=0, seed=0)['x']
   pooled = result['lira']['tpr_at_0.001_fpr']['value']
   own = result['lira_per_canary_variance']['tpr_at_0.001_fpr']['value']
   assert own > 0.5 and own > 3 * pooled, (own, pooled)
@@ -99,7 +99,7 @@ def test_multivariate_lira_uses_the_correlation_of_the_queries():
   common = rng.normal(0, 2, (*design.shape, 1))
   scores = common + 0.3 * rng.normal(0, 1, (*design.shape, 4))
   scores[..., 0] += 1.0 * design          # only the first query minus the others shows it
-  result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=0, seed=0)['x']
+  result = canary_attacks.evaluate_attacks({'x': scores}, design, bootstrap=0, seed=0)['x']
   multi = result['lira_multivariate']['auc']['value']
   assert multi > 0.95
   assert multi > result['lira_augmented']['auc']['value'] + 0.1
@@ -110,12 +110,12 @@ def test_shrunk_variance_lies_between_the_pooled_and_the_canarys_own():
   rng = np.random.default_rng(2)
   design = canary_audit.balanced_design(16, 20, rng)
   scores = rng.normal(0, 1, design.shape) * np.linspace(0.2, 3, 20)[None]
-  own = canary_audit.lira_scores(scores, design, 'per_canary')
-  shrunk = canary_audit.lira_scores(scores, design, 'shrunk')
-  pooled = canary_audit.lira_scores(scores, design, 'pooled')
+  own = canary_attacks.lira_scores(scores, design, 'per_canary')
+  shrunk = canary_attacks.lira_scores(scores, design, 'shrunk')
+  pooled = canary_attacks.lira_scores(scores, design, 'pooled')
   assert not np.allclose(shrunk, own) and not np.allclose(shrunk, pooled)
   with pytest.raises(ValueError, match='unknown LiRA variance'):
-    canary_audit.lira_scores(scores, design, 'median')
+    canary_attacks.lira_scores(scores, design, 'median')
 
 
 def test_several_queries_per_canary_find_more_than_one_and_the_strongest_is_reported():
@@ -127,7 +127,7 @@ def test_several_queries_per_canary_find_more_than_one_and_the_strongest_is_repo
   design = canary_audit.balanced_design(16, 50, rng)
   shared = rng.normal(0, 3, 50)[None, :, None]
   scores = shared + rng.normal(0, 1, (*design.shape, 10)) + 1.2 * design[..., None]
-  result = canary_audit.evaluate_attacks({'x': scores}, design, bootstrap=0, seed=0)['x']
+  result = canary_attacks.evaluate_attacks({'x': scores}, design, bootstrap=0, seed=0)['x']
   plain = result['lira']['tpr_at_0.001_fpr']['value']
   augmented = result['lira_augmented']['tpr_at_0.001_fpr']['value']
   assert augmented > 0.5 and augmented > 3 * plain, (augmented, plain)
@@ -158,6 +158,98 @@ def test_canaries_and_design():
 
 # ----------------------------------------------------------------------------
 # The command
+
+
+# ----------------------------------------------------------------------------
+# The replace-one audit and its one-run lower bound
+
+
+def test_one_run_bound_is_zero_without_a_signal_and_positive_with_one():
+  rng = np.random.default_rng(1)
+  design = canary_audit.independent_design(16, 50, rng)
+  null = rng.normal(0, 1, (*design.shape, 3))
+  assert canary_attacks.one_run_lower_bound(null, design)['value'] == 0.0
+  own_spread = rng.uniform(0.5, 2.0, 50)                     # each canary its own spread
+  leaky = null * own_spread[:, None] + 3.0 * design[..., None]
+  bound = canary_attacks.one_run_lower_bound(leaky, design)
+  assert bound['value'] > 1.0
+  assert bound['tests'] == 2 * len(canary_attacks.ONE_RUN_ATTACKS)
+  # A DP-like signal stays below its epsilon: IN shifts by less than the noise.
+  weak = null + 0.2 * design[..., None]
+  assert canary_attacks.one_run_lower_bound(weak, design)['value'] < 1.0
+
+
+def test_one_run_scores_of_a_fold_never_depend_on_its_own_bits():
+  """The one-run theorem needs guesses that are functions of the outputs alone: a run's
+  LiRA ratio is fitted on the other fold, so flipping its fold's bits changes nothing."""
+  rng = np.random.default_rng(2)
+  design = canary_audit.independent_design(8, 20, rng)
+  s = rng.normal(0, 1, design.shape) + design
+  before = canary_attacks.cross_fitted_lira(s, design, 'shrunk')
+  flipped = design.copy()
+  flipped[::2] = ~flipped[::2]                                # fold 0's bits
+  after = canary_attacks.cross_fitted_lira(s, flipped, 'shrunk')
+  np.testing.assert_array_equal(before[::2], after[::2])
+  assert not np.allclose(before[1::2], after[1::2])           # fold 1 is fitted on them
+
+
+def test_independent_design_is_fair_coins_not_balanced_columns():
+  design = canary_audit.independent_design(16, 2000, np.random.default_rng(3))
+  assert abs(design.mean() - 0.5) < 0.01
+  assert np.any(design.sum(0) != 8)                 # columns are not forced to half
+  # independent across runs: the correlation between two runs' bits is near 0
+  assert abs(np.corrcoef(design[0], design[1])[0, 1]) < 0.06
+
+
+def test_replace_adjacency_puts_the_alternative_in_each_out_canarys_place(tmp_path):
+  """--adjacency=replace: an OUT run holds the mislabeled canary's source image with its true
+  label, so every run has the base set plus exactly one record per canary."""
+  from PIL import Image
+  audit = tmp_path / 'audit'
+  plan = canary_audit.prepare(tiny_audit_config(), audit, num_canaries=6, num_shadows=4,
+                              kind='mislabeled', train_subset=100, audit_seed=0,
+                              adjacency='replace')
+  canaries, alt = plan['canaries'], plan['alternatives']
+  np.testing.assert_array_equal(alt.images, canaries.images)        # the same pictures
+  np.testing.assert_array_equal(alt.labels, canaries.true_labels)   # their true labels
+  assert np.all(alt.labels != canaries.labels)
+  names = plan['class_names']
+  base = sorted((audit / 'base' / 'train').glob('*/*.png'))
+  canary_paths = canary_audit._paths(audit / 'base' / 'canaries', names, canaries.labels,
+                                     'canary')
+  alt_paths = canary_audit._paths(audit / 'base' / 'alternatives', names, alt.labels,
+                                  'alternative')
+  member = np.array([True, False, True, False, False, True])
+  root = canary_audit.shadow_data(audit, 0, base, canary_paths, member, alt_paths)
+  files = sorted((root / 'train').glob('*/*.png'))
+  assert len(files) == 100 + 6
+  for k in range(6):
+    label = canaries.labels[k] if member[k] else alt.labels[k]
+    name = (f'canaries_canary_{k:06d}.png' if member[k]
+            else f'alternatives_alternative_{k:06d}.png')
+    [f] = [f for f in files if f.name == name]
+    assert f.parent.name == names[int(label)]
+    np.testing.assert_array_equal(np.asarray(Image.open(f)).reshape(canaries.images[k].shape),
+                                  canaries.images[k])
+  # The same folder with the other adjacency is another audit.
+  with pytest.raises(UserError, match='other settings'):
+    canary_audit.prepare(tiny_audit_config(), audit, num_canaries=6, num_shadows=4,
+                         kind='mislabeled', train_subset=100, audit_seed=0)
+  # Scored runs (kept scores stand in for trained ones): the report has the one-run bound.
+  rng = np.random.default_rng(0)
+  for m in range(4):
+    leak = 4.0 * plan['design'][m][:, None]
+    (audit / f'shadow_{m}').mkdir(exist_ok=True)
+    np.savez(audit / f'shadow_{m}' / 'scores.npz',
+             student=rng.normal(0, 1, (6, 9)) + leak, teacher=rng.normal(0, 1, (6, 9)) + leak,
+             synthetic_nn=rng.normal(0, 1, 6), synthetic_nn_class=rng.normal(0, 1, 6),
+             student_test_accuracy=0.5, teacher_test_accuracy=0.6)
+  table = canary_audit.run(tiny_audit_config(), audit, num_canaries=6, num_shadows=4,
+                           train_subset=100, bootstrap=0, adjacency='replace')
+  summary = json.loads((audit / 'canary_audit.json').read_text())
+  assert set(summary['lower_bound']) == set(canary_audit.TARGETS)
+  assert summary['lower_bound']['student']['value'] >= 0
+  assert 'Lower bound on the replace-one epsilon' in table and 'replace-one' in table
 
 
 def tiny_audit_config():
@@ -198,7 +290,7 @@ def test_canary_audit_end_to_end_and_resumes(tmp_path):
           '--config.model.name=resnet_tiny', '--config.student.model.name=resnet_tiny',
           '--config.synthesis.images_per_class=4', '--config.synthesis.batch_size=40',
           '--config.synthesis.iterations=2', '--config.synthesis.view_epochs=1',
-          '--config.student.epochs=1', '--config.student.batch_size=8']
+          '--config.student.epochs=1', '--config.student.batch_size=8', '--release_students=0']
   scores_time = [(audit / f'shadow_{m}' / 'scores.npz').stat().st_mtime_ns for m in range(4)]
   again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
@@ -222,6 +314,21 @@ def test_canary_audit_end_to_end_and_resumes(tmp_path):
     np.testing.assert_array_equal(before[key], after[key])
   assert after['real_student'].shape == before['student'].shape
   assert (audit / 'shadow_0' / 'run' / 'evaluate' / 'full_real').is_dir()
+  # release_students adds students trained on each run's release, nothing else retrained;
+  # the 'release' target is the mean margin of the run's student and these.
+  canary_audit.run(tiny_audit_config(), audit, real_student=True, release_students=1,
+                   **settings)
+  assert teacher_time == [f.stat().st_mtime_ns for f in teacher_files]
+  summary = json.loads((audit / 'canary_audit.json').read_text())
+  assert 'release' in summary['attacks'] and summary['release_students'] == 1
+  last = np.load(audit / 'shadow_0' / 'scores.npz')
+  np.testing.assert_array_equal(last['student'], before['student'])
+  assert last['release_students'].shape == (1, *before['student'].shape)
+  assert not np.array_equal(last['release_students'][0], before['student'])   # another seed
+  release = canary_audit.with_release(dict(last), 1)['release']
+  np.testing.assert_allclose(release, (last['student'] + last['release_students'][0]) / 2)
+  extra = audit / 'shadow_0' / 'run' / 'release_students' / 'student_0'
+  assert (extra / 'synthetic').is_symlink() and (extra / 'student' / 'synthetic').is_dir()
 
 
 def test_the_audit_report_command_drops_shadow_ids():
