@@ -98,6 +98,10 @@ def default_config() -> ml_collections.ConfigDict:
                                 # fine-tunes (privacy/prior.py); '' = from scratch
   p.prior_is_public = False     # the data owner's declaration that privacy.prior is public
   p.prior_trainable = 'all'     # all | last_stage | head: what DP-SGD trains of the prior
+  p.head = 'dpsgd'              # dpsgd | class_means: the teacher's head from noised class
+                                # means of the frozen prior's features (privacy/class_means.py)
+  p.head_dims = 16              # class_means: public projections of the prior's features
+  p.head_scale = 10.0           # class_means: the logits' range (cosine x scale)
   p.accept_cumulative_epsilon = 0.0   # a stage released before is run again (--overwrite)
                                 # only if the ledger's cumulative epsilon stays within this
 

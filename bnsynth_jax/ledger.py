@@ -45,6 +45,8 @@ def release_id(stage: str, manifest: dict) -> str:
 def mechanism_of(stage: str, record: dict) -> dict:
   """The ledger's description of one stage's mechanism, from the plan record."""
   part = record[stage]
+  if stage == 'teacher' and 'steps' not in part:       # the class-means head: one Gaussian
+    return {'kind': 'gaussian', 'noise_multiplier': part['noise_multiplier']}
   if stage == 'teacher':
     return {'kind': 'dpsgd_fixed_batch', 'noise_multiplier': part['noise_multiplier'],
             'batch_size': part['batch_size'], 'accounted_examples': part['accounted_examples'],

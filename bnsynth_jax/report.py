@@ -182,9 +182,11 @@ def privacy_section(r: Mapping[str, Any]) -> list[str]:
       'weights, the class-wise statistics, and everything computed from them alone (synthetic '
       f"images, labels, students) (requested epsilon {p['target_epsilon']:g}); {p['accountant']}",
       f'- {PROTECTED}',
-      f"- teacher: {t['mechanism']}; noise multiplier {t['noise_multiplier']:.4g}, clip norm "
-      f"{t['clip_norm']:g}, {t['steps']} steps of {t['batch_size']} (sampling rate "
-      f"{t['sampling_rate']:.4g}), epsilon alone {t['epsilon_alone']:.3g}",
+      f"- teacher: {t['mechanism']}; noise multiplier {t['noise_multiplier']:.4g}, "
+      + (f"clip norm {t['clip_norm']:g}, {t['steps']} steps of {t['batch_size']} (sampling "
+         f"rate {t['sampling_rate']:.4g})" if 'steps' in t else
+         f"sensitivity {t['sensitivity']:g}, one release")
+      + f", epsilon alone {t['epsilon_alone']:.3g}",
       f"- class-wise statistics: {s['mechanism']}; noise multiplier "
       f"{s['noise_multiplier']:.4g}, clip norm {clip}, epsilon alone {s['epsilon_alone']:.3g}",
       f"- {p['post_processing']}: post-processing, no further privacy cost"]

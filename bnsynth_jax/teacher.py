@@ -10,7 +10,7 @@ from absl import logging
 import jax
 
 from bnsynth_jax import artifacts, fileio, models, owner, parallel, privacy, report, train
-from bnsynth_jax.privacy import prior
+from bnsynth_jax.privacy import class_means, prior
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.workdir import stage_dir
 from bnsynth_jax.sources import PrivateData
@@ -143,9 +143,33 @@ def _train(config, workdir, data: PrivateData) -> dict:
           'train_examples': data.split_size('train')}
 
 
+def _class_means_teacher(config, workdir, data: PrivateData) -> dict:
+  """DP mode with privacy.head=class_means: the frozen prior with a head from noised class
+  means (privacy/class_means.py) instead of DP-SGD; one pass over the training split."""
+  record = privacy.plan(config, data.split_size('train'))
+  record['prior'] = prior.record(config)
+  model = models.from_config(config.model, data.info.num_classes)
+  start = prior.initial_variables(config, model, data.info.image_shape,
+                                  jax.random.key(config.seed))
+  model, variables, head = class_means.fit_teacher(
+      config, data, start, noise_multiplier=record['teacher']['noise_multiplier'],
+      rng=privacy.statistics_rng(config, 'class_means'))
+  accuracy = class_means.test_accuracy(model, variables, data, config.teacher.eval_batch_size)
+  class_means.save(stage_dir(workdir, 'teacher'), config, data, variables,
+                   {'train_examples': data.split_size('train'), 'epochs': 0, **head,
+                    'privacy': record})
+  report.update(workdir, {'privacy': record})
+  logging.info('teacher: class-means head, (epsilon %.4g, delta %g) with the statistics',
+               record['epsilon'], record['delta'])
+  return {'test_accuracy': accuracy, 'train_seconds': None,
+          'train_examples': data.split_size('train')}
+
+
 def run(config, workdir, data: PrivateData) -> dict:
   if config.teacher.pretrained:
     values = _import_pretrained(config, workdir, data)
+  elif privacy.enabled(config) and class_means.enabled(config):
+    values = _class_means_teacher(config, workdir, data)
   else:
     values = _train(config, workdir, data)
   report.update(workdir, {'teacher': values})

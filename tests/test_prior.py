@@ -255,8 +255,9 @@ def test_the_shipped_data_free_prior_fits_the_digits_dp_teacher_from_any_folder(
   from bnsynth_jax.configs import digits_dp
   monkeypatch.chdir(tmp_path)                      # the config names it relative to the repo
   config = digits_dp.get_config()
-  assert config.privacy.prior_is_public
-  assert prior.problems(config) == []
+  from bnsynth_jax.privacy import class_means
+  assert config.privacy.prior_is_public and class_means.enabled(config)
+  assert prior.problems(config) == [] and class_means.problems(config) == []
   assert (prior.folder(config) / 'variables.msgpack').is_file()
   model = models.from_config(config.model, 10)
   start = prior.initial_variables(config, model, (8, 8, 1), jax.random.key(0))

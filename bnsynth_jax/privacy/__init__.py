@@ -80,14 +80,15 @@ def validate(config) -> None:
       raise UserError(f'privacy.epsilon={config.privacy.epsilon} is negative: give a positive '
                       'epsilon, or 0 to turn DP mode off')
     return
-  from bnsynth_jax.privacy import prior
+  from bnsynth_jax.privacy import class_means, prior
   p = config.privacy
-  problems = prior.problems(config)
+  problems = prior.problems(config) + class_means.problems(config)
   if config.model.get('norm', 'batch') != 'group' and not prior.enabled(config):
     problems.append('privacy.epsilon > 0 trains the teacher with per-example gradients, which '
                     'BatchNorm in training mode mixes across the batch: set '
                     '--config.model.norm=group (or fine-tune a public prior, privacy.prior, '
-                    'whose BatchNorm statistics stay frozen)')
+                    'whose BatchNorm statistics stay frozen); the tuned DP defaults, with a '
+                    'data-free prior, are configs/digits_dp.py and configs/cifar10.py:cpu_dp')
   if config.teacher.pretrained or config.teacher.init_from:
     problems.append('privacy.epsilon > 0 needs a teacher trained here by DP-SGD: unset '
                     'teacher.pretrained / teacher.init_from (a public starting point is '
@@ -119,6 +120,16 @@ def teacher_event(noise_multiplier: float, batch_size: int, num_samples: int,
   step = dp_accounting.PoissonSampledDpEvent(
       q, dp_accounting.GaussianDpEvent(noise_multiplier / 2.0))
   return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+def class_means_event(noise_multiplier: float) -> dp_accounting.DpEvent:
+  """The class-means head (privacy/class_means.py): one Gaussian mechanism on per-class
+  sums of unit vectors, noise relative to the replace-one sensitivity 2."""
+  return dp_accounting.GaussianDpEvent(noise_multiplier)
+
+
+def _class_means_head(config) -> bool:
+  return config.privacy.get('head', 'dpsgd') == 'class_means'
 
 
 def stats_event(noise_multiplier: float) -> dp_accounting.DpEvent:
@@ -196,9 +207,12 @@ def plan(config, train_size: int) -> dict:
   if not 0 < batch <= n:
     raise UserError(f'privacy: teacher.batch_size={batch} must be between 1 and the {n} '
                     'training images: lower --config.teacher.batch_size')
-  make_teacher = lambda s: teacher_event(s, batch, n, steps)
+  head = _class_means_head(config)
+  make_teacher = (class_means_event if head else
+                  lambda s: teacher_event(s, batch, n, steps))
   teacher_sigma = float(p.teacher_noise_multiplier) or _calibrate(
-      make_teacher, target * p.teacher_fraction, delta / 2, 'teacher (DP-SGD)')
+      make_teacher, target * p.teacher_fraction, delta / 2,
+      'teacher (class-means head)' if head else 'teacher (DP-SGD)')
   stats_sigma = float(p.stats_noise_multiplier)
   if not stats_sigma:
     # The rest of the budget, measured on the composition (not at delta/2 on its own).
@@ -217,11 +231,12 @@ def plan(config, train_size: int) -> dict:
       'private': not p.noise_seed,
       **({} if not p.noise_seed else {'not_private_because': NOT_PRIVATE}),
       'accountant': f'dp_accounting PLD ({ACCOUNTANT}), replace-one adjacency',
-      'teacher': {'mechanism': 'DP-SGD (fixed-size batches, per-example clipping, Gaussian)',
-                  'noise_multiplier': teacher_sigma, 'clip_norm': float(p.clip_norm),
-                  'batch_size': batch, 'steps': steps, 'accounted_examples': n,
-                  'sampling_rate': batch / n, 'augmult': int(p.augmult),
-                  'epsilon_alone': teacher_eps},
+      'teacher': (_class_means_record(teacher_sigma, n, teacher_eps) if head else
+                  {'mechanism': 'DP-SGD (fixed-size batches, per-example clipping, Gaussian)',
+                   'noise_multiplier': teacher_sigma, 'clip_norm': float(p.clip_norm),
+                   'batch_size': batch, 'steps': steps, 'accounted_examples': n,
+                   'sampling_rate': batch / n, 'augmult': int(p.augmult),
+                   'epsilon_alone': teacher_eps}),
       'stats': {'mechanism': 'Gaussian on clipped per-example moment vectors, per class, '
                              'counts noised', 'noise_multiplier': stats_sigma,
                 'clip_norm': float(p.stats_clip_norm) or 'sqrt(vector length)',
@@ -229,6 +244,13 @@ def plan(config, train_size: int) -> dict:
       'post_processing': 'synthesis, per-view labels, students and evaluation read only the '
                          'DP teacher and the DP statistics',
   }
+
+
+def _class_means_record(sigma: float, n: int, epsilon_alone: float) -> dict:
+  return {'mechanism': 'Gaussian on per-class sums of unit-normalised public projections of '
+                       'the frozen prior\'s features (class-means head, privacy/class_means.py)',
+          'noise_multiplier': sigma, 'sensitivity': 2.0, 'accounted_examples': n,
+          'epsilon_alone': epsilon_alone}
 
 
 # ----------------------------------------------------------------------------
@@ -251,11 +273,15 @@ def noise_key(secret: int) -> jax.Array:
   return jnp.asarray(np.array([bits >> 32, bits & 0xFFFFFFFF], np.uint32))
 
 
-def statistics_rng(config) -> np.random.Generator:
-  """The statistics noise: fresh OS randomness (128 bits) kept nowhere; privacy.noise_seed
-  fixes it for tests (not private)."""
+NOISE_STREAMS = {'statistics': 7, 'class_means': 11}
+
+
+def statistics_rng(config, purpose: str = 'statistics') -> np.random.Generator:
+  """The noise of a one-shot mechanism (the statistics, the class-means head): fresh OS
+  randomness (128 bits) kept nowhere; privacy.noise_seed fixes it for tests (not private),
+  one stream per purpose."""
   if config.privacy.noise_seed:
-    return np.random.default_rng([int(config.privacy.noise_seed), 7])
+    return np.random.default_rng([int(config.privacy.noise_seed), NOISE_STREAMS[purpose]])
   return np.random.default_rng(secrets.randbits(128))
 
 
