@@ -118,12 +118,12 @@ def _plot(points: list[dict], path: str, dataset: str) -> None:
   xs = [q['epsilon'] if math.isfinite(q['epsilon']) else inf_x for q in points]
   labels = [f"{q['epsilon']:.2g}" if math.isfinite(q['epsilon']) else 'no DP' for q in points]
   fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-  left.plot(xs, [100 * q['teacher'] for q in points], 'o-', label='teacher (DP-SGD)')
+  left.plot(xs, [100 * q['teacher'] for q in points], 'o-', label='teacher')
   left.plot(xs, [100 * q['student'] for q in points], 's-', label='synthetic-trained student')
   left.set(xscale='log', xlabel='epsilon (delta 1e-5)', ylabel='test accuracy (%)',
            title=f'{dataset}: utility')
   floor = 0.05      # percent: a log axis, zero drawn at its bottom
-  for key, marker, label in (('tpr_student', 's-', 'student'),
+  for key, marker, label in (('tpr_student', 's-', 'student (or release)'),
                              ('tpr_synthetic', 'd-', 'synthetic images'),
                              ('tpr_teacher', 'o-', 'teacher')):
     audited = [(x, q[key]) for x, q in zip(xs, points) if math.isfinite(q[key])]

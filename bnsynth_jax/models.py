@@ -265,6 +265,7 @@ SCATTER_ARCHS: dict[str, dict] = {
     'scatternet_linear': dict(widths=()),
     'scatternet_linear_pool2': dict(widths=(), pool=2),
     'scatternet_linear_pool4': dict(widths=(), pool=4),
+    'scatternet_linear_pool8': dict(widths=(), pool=8),    # one value per channel
 }
 
 MODEL_NAMES = tuple(_ARCHS) + tuple(SCATTER_ARCHS)

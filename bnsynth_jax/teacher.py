@@ -143,6 +143,14 @@ def _train(config, workdir, data: PrivateData) -> dict:
           'train_examples': data.split_size('train')}
 
 
+def _test_accuracy(model, variables, data: PrivateData, batch_size: int) -> float:
+  mean, std = data.normalisation()
+  mesh = parallel.make_mesh()
+  return train.evaluate(model.apply, parallel.replicate(mesh, variables), data.split('test'),
+                        data.split_size('test'), data.num_partitions, mean, std, batch_size,
+                        mesh)['accuracy']
+
+
 def _class_means_teacher(config, workdir, data: PrivateData) -> dict:
   """DP mode with privacy.head=class_means: the frozen prior with a head from noised class
   means (privacy/class_means.py) instead of DP-SGD; one pass over the training split."""
@@ -154,10 +162,13 @@ def _class_means_teacher(config, workdir, data: PrivateData) -> dict:
   model, variables, head = class_means.fit_teacher(
       config, data, start, noise_multiplier=record['teacher']['noise_multiplier'],
       rng=privacy.statistics_rng(config, 'class_means'))
-  accuracy = class_means.test_accuracy(model, variables, data, config.teacher.eval_batch_size)
-  class_means.save(stage_dir(workdir, 'teacher'), config, data, variables,
-                   {'train_examples': data.split_size('train'), 'epochs': 0, **head,
-                    'privacy': record})
+  accuracy = _test_accuracy(model, variables, data, config.teacher.eval_batch_size)
+  mean, std = data.normalisation()
+  artifacts.save_model(stage_dir(workdir, 'teacher'), model_config=config.model,
+                       variables=variables, class_names=data.info.class_names,
+                       image_shape=data.info.image_shape, mean=mean, std=std,
+                       extra={'train_examples': data.split_size('train'), 'epochs': 0, **head,
+                              'privacy': record})
   report.update(workdir, {'privacy': record})
   logging.info('teacher: class-means head, (epsilon %.4g, delta %g) with the statistics',
                record['epsilon'], record['delta'])

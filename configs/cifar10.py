@@ -8,11 +8,12 @@ This 2-core CPU (ResNet-20 on the CIFAR-10 image folder, 2,000 synthetic images;
 ../shared/data/cifar10/cifar10-jpeg.tar.gz into ~/.cache/bnsynth/cifar10 first):
   python -m bnsynth_jax.main --config=configs/cifar10.py:cpu --workdir=DIR
 
-DP mode at the canary audit's scale (a 5,000-image private set; epsilon 8 by default):
+DP mode on a 5,000-image private set (epsilon 8 by default):
   python -m bnsynth_jax.main --config=configs/cifar10.py:cpu_dp --config.data.root=DIR/base \
       --workdir=DIR2
 its teacher is a GroupNorm + linear head on ScatterNet coefficients (a data-free prior, public
-by construction; 44.77% at epsilon 8 against 23.77% for a ResNet-20 from scratch).
+by construction; 46.18% at epsilon 8 with 0.9 of the budget, against 23.77% for a ResNet-20
+from scratch), and 2,000 synthetic images train a student of its architecture to 46.07%.
 
 The CPU variant's teacher is committed: add
   --config.teacher.pretrained=pretrained/cifar10_resnet20
@@ -129,7 +130,12 @@ def get_config(variant: str = 'gpu'):
       c.model.name = 'scatternet_linear_pool4'
       c.model.norm = 'group'
       c.privacy.epsilon = 8.0
-      c.privacy.teacher_fraction = 0.7
+      # 2026-12-05: 0.9 of the budget for the teacher and 2,000 synthetic images: the
+      # student (the teacher's architecture) then learns the teacher almost exactly (46.07%
+      # against its 46.18% at epsilon 8, one run; 38.81% with 0.7 and 200 images). Canary
+      # audits keep the audit scale: --config.synthesis.images_per_class=20 (200 images).
+      c.privacy.teacher_fraction = 0.9
+      s.images_per_class = 200
       # DP mode derives nothing from the private files: CIFAR-10's public shape, given.
       c.data.image_size = 32
       c.data.channels = 3
@@ -168,9 +174,13 @@ def scatternet_student_with_mixed_labels(c) -> None:
   linear head on the fixed ScatterNet coefficients) and learns the teacher's logits on each
   epoch's CutMix view (relabel stage, T 4). On the 5,000-image base set, 200 synthetic
   images, students 38.81% / 35.01% / 26.84% at epsilon 8 / 3 / 1 (teachers 43.78% /
-  38.95% / 28.26%) against 21.17% at epsilon 8 for a ResNet-20 student on per-view labels
-  (docs/privacy.md, "CIFAR-10 with the ScatterNet prior"). Post-processing only: the
-  student sees the released teacher and synthetic images, never the private data."""
+  38.95% / 28.26%) against 21.17% at epsilon 8 for a ResNet-20 student on per-view labels;
+  with 1,000 / 2,000 images (teacher_fraction 0.9, teacher 46.18%) 44.59% / 46.07%
+  (docs/privacy.md, "CIFAR-10 with the ScatterNet prior"). A linear student on the
+  teacher's fixed features recovers the teacher wherever the synthetic set spans those
+  features: it measures the DP teacher through the set more than the images' realism.
+  Post-processing only: the student sees the released teacher and synthetic images, never
+  the private data."""
   st = c.student
   st.model.name = 'scatternet_linear_pool4'
   st.model.norm = 'group'

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from bnsynth_jax import artifacts, augment, input_pipeline, metrics, models, parallel, train
+from bnsynth_jax import augment, input_pipeline, metrics, models, parallel
 from bnsynth_jax.errors import UserError
 
 HEADS = ('dpsgd', 'class_means')
@@ -166,18 +166,3 @@ def fit_teacher(config, data, start: dict, *, noise_multiplier: float,
   return model, variables, {'head': 'class_means', 'head_dims': dims,
                             'head_scale': float(config.privacy.head_scale),
                             'projection_probes': NUM_PROBES}
-
-
-def test_accuracy(model, variables, data, batch_size: int) -> float:
-  mean, std = data.normalisation()
-  mesh = parallel.make_mesh()
-  return train.evaluate(model.apply, parallel.replicate(mesh, variables), data.split('test'),
-                        data.split_size('test'), data.num_partitions, mean, std, batch_size,
-                        mesh)['accuracy']
-
-
-def save(out, config, data, variables, extra: dict) -> None:
-  mean, std = data.normalisation()
-  artifacts.save_model(out, model_config=config.model, variables=variables,
-                       class_names=data.info.class_names, image_shape=data.info.image_shape,
-                       mean=mean, std=std, extra=extra)
