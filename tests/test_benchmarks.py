@@ -250,3 +250,22 @@ def test_public_split_checks_the_audits_data(tmp_path):
   seen = split.audit_images(tmp_path, canaries, 3)
   assert {split._pixels(x) for x in [*base, *canaries]} == seen
   assert split._pixels(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)) not in seen
+
+
+def test_scaling_plot_draws_the_points_and_refuses_a_malformed_curve(tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location('scaling_plot',
+                                                REPO / 'benchmarks' / 'scaling_plot.py')
+  scaling_plot = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(scaling_plot)
+  out = tmp_path / 'scaling.png'
+  rc = scaling_plot.main(['--out', str(out),
+                          '--curve=a=2000:0.70:0.60,1000:0.30:0.50',
+                          '--curve=b=5000:0.70:0.68'])
+  assert rc == 0 and out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert not list(tmp_path.glob('*.tmp.png'))
+  printed = capsys.readouterr().out
+  assert 'a: 1000: 0.600, 2000: 1.167' in printed and 'b: 5000: 1.029' in printed
+  for bad in ('a=2000:0.7', 'a=2000:70:60', '2000:0.7:0.6'):
+    assert scaling_plot.main(['--out', str(tmp_path / 'x.png'), f'--curve={bad}']) == 2
+    assert 'error: --curve' in capsys.readouterr().err
+  assert not (tmp_path / 'x.png').exists()
