@@ -61,9 +61,10 @@ views and student) **71.96%** (ratio 1.192; 275 s of optimisation, beside digits
 seeds beat the real subset, so this is the CPU variant's default (`generator_with_mixed_labels`
 below; the audit variants keep the recipe their audits measured). At a fixed student budget
 of 1,500 steps for the synthetic and the real-subset student alike, the same recipe with
-5,000 / 10,000 images gives 70.57% / 72.84% against 67.99% / 71.25% real (ratios 1.038 /
-1.022, one seed each; --config.synthesis.images_per_class=1000 --config.relabel.epochs=20
---config.student.num_steps=1500 for 10,000; benchmarks/RESULTS.md rows gen5k, gen10k). The per-image optimiser and
+1,000 / 5,000 / 10,000 images gives 68.23% / 70.57% / 72.84% against 50.39% / 67.99% /
+71.25% real (ratios 1.354 / 1.038 / 1.022, one seed each; --config.synthesis.images_per_class=1000 --config.relabel.epochs=20
+--config.student.num_steps=1500 for 10,000; benchmarks/RESULTS.md rows gen1k, gen5k,
+gen10k). The per-image optimiser and
 per-view labels of the rows above: --config.synthesis.method=pixels
 --config.synthesis.iterations=500 --config.relabel.epochs=0 --config.student.labels=views.
 A multi-resolution warm-up is no cheaper route: on one 200-image batch, 400 iterations at 16x16
