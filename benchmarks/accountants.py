@@ -20,22 +20,14 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import dp_accounting  # noqa: E402
 
 from bnsynth_jax import privacy  # noqa: E402
+from quality import load_config  # noqa: E402
 
-CONFIGS = {'digits_dp': ('configs/digits_dp.py', None), 'cifar10_cpu_dp': ('configs/cifar10.py',
-                                                                          'cpu_dp')}
-
-
-def load(name: str):
-  import importlib.util
-  path, variant = CONFIGS[name]
-  spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant) if variant else module.get_config()
+CONFIGS = {'digits_dp': 'configs/digits_dp.py', 'cifar10_cpu_dp': 'configs/cifar10.py:cpu_dp'}
 
 
 def rdp_epsilon(record: dict, delta: float) -> float:
@@ -60,7 +52,7 @@ def main() -> None:
   for item in args.train_examples.split(','):
     name, n = item.split(':')
     for epsilon in (8.0, 3.0, 1.0):
-      config = load(name)
+      config = load_config(CONFIGS[name])
       config.privacy.epsilon = epsilon
       record = privacy.plan(config, int(n))
       kind = 'DP-SGD' if 'steps' in record['teacher'] else 'class-means head'

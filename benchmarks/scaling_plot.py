@@ -26,7 +26,10 @@ def parse_curve(spec: str) -> tuple[str, list[tuple[int, float, float]]]:
     fields = item.split(':')
     if len(fields) != 3:
       raise ValueError(f'--curve {spec!r}: point {item!r} is not IMAGES:SYNTHETIC:REAL')
-    n, synthetic, real = int(fields[0]), float(fields[1]), float(fields[2])
+    try:
+      n, synthetic, real = int(fields[0]), float(fields[1]), float(fields[2])
+    except ValueError:
+      raise ValueError(f'--curve {spec!r}: point {item!r} is not numbers') from None
     if not (0 < synthetic <= 1 and 0 < real <= 1):
       raise ValueError(f'--curve {spec!r}: accuracies are fractions in (0, 1], got {item!r}')
     points.append((n, synthetic, real))

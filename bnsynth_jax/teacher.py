@@ -39,24 +39,29 @@ def _load_matching(config, data: PrivateData, field: str):
   return model, variables, manifest
 
 
+def _test_accuracy(model, variables, data: PrivateData, mean, std, batch_size: int) -> float:
+  mesh = parallel.make_mesh()
+  return train.evaluate(model.apply, parallel.replicate(mesh, variables), data.split('test'),
+                        data.split_size('test'), data.num_partitions, mean, std, batch_size,
+                        mesh)['accuracy']
+
+
 def _import_pretrained(config, workdir, data: PrivateData) -> dict:
   """Copies a finished teacher artifact in, after checking it fits the config and data."""
   source_dir = config.teacher.pretrained
   model, variables, manifest = _load_matching(config, data, 'pretrained')
-  mesh = parallel.make_mesh()
-  result = train.evaluate(model.apply, parallel.replicate(mesh, variables), data.split('test'),
-                          data.split_size('test'), data.num_partitions, manifest['mean'],
-                          manifest['std'], config.teacher.eval_batch_size, mesh)
+  accuracy = _test_accuracy(model, variables, data, manifest['mean'], manifest['std'],
+                            config.teacher.eval_batch_size)
   logging.info('pretrained teacher %s: test accuracy %.4f (manifest says %s)', source_dir,
-               result['accuracy'], manifest.get('test_accuracy'))
+               accuracy, manifest.get('test_accuracy'))
   out = stage_dir(workdir, 'teacher')
   extra = {k: manifest[k] for k in ('train_seconds', 'epochs', 'command') if k in manifest}
   artifacts.save_model(out, model_config=config.model, variables=variables,
                        class_names=manifest['class_names'], image_shape=manifest['image_shape'],
                        mean=manifest['mean'], std=manifest['std'],
-                       extra={**extra, 'test_accuracy': result['accuracy'],
+                       extra={**extra, 'test_accuracy': accuracy,
                               'imported_from': str(source_dir)})
-  return {'test_accuracy': result['accuracy'], 'train_seconds': manifest.get('train_seconds'),
+  return {'test_accuracy': accuracy, 'train_seconds': manifest.get('train_seconds'),
           'train_examples': data.split_size('train'), 'pretrained': str(source_dir)}
 
 
@@ -143,14 +148,6 @@ def _train(config, workdir, data: PrivateData) -> dict:
           'train_examples': data.split_size('train')}
 
 
-def _test_accuracy(model, variables, data: PrivateData, batch_size: int) -> float:
-  mean, std = data.normalisation()
-  mesh = parallel.make_mesh()
-  return train.evaluate(model.apply, parallel.replicate(mesh, variables), data.split('test'),
-                        data.split_size('test'), data.num_partitions, mean, std, batch_size,
-                        mesh)['accuracy']
-
-
 def _class_means_teacher(config, workdir, data: PrivateData) -> dict:
   """DP mode with privacy.head=class_means: the frozen prior with a head from noised class
   means (privacy/class_means.py) instead of DP-SGD; one pass over the training split."""
@@ -162,8 +159,8 @@ def _class_means_teacher(config, workdir, data: PrivateData) -> dict:
   model, variables, head = class_means.fit_teacher(
       config, data, start, noise_multiplier=record['teacher']['noise_multiplier'],
       rng=privacy.statistics_rng(config, 'class_means'))
-  accuracy = _test_accuracy(model, variables, data, config.teacher.eval_batch_size)
   mean, std = data.normalisation()
+  accuracy = _test_accuracy(model, variables, data, mean, std, config.teacher.eval_batch_size)
   artifacts.save_model(stage_dir(workdir, 'teacher'), model_config=config.model,
                        variables=variables, class_names=data.info.class_names,
                        image_shape=data.info.image_shape, mean=mean, std=std,
