@@ -148,14 +148,22 @@ def _train(config, workdir, data: PrivateData) -> dict:
           'train_examples': data.split_size('train')}
 
 
+DATA_FREE_FEATURES = ('the data-free front end: the fixed scattering under GroupNorm at its '
+                      'initial scale 1 and offset 0, no prior, nothing trained')
+
+
 def _class_means_teacher(config, workdir, data: PrivateData) -> dict:
   """DP mode with privacy.head=class_means: the frozen prior with a head from noised class
   means (privacy/class_means.py) instead of DP-SGD; one pass over the training split."""
   record = privacy.plan(config, data.split_size('train'))
-  record['prior'] = prior.record(config)
   model = models.from_config(config.model, data.info.num_classes)
-  start = prior.initial_variables(config, model, data.info.image_shape,
-                                  jax.random.key(config.seed))
+  key = jax.random.key(config.seed)
+  if prior.enabled(config):
+    record['prior'] = prior.record(config)
+    start = prior.initial_variables(config, model, data.info.image_shape, key)
+  else:   # scatternet_linear*: features public by construction (class_means.problems)
+    record['features'] = DATA_FREE_FEATURES
+    start = models.init_variables(model, key, data.info.image_shape)
   model, variables, head = class_means.fit_teacher(
       config, data, start, noise_multiplier=record['teacher']['noise_multiplier'],
       rng=privacy.statistics_rng(config, 'class_means'))

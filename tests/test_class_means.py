@@ -3,6 +3,7 @@
 import json
 
 import dp_accounting
+import jax
 import numpy as np
 import pytest
 
@@ -100,3 +101,31 @@ def test_a_class_means_teacher_is_released_with_its_record_and_no_training_state
   ledger = json.loads((workdir / 'privacy_ledger.json').read_text())
   assert [r['mechanism']['kind'] for r in ledger['releases']] == ['gaussian', 'gaussian']
   assert ledger['cumulative']['epsilon'] == pytest.approx(record['epsilon'], rel=1e-6)
+
+
+def test_a_data_free_model_takes_a_class_means_head_without_a_prior(tmp_path):
+  """scatternet_linear*: the features are the fixed scattering under GroupNorm at its
+  initial values, public by construction, so no prior is needed; the manifest says so and
+  the model's features are those of a fresh model, only the head fitted."""
+  from bnsynth_jax import artifacts, models
+  from bnsynth_jax import teacher as teacher_stage
+  workdir = tmp_path / 'w'
+  result = run_main(
+      '--config=configs/digits.py', '--config.model.norm=group', '--config.data.image_size=8',
+      '--config.model.name=scatternet_linear', '--config.privacy.epsilon=8',
+      '--config.privacy.head=class_means', '--config.privacy.head_dims=4',
+      f'--workdir={workdir}', '--stages=teacher')
+  assert result.returncode == 0, result.stderr[-3000:]
+  manifest = json.loads((workdir / 'teacher' / 'manifest.json').read_text())
+  assert manifest['head'] == 'class_means'
+  assert manifest['privacy']['features'] == teacher_stage.DATA_FREE_FEATURES
+  assert 'prior' not in manifest['privacy']
+  model, variables, _ = artifacts.load_model(workdir / 'teacher')
+  fresh = models.init_variables(model, jax.random.key(0), (8, 8, 1))
+  assert set(variables['params']) == set(fresh['params'])
+  for name in set(fresh['params']) - {'head'}:
+    for a, b in zip(*(jax.tree.leaves(v['params'][name]) for v in (variables, fresh))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A model with trained features still needs a prior.
+  with pytest.raises(UserError, match='data-free model'):
+    privacy.validate(dp_config('', head='class_means'))

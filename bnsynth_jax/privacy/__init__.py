@@ -248,7 +248,8 @@ def plan(config, train_size: int) -> dict:
 
 def _class_means_record(sigma: float, n: int, epsilon_alone: float) -> dict:
   return {'mechanism': 'Gaussian on per-class sums of unit-normalised public projections of '
-                       'the frozen prior\'s features (class-means head, privacy/class_means.py)',
+                       'public features (a frozen prior\'s or a data-free front end\'s; '
+                       'class-means head, privacy/class_means.py)',
           'noise_multiplier': sigma, 'sensitivity': 2.0, 'accounted_examples': n,
           'epsilon_alone': epsilon_alone}
 

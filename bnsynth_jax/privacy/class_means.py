@@ -6,7 +6,9 @@
 With a good public feature extractor, the class means of its features already make a good
 classifier, and at small epsilon a head fitted from noised class means beats DP-SGD
 (Mehta et al. 2023): it is one Gaussian mechanism on per-class sums, not hundreds of noised
-steps. Here the prior (privacy.prior, declared public) is frozen whole, and:
+steps. Here the prior (privacy.prior, declared public) is frozen whole (or, with no prior, a model
+whose features need no data: scatternet_linear*, the scattering under GroupNorm at its
+initial scale and offset), and:
 
 1. a public projection, made without any data: the prior's features of uniform-noise
    images, their mean mu and their top `head_dims` principal directions P;
@@ -55,9 +57,11 @@ def problems(config) -> list[str]:
   if not enabled(config):
     return []
   out = []
-  if not p.prior:
-    out.append('privacy.head=class_means fits a head on a public prior\'s features: set '
-               '--config.privacy.prior=DIR (e.g. a shipped pretrained/ prior)')
+  if not p.prior and not models.has_data_free_features(config.model.name):
+    out.append(f'privacy.head=class_means fits a head on public features, which '
+               f'model.name={config.model.name} does not have untrained: set '
+               '--config.privacy.prior=DIR (e.g. a shipped pretrained/ prior) or use a '
+               'data-free model (--config.model.name=scatternet_linear_pool8)')
   if int(p.get('head_dims', 0)) < 1:
     out.append(f'privacy.head_dims={p.get("head_dims")} must be at least 1 (e.g. 16)')
   if not float(p.get('head_scale', 0.0)) > 0:
@@ -160,7 +164,7 @@ def fit_teacher(config, data, start: dict, *, noise_multiplier: float,
                     f'{head["kernel"].shape[0]}: check --config.model against the prior')
   variables = jax.tree.map(lambda x: x, start)
   variables['params'] = {**start['params'], 'head': jax.tree.map(jnp.asarray, head)}
-  logging.info('teacher: class-means head on %d public projections of the prior\'s features, '
+  logging.info('teacher: class-means head on %d public projections of the public features, '
                'noise multiplier %.4g (std %.4g)', dims, noise_multiplier,
                noise_multiplier * SENSITIVITY)
   return model, variables, {'head': 'class_means', 'head_dims': dims,
