@@ -190,6 +190,9 @@ def privacy_section(r: Mapping[str, Any]) -> list[str]:
       f"- class-wise statistics: {s['mechanism']}; noise multiplier "
       f"{s['noise_multiplier']:.4g}, clip norm {clip}, epsilon alone {s['epsilon_alone']:.3g}",
       f"- {p['post_processing']}: post-processing, no further privacy cost"]
+  if p.get('inherited_from'):
+    out += [f"- this workdir post-processes the DP release of {p['inherited_from']} "
+            '(synthesis.stats_dir; its privacy ledger is with it): no further privacy cost']
   c = p.get('cumulative')
   if c:
     out += [f"- privacy ledger (privacy_ledger.json): {c['releases']} DP release(s) from this "

@@ -186,6 +186,24 @@ def test_every_dp_record_and_the_report_carry_the_budget(dp_run):
   assert '(epsilon' in md and 'post-processing' in md and 'cumulative' in md
 
 
+def test_a_synthesis_of_a_handed_out_release_reports_its_budget(dp_run, tmp_path):
+  """A workdir that post-processes another's DP release (synthesis.teacher_dir / stats_dir)
+  reports that release's (epsilon, delta) and names it, never 'not differentially
+  private', and writes the releasable report."""
+  w, third = dp_run['workdir'], tmp_path / 'third'
+  result = run_main(*dp_run['args'][:-1], f'--workdir={third}', '--stages=synthesize',
+                    f'--config.synthesis.teacher_dir={w / "teacher"}',
+                    f'--config.synthesis.stats_dir={w / "stats"}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = json.loads((third / 'report.json').read_text())['privacy']
+  source = json.loads((w / 'stats' / 'manifest.json').read_text())['privacy']
+  assert got['epsilon'] == source['epsilon'] and got['inherited_from'] == str(w / 'stats')
+  md = (third / 'report.md').read_text()
+  assert 'not differentially private' not in md
+  assert f'post-processes the DP release of {w / "stats"}' in md
+  assert 'Releasable' in (third / 'release_report.md').read_text()
+
+
 def test_overwriting_a_dp_stage_is_refused_unless_the_cumulative_spend_is_accepted(dp_run,
                                                                                      tmp_path):
   w = tmp_path / 'w'

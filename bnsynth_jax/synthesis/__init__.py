@@ -561,6 +561,16 @@ def input_fingerprints(config, workdir) -> dict:
   return out
 
 
+def inherited_privacy(config, workdir, inputs) -> dict:
+  """A synthesis of another folder's DP release (synthesis.stats_dir): the report carries
+  that release's (epsilon, delta) and names the folder, since this workdir's own teacher
+  and stats stages, which would have put them there, did not run."""
+  record = inputs.stats_manifest.get('privacy')
+  if not (config.synthesis.stats_dir and record):
+    return {}
+  return {'privacy': {**record, 'inherited_from': str(stats_dir(config, workdir))}}
+
+
 def run(config, workdir) -> dict:
   cfg = config.synthesis
   inputs = load_inputs(cfg, teacher_dir(config, workdir), stats_dir(config, workdir))
@@ -576,7 +586,7 @@ def run(config, workdir) -> dict:
     summary = generate(inputs, cfg, stage_dir(workdir, 'synthesize'), config.seed, writer)
   finally:
     writer.close()
-  report.update(workdir, {'synthesis': summary})
+  report.update(workdir, {'synthesis': summary, **inherited_privacy(config, workdir, inputs)})
   if parallel.is_main_process():
     print(f"synthesis: {summary['num_images']} images, BN loss {summary['bn_loss_initial']:.4f} "
           f"-> {summary['bn_loss_final']:.4f}, teacher agreement "
