@@ -61,3 +61,27 @@ def test_dp_sgd_with_the_front_end_outside_the_per_example_gradients_is_the_same
   for a, b in zip(jax.tree.leaves(outside), jax.tree.leaves(inside)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
   assert max(float(np.abs(a).max()) for a in jax.tree.leaves(outside)) > 0
+
+
+def test_the_epsilon_one_variant_is_the_dp_default_with_its_recipe_only():
+  """configs/cifar10.py:cpu_dp_eps1 passes the DP and synthesis checks and differs from
+  cpu_dp in exactly the settings its docstring names."""
+  from bnsynth_jax import privacy, synthesis
+  from bnsynth_jax.configs import cifar10
+
+  def flat(node, prefix=''):
+    for key, value in node.items():
+      if hasattr(value, 'items'):
+        yield from flat(value, f'{prefix}{key}.')
+      else:
+        yield f'{prefix}{key}', value
+
+  base, eps1 = (cifar10.get_config(v) for v in ('cpu_dp', 'cpu_dp_eps1'))
+  for c in (base, eps1):
+    privacy.validate(c)
+    synthesis.validate(c)
+  a, b = dict(flat(base)), dict(flat(eps1))
+  assert {k for k in a if a[k] != b[k]} == {
+      'privacy.epsilon', 'teacher.epochs', 'model.name', 'student.model.name',
+      'synthesis.method', 'synthesis.generator.steps', 'synthesis.images_per_class'}
+  assert b['privacy.epsilon'] == 1 and b['model.name'] == 'scatternet_linear_pool8'
