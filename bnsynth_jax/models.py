@@ -275,6 +275,8 @@ def has_data_free_features(name: str) -> bool:
   """Whether the model's features (the head's input) need no training and no data: the
   scattering, then GroupNorm at its initial scale 1 and offset 0 (scatternet_linear*)."""
   return SCATTER_ARCHS.get(name, {}).get('widths') == ()
+
+
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
