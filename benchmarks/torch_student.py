@@ -42,7 +42,8 @@ from bnsynth_jax import views_np  # noqa: E402  (NumPy only)
 
 DEFAULT_RECIPE = {'model': 'resnet20', 'batch_size': 128, 'epochs': 100, 'learning_rate': 0.1,
                   'momentum': 0.9, 'nesterov': True, 'weight_decay': 5e-4,
-                  'warmup_epochs': 2.0, 'crop_padding': 4, 'flip': True, 'stem': 'cifar'}
+                  'warmup_epochs': 2.0, 'crop_padding': 4, 'flip': True, 'stem': 'cifar',
+                  'num_steps': 0}
 
 
 def recipe_from_report(report: dict) -> dict:
@@ -57,7 +58,19 @@ def recipe_from_report(report: dict) -> dict:
           'weight_decay': float(st['weight_decay']), 'warmup_epochs': float(st['warmup_epochs']),
           'crop_padding': int(st['crop_padding']), 'flip': bool(st['flip']),
           'stem': st['model'].get('stem', 'cifar'),
-          'mixed_temperature': float(st.get('mixed_temperature', 4.0))}
+          'mixed_temperature': float(st.get('mixed_temperature', 4.0)),
+          'num_steps': int(st.get('num_steps', 0) or 0)}
+
+
+def step_schedule(recipe: dict, num_images: int) -> tuple[int, int, int]:
+  """(steps per epoch, total steps, warm-up steps) as the JAX student counts them: whole
+  batches per epoch, `num_steps` > 0 overriding epochs (bnsynth_jax.train.num_train_steps)."""
+  steps_per_epoch = num_images // recipe['batch_size']
+  if steps_per_epoch == 0:
+    raise SystemExit(f'batch size {recipe["batch_size"]} exceeds the {num_images} released images')
+  total = (int(recipe.get('num_steps', 0)) or
+           int(round(recipe['epochs'] * steps_per_epoch)))
+  return steps_per_epoch, total, int(round(recipe['warmup_epochs'] * steps_per_epoch))
 
 
 def load_test(args, report: dict | None) -> tuple[np.ndarray, np.ndarray]:
@@ -94,6 +107,14 @@ def learning_rate(step: int, total: int, warmup: int, peak: float) -> float:
   return peak * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+def epochs_text(recipe: dict, num_images: int) -> str:
+  """The epochs the student runs, e.g. '100' or '214.3 (1500 steps)'."""
+  steps_per_epoch, total, _ = step_schedule(recipe, num_images)
+  if not recipe.get('num_steps'):
+    return f'{recipe["epochs"]:g}'
+  return f'{total / steps_per_epoch:.1f} ({total} steps)'
+
+
 def train(images, views, release, recipe, labels: str, seed: int, log=print) -> tuple:
   """Trains one PyTorch student; returns (model, seconds)."""
   import torch
@@ -112,11 +133,8 @@ def train(images, views, release, recipe, labels: str, seed: int, log=print) -> 
                         lr=recipe['learning_rate'], momentum=recipe['momentum'],
                         nesterov=recipe['nesterov'])
   batch = recipe['batch_size']
-  steps_per_epoch = n // batch
-  if steps_per_epoch == 0:
-    raise SystemExit(f'batch size {batch} exceeds the {n} released images')
-  total = steps_per_epoch * recipe['epochs']
-  warmup = int(round(recipe['warmup_epochs'] * steps_per_epoch))
+  steps_per_epoch, total, warmup = step_schedule(recipe, n)
+  epochs = math.ceil(total / steps_per_epoch)
   mean = torch.tensor(release['mean'], dtype=torch.float32).view(1, -1, 1, 1)
   std = torch.tensor(release['std'], dtype=torch.float32).view(1, -1, 1, 1)
   temperature = float(views['temperature'])
@@ -133,9 +151,9 @@ def train(images, views, release, recipe, labels: str, seed: int, log=print) -> 
       raise SystemExit('the recipe\'s crop_padding / flip differ from the release\'s views')
   t0, step = time.perf_counter(), 0
   model.train()
-  for epoch in range(recipe['epochs']):
+  for epoch in range(epochs):
     order = gen.permutation(n)
-    for s in range(steps_per_epoch):
+    for s in range(min(steps_per_epoch, total - step)):
       idx = order[s * batch:(s + 1) * batch]
       if labels == 'views':
         x, target = views_np.epoch_views(images, views, epoch, idx)
@@ -163,8 +181,8 @@ def train(images, views, release, recipe, labels: str, seed: int, log=print) -> 
       loss.backward()
       opt.step()
       step += 1
-    if (epoch + 1) % max(recipe['epochs'] // 10, 1) == 0:
-      log(f'  {labels}: epoch {epoch + 1}/{recipe["epochs"]} loss {loss.item():.4f} '
+    if (epoch + 1) % max(epochs // 10, 1) == 0:
+      log(f'  {labels}: epoch {epoch + 1}/{epochs} loss {loss.item():.4f} '
           f'({time.perf_counter() - t0:.0f}s)')
   return model, time.perf_counter() - t0
 
@@ -241,7 +259,7 @@ def main(argv=None) -> int:
     recipe.update(crop_padding=release['views']['crop_padding'], flip=release['views']['flip'],
                   epochs=release['views']['epochs'])
   if args.epochs:
-    recipe['epochs'] = args.epochs
+    recipe.update(epochs=args.epochs, num_steps=0)
   if args.model:
     recipe['model'] = args.model
   if args.batch_size:
@@ -284,7 +302,7 @@ def main(argv=None) -> int:
           'torch_student', 'PyTorch student from the portable release (benchmarks/torch_student.py)',
           ['release', 'images', 'labels', 'model', 'epochs', 'torch acc (mean, sd, seeds)',
            'JAX acc', 'gap', 'seconds / student', 'command'],
-          [args.name or args.release, len(images), labels, recipe['model'], recipe['epochs'],
+          [args.name or args.release, len(images), labels, recipe['model'], epochs_text(recipe, len(images)),
            f'{100 * acc:.2f}% ({100 * spread:.2f}, {len(seeds)})',
            jax_text,
            '' if ref is None else f'{100 * (acc - ref):+.2f}', f'{np.mean(seconds):.0f}',

@@ -172,3 +172,24 @@ def test_torch_student_runs_end_to_end_on_a_tiny_release(tmp_path, capsys):
     torch_student.main([f'--release={tmp_path / "release"}', f'--test={tmp_path / "test.npz"}',
                         '--model=resnet8', '--epochs=1', '--batch_size=4', '--crop_padding=0',
                         '--no_results', '--labels=views'])
+
+
+@pytest.mark.parametrize('num_steps', [0, 1500])
+def test_torch_student_replays_the_jax_students_step_count_and_learning_rate(num_steps):
+  """A recipe with num_steps (the scaling points' fixed budget) runs that many steps, not
+  `epochs` whole epochs, on the JAX student's learning-rate schedule."""
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import torch_student
+  from bnsynth_jax import train
+  from bnsynth_jax.configs import cifar10
+  cfg = cifar10.get_config('cpu').student
+  cfg.num_steps = num_steps
+  recipe = torch_student.recipe_from_report({'config': {'student': cfg.to_dict()}})
+  steps_per_epoch, total, warmup = torch_student.step_schedule(recipe, 1000)
+  assert steps_per_epoch == 1000 // cfg.batch_size
+  assert total == train.num_train_steps(cfg, steps_per_epoch)
+  assert total == (num_steps or round(cfg.epochs * steps_per_epoch))
+  schedule = train.create_learning_rate(cfg, steps_per_epoch, total)
+  for step in (0, warmup // 2, warmup, total // 3, total - 1):
+    assert torch_student.learning_rate(step, total, warmup, recipe['learning_rate']) == (
+        pytest.approx(float(schedule(step)), rel=1e-5, abs=1e-7))
