@@ -269,3 +269,56 @@ def test_scaling_plot_draws_the_points_and_refuses_a_malformed_curve(tmp_path, c
     assert scaling_plot.main(['--out', str(tmp_path / 'x.png'), f'--curve={bad}']) == 2
     assert 'error: --curve' in capsys.readouterr().err
   assert not (tmp_path / 'x.png').exists()
+
+
+def _synthetic_folder(directory, images_per_class, seed, num_classes=3, shard_size=6, views=4):
+  """A finished synthetic folder with labels arange % C per shard, as synthesis writes them."""
+  from bnsynth_jax import synthetic_data
+  rng = np.random.default_rng(seed)
+  n = images_per_class * num_classes
+  for j in range(n // shard_size):
+    labels = (np.arange(shard_size) % num_classes).astype(np.int32)
+    synthetic_data.write_shard(directory, j, {
+        'images': rng.integers(0, 256, (shard_size, 4, 4, 3), dtype=np.uint8),
+        'labels': labels, 'loss': rng.random(shard_size, dtype=np.float32),
+        'confidence': rng.random(shard_size, dtype=np.float32),
+        'soft_labels': np.eye(num_classes, dtype=np.float32)[labels],
+        'view_soft_labels': rng.random((shard_size, views, num_classes)).astype(np.float16),
+        'bn_loss_final': np.float32(j)})
+  entries, _ = synthetic_data.scan_shards(directory, n // shard_size)
+  synthetic_data.write_manifest(directory, entries, class_names=['a', 'b', 'c'],
+                                images_per_class=images_per_class, num_classes=num_classes)
+
+
+def test_select_subset_keeps_the_label_order_and_picks_by_the_method(tmp_path):
+  """benchmarks/select_subset.py: OUT loads (fresh shard hashes), has the template's labels and
+  per-shard scalars, and holds the pool's first / most view-consistent images of each class."""
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import select_subset
+  from bnsynth_jax import fileio, synthetic_data
+  _synthetic_folder(tmp_path / 'pool' / 'synthetic', images_per_class=8, seed=0)
+  _synthetic_folder(tmp_path / 'small', images_per_class=4, seed=1)
+  pool = synthetic_data.load_synthetic(tmp_path / 'pool' / 'synthetic')
+  template = synthetic_data.load_synthetic(tmp_path / 'small')
+  score = select_subset.view_consistency(pool)
+  for method in ('first', 'consistent'):
+    out = tmp_path / method
+    assert select_subset.main([f'--pool={tmp_path / "pool"}', f'--template={tmp_path / "small"}',
+                               f'--out={out}', f'--method={method}']) == 0
+    got = synthetic_data.load_synthetic(out)
+    np.testing.assert_array_equal(got.labels, template.labels)
+    assert synthetic_data.read_manifest(out)['selected_from']['method'] == method
+    assert float(fileio.read_npz(out / 'shards' / 'shard-00001.npz')['bn_loss_final']) == 1.0
+    for c in range(3):
+      idx = np.flatnonzero(pool.labels == c)
+      want = idx[:4] if method == 'first' else idx[np.argsort(-score[idx], kind='stable')[:4]]
+      np.testing.assert_array_equal(got.images[got.labels == c], pool.images[want])
+  assert not np.array_equal(synthetic_data.load_synthetic(tmp_path / 'first').images,
+                            synthetic_data.load_synthetic(tmp_path / 'consistent').images)
+
+
+def test_kcenter_starts_at_the_mean_and_takes_the_farthest_point_next():
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import select_subset
+  points = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [0.0, 3.0], [4.9, 0.1]])
+  np.testing.assert_array_equal(select_subset.kcenter(points, 3), [1, 2, 3])
