@@ -82,14 +82,12 @@ def pick(ds, pool, method: str, per_class: int, num_classes: int) -> dict[int, n
   return picks
 
 
-def write_selection(pool, template, out, picks: dict[int, np.ndarray], method: str) -> None:
+def write_selection(ds, pool, template, out, picks: dict[int, np.ndarray], method: str) -> None:
   """OUT = the template with each shard's images replaced by the picks, label order kept."""
   template_manifest = synthetic_data.read_manifest(template)
-  pool_manifest = synthetic_data.read_manifest(f'{pool}/synthetic')
-  pool_shards = [fileio.read_npz(synthetic_data.shard_path(f'{pool}/synthetic', i))
-                 for i in range(len(pool_manifest['shards']))]
-  pooled = {k: np.concatenate([s[k] for s in pool_shards])
-            for k in pool_shards[0] if np.ndim(pool_shards[0][k]) > 0}
+  pooled = {k: getattr(ds, k) for k in synthetic_data.ARRAY_FIELDS}
+  if ds.view_soft_labels is not None:
+    pooled['view_soft_labels'] = ds.view_soft_labels
   shutil.rmtree(out, ignore_errors=True)
   shutil.copytree(template, out)
   num_classes, done = template_manifest['num_classes'], 0
@@ -117,7 +115,7 @@ def main(argv=None) -> int:
   ds = synthetic_data.load_synthetic(f'{args.pool}/synthetic')
   manifest = synthetic_data.read_manifest(args.template)
   picks = pick(ds, args.pool, args.method, manifest['images_per_class'], manifest['num_classes'])
-  write_selection(args.pool, args.template, args.out, picks, args.method)
+  write_selection(ds, args.pool, args.template, args.out, picks, args.method)
   chosen = np.concatenate(list(picks.values()))
   agree = float(np.mean(ds.soft_labels[chosen].argmax(1) == ds.labels[chosen]))
   print(f'{args.method}: {len(chosen)} of {len(ds)} images, teacher agreement {agree:.4f} '
