@@ -88,6 +88,9 @@ def default_config() -> ml_collections.ConfigDict:
   p.teacher_fraction = 0.5      # share of epsilon for the teacher (the rest: the statistics)
   p.clip_norm = 1.0             # DP-SGD per-example gradient L2 bound
   p.augmult = 1                 # augmentations per example averaged before clipping
+  p.cache_front_end = True      # a public front end (scatternet*) under an unaugmented teacher:
+                                # computed once per image, not at every DP-SGD step (the same
+                                # gradients; host memory N x its output; privacy.FrontEndBatches)
   p.stats_clip_norm = 0.0       # L2 bound of one example's moment vector, all layers, each
                                 # layer scaled by its RMS on noise images (0 = sqrt(length))
   p.teacher_noise_multiplier = 0.0   # 0 = calibrated to the budget (logged and recorded)

@@ -6,6 +6,8 @@ training checkpoints in checkpoints/, metrics.json with the evaluation history.
 
 from __future__ import annotations
 
+import time
+
 from absl import logging
 import jax
 
@@ -71,9 +73,9 @@ def _dp_setup(config, workdir, data: PrivateData):
   (None: from scratch). Returns (batches, dp, manifest extra, start)."""
   record = privacy.plan(config, data.split_size('train'))
   start = None
+  model = models.from_config(config.model, data.info.num_classes)
   if prior.enabled(config):
     record['prior'] = prior.record(config)
-    model = models.from_config(config.model, data.info.num_classes)
     start = prior.initial_variables(config, model, data.info.image_shape,
                                     jax.random.key(config.seed))
   secret = privacy.teacher_secret(config, workdir)
@@ -81,12 +83,20 @@ def _dp_setup(config, workdir, data: PrivateData):
                                       config.teacher.batch_size, seed=secret,
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count())
+  cached = privacy.caches_front_end(config, model)
+  if cached:
+    t0 = time.perf_counter()
+    batches = privacy.FrontEndBatches(batches, model.public_front_end, *data.normalisation())
+    logging.info('teacher: the public front end of the %d training images computed once in '
+                 '%.1fs (%.0f MB; privacy.cache_front_end)', len(batches.features),
+                 time.perf_counter() - t0, batches.features.nbytes / 2**20)
   dp = {'clip_norm': record['teacher']['clip_norm'],
         'noise_multiplier': record['teacher']['noise_multiplier'],
         'augmult': record['teacher']['augmult'],
         'noise_key': privacy.noise_key(secret),
         'frozen_bn': prior.frozen_batch_norm(config),
-        'trainable': config.privacy.prior_trainable if prior.enabled(config) else 'all'}
+        'trainable': config.privacy.prior_trainable if prior.enabled(config) else 'all',
+        'front_end_cached': cached}
   logging.info('teacher: DP-SGD, noise multiplier %.4g, clip norm %g, %d steps of %d: '
                '(epsilon %.4g, delta %g) with the statistics', dp['noise_multiplier'],
                dp['clip_norm'], record['teacher']['steps'], config.teacher.batch_size,

@@ -178,7 +178,8 @@ def train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std, num_
 
 def dp_train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std,
                   num_classes: int, clip_norm: float, augmult: int, frozen_bn: bool = False,
-                  trainable: str = 'all', model: nn.Module | None = None):
+                  trainable: str = 'all', model: nn.Module | None = None,
+                  front_end_cached: bool = False):
   """One DP-SGD step: GroupNorm (no batch statistics), or a prior's BatchNorm frozen in
   inference mode (`frozen_bn`), so an example's gradient never sees the others. Each
   example's gradient, averaged over `augmult` augmentations of it, is clipped by
@@ -187,7 +188,9 @@ def dp_train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std,
   get no gradient, so the clip norm is spent on those trained. A `model` with a
   `public_front_end` (a fixed transform with no parameters: scatternet.py) has it applied
   to every view of the batch once, outside the per-example gradients, and the rest
-  (`from_front_end`) differentiated per example: the same gradients, far cheaper."""
+  (`from_front_end`) differentiated per example: the same gradients, far cheaper;
+  `front_end_cached`: the batch already holds those outputs (privacy.FrontEndBatches: no
+  augmentation, so every view of an example is the example)."""
   from jax_privacy import clipping   # only DP mode needs it
   from bnsynth_jax.privacy import prior
   mask = prior.trainable_mask(state.params, trainable)
@@ -212,7 +215,9 @@ def dp_train_step(state: TrainState, batch, step, *, base_key, cfg, mean, std,
 
   step_key = jax.random.fold_in(base_key, step)
   inputs = batch['images']
-  if front_end is not None:
+  if front_end_cached:
+    inputs = jnp.repeat(inputs[:, None], augmult, axis=1)
+  elif front_end is not None:
     inputs = public_front_end_views(front_end, views, inputs, step_key)
   grad_fn = clipping.clipped_grad(example_loss, has_aux=True, l2_clip_norm=clip_norm,
                                   batch_argnums=(1, 2), prng_argnum=3, return_values=True)
@@ -298,6 +303,7 @@ def _jitted_train_step(cfg, mesh, step_key, mean, std, num_classes, labels, soft
     step = functools.partial(dp_train_step, clip_norm=dp['clip_norm'], augmult=dp['augmult'],
                              frozen_bn=dp.get('frozen_bn', False),
                              trainable=dp.get('trainable', 'all'), model=dp.get('model'),
+                             front_end_cached=dp.get('front_end_cached', False),
                              **common)
   else:
     step = functools.partial(train_step, labels=labels, soft_temperature=soft_temperature,

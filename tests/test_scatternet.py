@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from bnsynth_jax import config_lib, models, parallel, scatternet, train
+from bnsynth_jax import config_lib, models, parallel, privacy, scatternet, train
 
 
 def _model(name='scatternet_linear_pool2'):
@@ -35,7 +35,7 @@ def test_an_image_size_the_transform_cannot_take_is_one_clear_error():
     scatternet.scattering(np.zeros((1, 10, 10, 1), np.float32))
 
 
-def _step(model, use_front_end: bool):
+def _step(model, use_front_end: bool, cached: bool = False):
   cfg = config_lib.train_config(batch_size=8, crop_padding=0, flip=False, learning_rate=1.0,
                                 momentum=0.0, nesterov=False, weight_decay=0.0)
   rng = np.random.default_rng(0)
@@ -47,10 +47,13 @@ def _step(model, use_front_end: bool):
   state = train.create_train_state(jax.random.key(0), model, (16, 16, 1),
                                    train.dp_optimizer(cfg, optax.constant_schedule(1.0), dp),
                                    mesh)
+  if cached:     # chunks of 3: two full ones and a padded one
+    batch['images'] = privacy.front_end_features(model.public_front_end, batch['images'],
+                                                 (0.5,), (0.5,), chunk=3)
   new, _ = jax.jit(lambda s, b: train.dp_train_step(
       s, b, 0, base_key=jax.random.key(1), cfg=cfg, mean=(0.5,), std=(0.5,), num_classes=3,
-      clip_norm=1e-2, augmult=2, model=model if use_front_end else None))(
-          state, parallel.to_global(mesh, batch))
+      clip_norm=1e-2, augmult=2, model=model if use_front_end else None,
+      front_end_cached=cached))(state, parallel.to_global(mesh, batch))
   return jax.tree.map(lambda a, b: np.asarray(a - b), new.params, state.params)
 
 
@@ -61,6 +64,34 @@ def test_dp_sgd_with_the_front_end_outside_the_per_example_gradients_is_the_same
   for a, b in zip(jax.tree.leaves(outside), jax.tree.leaves(inside)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
   assert max(float(np.abs(a).max()) for a in jax.tree.leaves(outside)) > 0
+  for a, b in zip(jax.tree.leaves(_step(model, True, cached=True)), jax.tree.leaves(outside)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_cached_front_end_batches_are_the_draws_of_the_whole_split_batches():
+  """privacy.FrontEndBatches: the same rows at every step as WholeSplitBatches, each the
+  front end of its image; used only where every DP-SGD view is the image itself."""
+  from bnsynth_jax.input_pipeline import Partition
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (10, 16, 16, 1), dtype=np.uint8)
+  labels = rng.integers(0, 3, 10).astype(np.int32)
+  parts = [Partition(index=0, images=images, labels=labels)]
+  plain = privacy.WholeSplitBatches(parts, 10, 4, seed=5)
+  model = _model()
+  cached = privacy.FrontEndBatches(plain, model.public_front_end, (0.5,), (0.5,), chunk=4)
+  whole = np.asarray(model.public_front_end((images / 255.0 - 0.5) / 0.5))
+  for step in (0, 7):
+    got, want = cached.get(step), plain.get(step)
+    np.testing.assert_array_equal(got['labels'], want['labels'])
+    np.testing.assert_allclose(got['images'], whole[plain.local_indices(step)], atol=1e-5)
+  config = config_lib.default_config()
+  config.teacher.crop_padding, config.teacher.flip = 0, False
+  assert privacy.caches_front_end(config, model)
+  assert not privacy.caches_front_end(config, models.create_model('resnet_tiny', 3))
+  config.teacher.flip = True                 # augmented views: each step's own transform
+  assert not privacy.caches_front_end(config, model)
+  config.teacher.flip, config.privacy.cache_front_end = False, False
+  assert not privacy.caches_front_end(config, model)
 
 
 def test_the_epsilon_one_variant_is_the_dp_default_with_its_recipe_only():
