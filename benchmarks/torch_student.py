@@ -207,18 +207,39 @@ def jax_accuracy(workdir: str | None, release: dict | None = None
   `release`, refuses a workdir whose synthetic set has another teacher, statistics or size."""
   if not workdir:
     return None, None
-  report = json.loads((pathlib.Path(workdir) / 'report.json').read_text())
   if release is not None:
-    manifest = json.loads((pathlib.Path(workdir) / 'synthetic' / 'manifest.json').read_text())
-    source = release.get('source', {})
-    for key, want in (('teacher_sha256', source.get('teacher_sha256')),
-                      ('statistics_sha256', source.get('statistics_sha256')),
-                      ('num_images', release.get('num_images'))):
-      if want is not None and manifest.get(key) != want:
-        raise SystemExit(f'{workdir}: its synthetic set differs from the release ({key}); '
-                         'compare JAX students trained on the exported images only')
+    check_same_release(workdir, release)
+  report_file = pathlib.Path(workdir) / 'report.json'
+  if not report_file.exists():
+    print(f'{workdir}: no report.json (its JAX student has not finished): left out')
+    return None, None
+  report = json.loads(report_file.read_text())
   acc = report.get('evaluate', {}).get('synthetic', {}).get('test_accuracy')
   return acc, report.get('student', {}).get('synthetic', {}).get('labels')
+
+
+def check_same_release(workdir: str, release: dict) -> None:
+  """Refuses a workdir whose synthetic set has another teacher, statistics or size."""
+  manifest = json.loads((pathlib.Path(workdir) / 'synthetic' / 'manifest.json').read_text())
+  source = release.get('source', {})
+  for key, want in (('teacher_sha256', source.get('teacher_sha256')),
+                    ('statistics_sha256', source.get('statistics_sha256')),
+                    ('num_images', release.get('num_images'))):
+    if want is not None and manifest.get(key) != want:
+      raise SystemExit(f'{workdir}: its synthetic set differs from the release ({key}); '
+                       'compare JAX students trained on the exported images only')
+
+
+def train_seeds(images, views, release, recipe, labels, seeds, test_images, test_labels):
+  """(test accuracies, seconds) of one torch student per seed."""
+  accs, seconds = [], []
+  for seed in seeds:
+    model, secs = train(images, views, release, recipe, labels, seed)
+    accs.append(evaluate(model, test_images, test_labels, release))
+    seconds.append(secs)
+    print(f'torch student ({labels}, seed {seed}): test accuracy {100 * accs[-1]:.2f}% '
+          f'in {secs:.0f}s', flush=True)
+  return accs, seconds
 
 
 def main(argv=None) -> int:
@@ -273,21 +294,20 @@ def main(argv=None) -> int:
                      f'{images.shape[1:]}')
   print(f'release {args.release}: {len(images)} images, {int(views["epochs"])} view epochs; '
         f'test {len(test_images)} images; recipe {recipe}')
+  jax_dirs = [wd for wd in (args.recipe_from, args.jax_hard_workdir,
+                             *args.jax_workdirs.split(',')) if wd]
+  for wd in jax_dirs:     # refused now; their accuracies are read after the torch students,
+    check_same_release(wd, release)    # so JAX students may still be training beside them
+  command = 'python benchmarks/torch_student.py ' + ' '.join(shlex.quote(a) for a in
+                                                             (argv or sys.argv[1:]))
+  trained = {labels: train_seeds(images, views, release, recipe, labels, seeds, test_images,
+                                 test_labels) for labels in args.labels.split(',')}
   jax_by_labels = {}
-  for wd in [args.recipe_from, args.jax_hard_workdir, *args.jax_workdirs.split(',')]:
+  for wd in jax_dirs:
     acc, kind = jax_accuracy(wd, release)
     if acc is not None:
       jax_by_labels.setdefault(kind, []).append(acc)
-  command = 'python benchmarks/torch_student.py ' + ' '.join(shlex.quote(a) for a in
-                                                             (argv or sys.argv[1:]))
-  for labels in args.labels.split(','):
-    accs, seconds = [], []
-    for seed in seeds:
-      model, secs = train(images, views, release, recipe, labels, seed)
-      accs.append(evaluate(model, test_images, test_labels, release))
-      seconds.append(secs)
-      print(f'torch student ({labels}, seed {seed}): test accuracy {100 * accs[-1]:.2f}% '
-            f'in {secs:.0f}s')
+  for labels, (accs, seconds) in trained.items():
     acc, spread = float(np.mean(accs)), float(np.std(accs))
     refs = jax_by_labels.get(labels)
     ref = None if refs is None else float(np.mean(refs))

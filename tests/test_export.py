@@ -153,25 +153,47 @@ def test_torch_student_runs_end_to_end_on_a_tiny_release(tmp_path, capsys):
   assert set(accuracy) == {'views', 'hard'}
   # 12 noise images with hard labels are memorised: the training loop does learn.
   assert accuracy['hard'] >= 75.0, out
-  # A JAX workdir to compare with is read only if its synthetic set is the release's.
-  workdir = tmp_path / 'jax_run'
-  (workdir / 'synthetic').mkdir(parents=True)
-  (workdir / 'report.json').write_text(json.dumps(
-      {'evaluate': {'synthetic': {'test_accuracy': 0.5}},
-       'student': {'synthetic': {'labels': 'views'}}}))
-  manifest = json.loads((directory / 'manifest.json').read_text())
-  (workdir / 'synthetic' / 'manifest.json').write_text(json.dumps(manifest))
-  release = json.loads((tmp_path / 'release' / 'release.json').read_text())
-  assert torch_student.jax_accuracy(str(workdir), release) == (0.5, 'views')
-  manifest['statistics_sha256'] = 'f' * 64
-  (workdir / 'synthetic' / 'manifest.json').write_text(json.dumps(manifest))
+  # A JAX workdir of another synthetic set is refused before any training.
+  workdir = _jax_workdir(tmp_path, directory, statistics_sha256='f' * 64)
   with pytest.raises(SystemExit, match='differs from the release'):
-    torch_student.jax_accuracy(str(workdir), release)
+    torch_student.main([f'--release={tmp_path / "release"}', f'--test={tmp_path / "test.npz"}',
+                        '--model=resnet8', '--epochs=1', '--batch_size=4', '--no_results',
+                        '--labels=views', f'--jax_workdirs={workdir}'])
   # A recipe whose views differ from the release's is refused.
   with pytest.raises(SystemExit, match='differ'):
     torch_student.main([f'--release={tmp_path / "release"}', f'--test={tmp_path / "test.npz"}',
                         '--model=resnet8', '--epochs=1', '--batch_size=4', '--crop_padding=0',
                         '--no_results', '--labels=views'])
+
+
+def _jax_workdir(tmp_path, directory, **manifest_changes):
+  """A JAX run's folder as torch_student reads it: report.json and synthetic/manifest.json."""
+  workdir = tmp_path / 'jax_run'
+  (workdir / 'synthetic').mkdir(parents=True, exist_ok=True)
+  (workdir / 'report.json').write_text(json.dumps(
+      {'evaluate': {'synthetic': {'test_accuracy': 0.5}},
+       'student': {'synthetic': {'labels': 'views'}}}))
+  manifest = json.loads((directory / 'manifest.json').read_text())
+  (workdir / 'synthetic' / 'manifest.json').write_text(json.dumps({**manifest,
+                                                                   **manifest_changes}))
+  return workdir
+
+
+def test_torch_student_reads_only_finished_jax_students_of_the_same_release(tmp_path):
+  """The JAX side of the comparison (no PyTorch needed): a workdir is read only if its
+  synthetic set is the release's; one whose student is still training is left out."""
+  directory = _synthetic_dir(tmp_path, n_per_class=4, padding=1)
+  synthetic_data.export_image_folder(directory, tmp_path / 'release')
+  release = json.loads((tmp_path / 'release' / 'release.json').read_text())
+  sys.path.insert(0, str(REPO / 'benchmarks'))
+  import torch_student
+  workdir = _jax_workdir(tmp_path, directory)
+  assert torch_student.jax_accuracy(str(workdir), release) == (0.5, 'views')
+  (workdir / 'report.json').unlink()
+  assert torch_student.jax_accuracy(str(workdir), release) == (None, None)
+  workdir = _jax_workdir(tmp_path, directory, statistics_sha256='f' * 64)
+  with pytest.raises(SystemExit, match='differs from the release'):
+    torch_student.jax_accuracy(str(workdir), release)
 
 
 @pytest.mark.parametrize('num_steps', [0, 1500])
