@@ -1,4 +1,4 @@
-"""Throughput: the synthesis step (image-iterations/s) and the training step (images/s).
+"""Throughput: the synthesis step (image-iterations/s) and the training steps (images/s).
 
 Measures the project's own jitted steps (synthesis.make_step, train.train_step) for
 each model x dtype x batch size, the FLOPs per step from XLA's compiled cost
@@ -11,6 +11,14 @@ Appends a table to benchmarks/RESULTS.md with the command.
 
   python benchmarks/throughput.py --models=resnet20 --batch_sizes=128 --torch
   python benchmarks/throughput.py --models=resnet18,resnet50 --dtypes=float32,bfloat16
+  python benchmarks/throughput.py --models=scatternet_linear_pool4 --batch_sizes=1024 \
+      --kinds=dp_train,dp_train_cached
+
+Kinds: synthesis, train (SGD), dp_train (the DP-SGD step, train.dp_train_step: per-example
+clipped gradients and the noise; a GroupNorm model), dp_train_cached (the same step on a
+batch that already holds a public front end's outputs, privacy.FrontEndBatches: what a
+scatternet_* teacher without augmentation runs; its img/s leave out the one pass that
+computes them).
 
 The synthesis step matches global BN statistics with per-image random roll and
 flip in both frameworks, as DeepInversion does (class-wise: --stats_kind=classwise,
@@ -171,6 +179,46 @@ def jax_train(model_name, batch, dtype, image_size):
   return one, flops
 
 
+def jax_dp_train(model_name, batch, dtype, image_size, cached: bool):
+  """The project's DP-SGD step (a GroupNorm model; `cached`: the batch holds the public
+  front end's outputs); returns (run one step, XLA FLOPs per step)."""
+  import functools
+  import jax
+  import numpy as np
+  from bnsynth_jax import config_lib, models, parallel, privacy, train
+  cfg = config_lib.train_config(crop_padding=0, flip=False)
+  model = models.create_model(model_name, 10, norm='group', dtype=dtype)
+  if cached and getattr(model, 'public_front_end', None) is None:
+    raise SystemExit(f'--kinds=dp_train_cached needs a model with a public front end '
+                     f'(scatternet_*), not {model_name}')
+  mesh = parallel.make_mesh()
+  shape = (image_size, image_size, 3)
+  mean, std = (0.5,) * 3, (0.25,) * 3
+  dp = {'clip_norm': 1.0, 'noise_multiplier': 1.0, 'augmult': 1,
+        'noise_key': jax.random.PRNGKey(0)}
+  tx = train.dp_optimizer(cfg, train.create_learning_rate(cfg, 100, 1000), dp)
+  state = [train.create_train_state(jax.random.key(0), model, shape, tx, mesh)]
+  step_fn = jax.jit(functools.partial(train.dp_train_step, base_key=jax.random.key(1), cfg=cfg,
+                                      mean=mean, std=std, num_classes=10, clip_norm=1.0,
+                                      augmult=1, model=model, front_end_cached=cached),
+                    in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
+                                  parallel.replicated(mesh)),
+                    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+                    donate_argnums=0)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
+  if cached:
+    images = privacy.front_end_features(model.public_front_end, images, mean, std, chunk=256)
+  batch_data = parallel.to_global(mesh, {'images': images,
+                                         'labels': rng.integers(0, 10, batch).astype(np.int32)})
+  flops = compiled_flops(step_fn, state[0], batch_data, np.int32(0))
+
+  def one():
+    state[0], m = step_fn(state[0], batch_data, np.int32(0))
+    jax.block_until_ready(m['loss'])
+  return one, flops
+
+
 # ----------------------------------------------------------------------------
 # PyTorch eager (optional dependency)
 
@@ -278,8 +326,13 @@ def main(argv=None) -> int:
         for kind in args.kinds.split(','):
           if kind == 'synthesis':
             one, flops = jax_synthesis(model_name, batch, dtype, size, args.stats_kind)
-          else:
+          elif kind in ('dp_train', 'dp_train_cached'):
+            one, flops = jax_dp_train(model_name, batch, dtype, size, kind == 'dp_train_cached')
+          elif kind == 'train':
             one, flops = jax_train(model_name, batch, dtype, size)
+          else:
+            raise SystemExit(f'--kinds: unknown {kind!r}: use synthesis, train, dp_train, '
+                             'dp_train_cached')
           runs = [one]
           with_torch = kind == 'synthesis' and args.torch
           if with_torch:

@@ -1,4 +1,5 @@
-"""benchmarks/throughput.py runs end to end on a tiny model and writes sane rows."""
+"""The benchmark scripts: throughput.py runs end to end on tiny models and writes sane
+rows; the others read finished runs into rows."""
 
 import importlib.util
 import json
@@ -36,6 +37,22 @@ def test_throughput_benchmark_rows(tmp_path):
     assert synth['rounds'] == 2 and low <= synth['jax_over_torch'] <= high
     assert synth['torch_per_second'] > 0
   assert 'jax_over_torch' not in rows[1]
+
+
+def test_throughput_times_the_dp_sgd_step_with_and_without_the_cached_front_end(tmp_path):
+  """--kinds=dp_train,dp_train_cached: the cached step leaves the scattering out, so XLA
+  counts far fewer FLOPs for it (the transform is most of the uncached step)."""
+  out = tmp_path / 'throughput.json'
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/throughput.py', '--models=scatternet_linear_pool4',
+       '--batch_sizes=8', '--kinds=dp_train,dp_train_cached', '--steps=1', '--repeats=1',
+       '--warmup=1', '--no_results_md', f'--out={out}'], cwd=REPO, capture_output=True,
+      text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  plain, cached = json.loads(out.read_text())['rows']
+  assert (plain['kind'], cached['kind']) == ('dp_train', 'dp_train_cached')
+  assert cached['per_second'] > 0 and plain['per_second'] > 0
+  assert 0 < cached['flops_per_step'] < plain['flops_per_step'] / 10
 
 
 def test_utility_sweep_reads_finished_runs_into_rows_and_a_plot(tmp_path):
