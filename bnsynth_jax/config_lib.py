@@ -240,7 +240,7 @@ def default_config() -> ml_collections.ConfigDict:
 VOLATILE_KEYS = frozenset({
     'data.root', 'data.data_dir', 'data.decode_threads', 'stats.batch_size',
     'synthesis.teacher_dir', 'synthesis.stats_dir', 'synthesis.reuse_from', 'audit.block_size',
-    'privacy.accept_cumulative_epsilon',
+    'privacy.accept_cumulative_epsilon', 'privacy.cache_front_end',
     'log_every_steps', 'checkpoint_every_steps', 'eval_batch_size', 'eval_every_epochs',
     'log_every_iterations', 'checkpoint_every_iterations',
 })

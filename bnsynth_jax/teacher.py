@@ -83,7 +83,7 @@ def _dp_setup(config, workdir, data: PrivateData):
                                       config.teacher.batch_size, seed=secret,
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count())
-  cached = privacy.caches_front_end(config, model)
+  cached = privacy.caches_front_end(config, model, batches.images)
   if cached:
     t0 = time.perf_counter()
     batches = privacy.FrontEndBatches(batches, model.public_front_end, *data.normalisation())

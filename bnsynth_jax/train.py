@@ -385,8 +385,9 @@ def fit(*, name: str, model: nn.Module, cfg, batches: PartitionedBatches,
       simulate a kill).
     init: {'params', 'batch_stats'} to start from instead of a random
       initialisation (fine-tuning); a checkpoint in workdir still wins.
-    dp: DP-SGD ({'clip_norm', 'noise_multiplier', 'augmult', 'noise_key', and with a
-      prior 'frozen_bn', 'trainable'}; `batches` must then be privacy.WholeSplitBatches).
+    dp: DP-SGD ({'clip_norm', 'noise_multiplier', 'augmult', 'noise_key', with a prior
+      'frozen_bn', 'trainable', and 'front_end_cached'}; `batches` must then be
+      privacy.WholeSplitBatches, or privacy.FrontEndBatches with 'front_end_cached').
   """
   mesh = parallel.make_mesh()
   parallel.check_batch(cfg.batch_size, f'{name}.batch_size', mesh)

@@ -1,6 +1,8 @@
 """The ScatterNet teachers (bnsynth_jax/scatternet.py): the public front end has no
 parameters, and DP-SGD computing it once per batch gives the gradients of the whole model."""
 
+from unittest import mock
+
 import jax
 import numpy as np
 import optax
@@ -49,9 +51,9 @@ def _step(model, use_front_end: bool, cached: bool = False):
                                    mesh)
   if cached:     # chunks of 3: two full ones and a padded one
     batch['images'] = privacy.front_end_features(model.public_front_end, batch['images'],
-                                                 (0.5,), (0.5,), chunk=3)
+                                                 (0.4,), (0.2,), chunk=3)
   new, _ = jax.jit(lambda s, b: train.dp_train_step(
-      s, b, 0, base_key=jax.random.key(1), cfg=cfg, mean=(0.5,), std=(0.5,), num_classes=3,
+      s, b, 0, base_key=jax.random.key(1), cfg=cfg, mean=(0.4,), std=(0.2,), num_classes=3,
       clip_norm=1e-2, augmult=2, model=model if use_front_end else None,
       front_end_cached=cached))(state, parallel.to_global(mesh, batch))
   return jax.tree.map(lambda a, b: np.asarray(a - b), new.params, state.params)
@@ -78,8 +80,8 @@ def test_cached_front_end_batches_are_the_draws_of_the_whole_split_batches():
   parts = [Partition(index=0, images=images, labels=labels)]
   plain = privacy.WholeSplitBatches(parts, 10, 4, seed=5)
   model = _model()
-  cached = privacy.FrontEndBatches(plain, model.public_front_end, (0.5,), (0.5,), chunk=4)
-  whole = np.asarray(model.public_front_end((images / 255.0 - 0.5) / 0.5))
+  cached = privacy.FrontEndBatches(plain, model.public_front_end, (0.4,), (0.2,), chunk=4)
+  whole = np.asarray(model.public_front_end((images / 255.0 - 0.4) / 0.2))
   for step in (0, 7):
     got, want = cached.get(step), plain.get(step)
     np.testing.assert_array_equal(got['labels'], want['labels'])
@@ -92,6 +94,11 @@ def test_cached_front_end_batches_are_the_draws_of_the_whole_split_batches():
   assert not privacy.caches_front_end(config, model)
   config.teacher.flip, config.privacy.cache_front_end = False, False
   assert not privacy.caches_front_end(config, model)
+  config.privacy.cache_front_end = True      # outputs over the host-memory bound: per step
+  assert privacy.caches_front_end(config, model, images)
+  assert privacy.front_end_bytes(model.public_front_end, images) == 10 * 4 * 4 * 81 * 4
+  with mock.patch.object(privacy, 'FRONT_END_CACHE_MAX_BYTES', 10 * 4 * 4 * 81 * 4 - 1):
+    assert not privacy.caches_front_end(config, model, images)
 
 
 def test_the_epsilon_one_variant_is_the_dp_default_with_its_recipe_only():

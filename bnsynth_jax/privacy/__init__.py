@@ -55,6 +55,7 @@ from typing import Sequence
 
 import dp_accounting
 import jax
+from absl import logging
 import jax.numpy as jnp
 import numpy as np
 
@@ -325,14 +326,33 @@ class WholeSplitBatches:
     return {'images': self.images[idx], 'labels': self.labels[idx]}
 
 
-def caches_front_end(config, model) -> bool:
+FRONT_END_CACHE_MAX_BYTES = 8 * 2**30    # above: the front end per step, as without the cache
+
+
+def caches_front_end(config, model, images: np.ndarray | None = None) -> bool:
   """Whether DP-SGD trains on the public front end's outputs computed once
   (FrontEndBatches): privacy.cache_front_end, a model with a `public_front_end`
-  (scatternet*), and the teacher's images unaugmented (crop_padding 0, flip off), so that
-  every step would transform the very same images again."""
-  return bool(config.privacy.get('cache_front_end', True)
-              and getattr(model, 'public_front_end', None) is not None
-              and not config.teacher.crop_padding and not config.teacher.flip)
+  (scatternet*), the teacher's images unaugmented (crop_padding 0, flip off), so that
+  every step would transform the very same images again, and (given `images`) outputs
+  that fit FRONT_END_CACHE_MAX_BYTES of host memory."""
+  front_end = getattr(model, 'public_front_end', None)
+  if not (config.privacy.get('cache_front_end', True) and front_end is not None
+          and not config.teacher.crop_padding and not config.teacher.flip):
+    return False
+  if images is None:
+    return True
+  nbytes = front_end_bytes(front_end, images)
+  if nbytes > FRONT_END_CACHE_MAX_BYTES:
+    logging.info('privacy: the front end of %d images would take %.1f GiB: computed at every '
+                 'step instead', len(images), nbytes / 2**30)
+    return False
+  return True
+
+
+def front_end_bytes(front_end, images: np.ndarray) -> int:
+  """Host bytes of the front end's float32 outputs for `images` (shapes only)."""
+  out = jax.eval_shape(front_end, jax.ShapeDtypeStruct(images.shape, jnp.float32))
+  return int(np.prod(out.shape)) * 4
 
 
 class FrontEndBatches:
@@ -345,13 +365,13 @@ class FrontEndBatches:
   Nothing is released: the transform is public, and the head's DP-SGD is unchanged."""
 
   def __init__(self, batches: WholeSplitBatches, front_end, mean, std, chunk: int = 250):
-    self._batches = batches
     self.steps_per_epoch = batches.steps_per_epoch
     self.features = front_end_features(front_end, batches.images, mean, std, chunk)
     self.labels = batches.labels
+    self.local_indices = batches.local_indices    # the draw (its images are not kept)
 
   def get(self, step: int) -> dict[str, np.ndarray]:
-    idx = self._batches.local_indices(step)
+    idx = self.local_indices(step)
     return {'images': self.features[idx], 'labels': self.labels[idx]}
 
 
