@@ -142,10 +142,12 @@ def get_config(variant: str = 'gpu'):
       # reaches 46.18% against 23.77% for the GroupNorm ResNet-20 trained from scratch
       # (docs/privacy.md, "CIFAR-10 with the ScatterNet prior"). At epsilon 1 a coarser head
       # and more images are better: the variant cpu_dp_eps1 (`epsilon_one`).
-      # The canary audit at its scale (200 synthetic images per shadow):
+      # The canary audit at its scale (200 synthetic images per shadow; replace-one
+      # adjacency, its one-run epsilon lower bound; docs/privacy.md, 2026-12-05):
       #   python -m bnsynth_jax.canary --config=configs/cifar10.py:cpu_dp \
-      #       --train_subset=5000 --canaries=50 --shadows=16 --workdir=DIR \
-      #       --config.synthesis.images_per_class=20
+      #       --train_subset=5000 --canaries=50 --shadows=16 --adjacency=replace \
+      #       --release_students=1 --workdir=DIR --config.synthesis.images_per_class=20 \
+      #       --config.teacher.eval_every_epochs=0
       c.model.name = 'scatternet_linear_pool4'
       c.model.norm = 'group'
       c.privacy.epsilon = 8.0
