@@ -160,21 +160,30 @@ def jax_train(model_name, batch, dtype, image_size):
   mesh = parallel.make_mesh()
   shape = (image_size, image_size, 3)
   tx = train.create_optimizer(cfg, train.create_learning_rate(cfg, 100, 1000))
-  state = [train.create_train_state(jax.random.key(0), model, shape, tx, mesh)]
-  step_fn = jax.jit(functools.partial(train.train_step, base_key=jax.random.key(1), cfg=cfg,
-                                      mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10),
-                    in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
-                                  parallel.replicated(mesh)),
+  state = train.create_train_state(jax.random.key(0), model, shape, tx, mesh)
+  step = functools.partial(train.train_step, base_key=jax.random.key(1), cfg=cfg,
+                           mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=10)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
+  return _step_runner(step, state, mesh, images, rng.integers(0, 10, batch).astype(np.int32))
+
+
+def _step_runner(step, state, mesh, images, labels):
+  """(run one training step on a fixed batch, XLA FLOPs per step) for step(state, batch,
+  step number) -> (state, metrics), jitted with the data sharding of train.fit."""
+  import jax
+  import numpy as np
+  from bnsynth_jax import parallel
+  step_fn = jax.jit(step, in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
+                                        parallel.replicated(mesh)),
                     out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
                     donate_argnums=0)
-  rng = np.random.default_rng(0)
-  batch_data = parallel.to_global(mesh, {
-      'images': rng.integers(0, 256, (batch, *shape), dtype=np.uint8),
-      'labels': rng.integers(0, 10, batch).astype(np.int32)})
-  flops = compiled_flops(step_fn, state[0], batch_data, np.int32(0))
+  batch_data = parallel.to_global(mesh, {'images': images, 'labels': labels})
+  held = [state]
+  flops = compiled_flops(step_fn, held[0], batch_data, np.int32(0))
 
   def one():
-    state[0], m = step_fn(state[0], batch_data, np.int32(0))
+    held[0], m = step_fn(held[0], batch_data, np.int32(0))
     jax.block_until_ready(m['loss'])
   return one, flops
 
@@ -197,26 +206,15 @@ def jax_dp_train(model_name, batch, dtype, image_size, cached: bool):
   dp = {'clip_norm': 1.0, 'noise_multiplier': 1.0, 'augmult': 1,
         'noise_key': jax.random.PRNGKey(0)}
   tx = train.dp_optimizer(cfg, train.create_learning_rate(cfg, 100, 1000), dp)
-  state = [train.create_train_state(jax.random.key(0), model, shape, tx, mesh)]
-  step_fn = jax.jit(functools.partial(train.dp_train_step, base_key=jax.random.key(1), cfg=cfg,
-                                      mean=mean, std=std, num_classes=10, clip_norm=1.0,
-                                      augmult=1, model=model, front_end_cached=cached),
-                    in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh),
-                                  parallel.replicated(mesh)),
-                    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-                    donate_argnums=0)
+  state = train.create_train_state(jax.random.key(0), model, shape, tx, mesh)
+  step = functools.partial(train.dp_train_step, base_key=jax.random.key(1), cfg=cfg, mean=mean,
+                           std=std, num_classes=10, clip_norm=1.0, augmult=1, model=model,
+                           front_end_cached=cached)
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (batch, *shape), dtype=np.uint8)
   if cached:
     images = privacy.front_end_features(model.public_front_end, images, mean, std, chunk=256)
-  batch_data = parallel.to_global(mesh, {'images': images,
-                                         'labels': rng.integers(0, 10, batch).astype(np.int32)})
-  flops = compiled_flops(step_fn, state[0], batch_data, np.int32(0))
-
-  def one():
-    state[0], m = step_fn(state[0], batch_data, np.int32(0))
-    jax.block_until_ready(m['loss'])
-  return one, flops
+  return _step_runner(step, state, mesh, images, rng.integers(0, 10, batch).astype(np.int32))
 
 
 # ----------------------------------------------------------------------------
