@@ -88,12 +88,12 @@ def test_cached_front_end_batches_are_the_draws_of_the_whole_split_batches():
     np.testing.assert_allclose(got['images'], whole[plain.local_indices(step)], atol=1e-5)
   config = config_lib.default_config()
   config.teacher.crop_padding, config.teacher.flip = 0, False
-  assert privacy.caches_front_end(config, model)
-  assert not privacy.caches_front_end(config, models.create_model('resnet_tiny', 3))
+  assert privacy.caches_front_end(config, model, images)
+  assert not privacy.caches_front_end(config, models.create_model('resnet_tiny', 3), images)
   config.teacher.flip = True                 # augmented views: each step's own transform
-  assert not privacy.caches_front_end(config, model)
+  assert not privacy.caches_front_end(config, model, images)
   config.teacher.flip, config.privacy.cache_front_end = False, False
-  assert not privacy.caches_front_end(config, model)
+  assert not privacy.caches_front_end(config, model, images)
   config.privacy.cache_front_end = True      # outputs over the host-memory bound: per step
   assert privacy.caches_front_end(config, model, images)
   assert privacy.front_end_bytes(model.public_front_end, images) == 10 * 4 * 4 * 81 * 4

@@ -55,9 +55,9 @@ from typing import Sequence
 
 import dp_accounting
 import jax
-from absl import logging
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from bnsynth_jax.errors import UserError
 from bnsynth_jax.input_pipeline import Partition
@@ -329,18 +329,16 @@ class WholeSplitBatches:
 FRONT_END_CACHE_MAX_BYTES = 8 * 2**30    # above: the front end per step, as without the cache
 
 
-def caches_front_end(config, model, images: np.ndarray | None = None) -> bool:
+def caches_front_end(config, model, images: np.ndarray) -> bool:
   """Whether DP-SGD trains on the public front end's outputs computed once
   (FrontEndBatches): privacy.cache_front_end, a model with a `public_front_end`
   (scatternet*), the teacher's images unaugmented (crop_padding 0, flip off), so that
-  every step would transform the very same images again, and (given `images`) outputs
-  that fit FRONT_END_CACHE_MAX_BYTES of host memory."""
+  every step would transform the very same images again, and outputs of `images` that fit
+  FRONT_END_CACHE_MAX_BYTES of host memory."""
   front_end = getattr(model, 'public_front_end', None)
   if not (config.privacy.get('cache_front_end', True) and front_end is not None
           and not config.teacher.crop_padding and not config.teacher.flip):
     return False
-  if images is None:
-    return True
   nbytes = front_end_bytes(front_end, images)
   if nbytes > FRONT_END_CACHE_MAX_BYTES:
     logging.info('privacy: the front end of %d images would take %.1f GiB: computed at every '
