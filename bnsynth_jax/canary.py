@@ -46,6 +46,15 @@ Here:
    epsilon at 95% confidence; each half of the runs is attacked with LiRA fitted on the
    other half only, so no guess sees its own bit. The default 'add_remove' (balanced
    design, canaries absent from OUT runs) reports only an indication.
+6. The permutation null (--null_permutations=100): the same report with each canary's
+   IN/OUT bits shuffled across the runs, every attack refitted and the strongest chosen
+   again -- what this audit's size and its best-of-many-attacks choice give when nothing
+   leaks (TPR at 0.1% FPR rests on the few highest OUT scores, so its interval is wide at
+   chance), and the permutation p-value of what it observed.
+
+A finished --adjacency=replace audit grows: the same command with a larger --shadows keeps
+its runs and their scores and draws fresh fair coins for the new runs only (tighter
+intervals for the cost of the new runs).
 
 Output: DIR/canary_audit.json, DIR/canary_audit.md and DIR/canary_roc.png; each run's
 scores in DIR/shadow_<m>/scores.npz (kept, so an interrupted audit rescored later only
@@ -83,6 +92,10 @@ flags.DEFINE_integer('release_students', 3, 'Students more per shadow run, train
                      'synthetic release with other seeds: the attacker holds the release, and '
                      "the mean of their margins (target 'release') has less of one student's "
                      'training noise. Added to finished runs without retraining them; 0 = none.')
+flags.DEFINE_integer('null_permutations', 100, 'Shuffles of the IN/OUT design for the '
+                     "report's permutation null: what the audit reports at chance, with its "
+                     'choice of the strongest attack, and the p-value of what it observed '
+                     '(0 = none).')
 flags.DEFINE_bool('real_student', False, 'Also attack a student of the student recipe trained '
                   'on each run\'s real training data (its IN canaries included): the contrast '
                   'to the synthetic-trained student; one more real-data training per run, '
@@ -104,7 +117,7 @@ def main(argv):
         kind=FLAGS.kind, train_subset=FLAGS.train_subset, shadow_ids=FLAGS.shadow_ids,
         bootstrap=FLAGS.bootstrap, audit_seed=FLAGS.audit_seed,
         real_student=FLAGS.real_student, adjacency=FLAGS.adjacency,
-        release_students=FLAGS.release_students)
+        release_students=FLAGS.release_students, null_permutations=FLAGS.null_permutations)
   except UserError as e:
     for line in str(e).splitlines():
       print(f'error: {line}', file=sys.stderr, flush=True)

@@ -193,32 +193,86 @@ def multivariate_lira_scores(scores: np.ndarray, design: np.ndarray,
   return out
 
 
-def evaluate_attacks(scores: dict[str, np.ndarray], design: np.ndarray, bootstrap: int,
-                     seed: int) -> dict:
-  """{target: {attack: measures}} over every (run, canary) pair: LiRA with a pooled, a
-  per-canary and a shrunk per-canary variance, the global threshold, and for [M, K, A]
+def attack_scores(s: np.ndarray, design: np.ndarray) -> dict[str, np.ndarray]:
+  """{attack: [M, K] scores} of one target's [M, K] or [M, K, A] scores: LiRA with a pooled,
+  a per-canary and a shrunk per-canary variance, the global threshold, and for [M, K, A]
   scores (several queries per canary, `augmented_queries`) LiRA on the first (plain) query,
   over all of them (the likelihood ratios averaged), on their mean score, and on their
-  vector (`multivariate_lira_scores`); then
-  'strongest', the attack of the highest TPR at 0.1% FPR (ties: AUC)."""
+  vector (`multivariate_lira_scores`)."""
+  plain = s[..., 0] if s.ndim == 3 else s
+  attacks = {}
+  for suffix, variance in VARIANCES.items():
+    attacks['lira' + suffix] = lira_scores(plain, design, variance)
+    if s.ndim == 3:
+      attacks['lira_augmented' + suffix] = augmented_lira_scores(s, design, variance)
+      # The queries' scores averaged first (one less noisy statistic per canary), then LiRA.
+      attacks['lira_mean_query' + suffix] = lira_scores(s.mean(-1), design, variance)
+  if s.ndim == 3 and s.shape[-1] > 1:
+    attacks['lira_multivariate'] = multivariate_lira_scores(s, design)
+    attacks['lira_multivariate_per_canary_scale'] = multivariate_lira_scores(
+        s, design, per_canary_scale=True)
+  attacks['threshold'] = plain
+  return attacks
+
+
+def _strongest(measures: dict) -> str:
+  return max(measures, key=lambda name: (measures[name]['tpr_at_0.001_fpr']['value'],
+                                         measures[name]['auc']['value']))
+
+
+def evaluate_attacks(scores: dict[str, np.ndarray], design: np.ndarray, bootstrap: int,
+                     seed: int) -> dict:
+  """{target: {attack: measures}} over every (run, canary) pair for each of
+  `attack_scores`, then 'strongest', the attack of the highest TPR at 0.1% FPR (ties:
+  AUC)."""
   results = {}
   for target, s in scores.items():
-    plain = s[..., 0] if s.ndim == 3 else s
-    attacks = {}
-    for suffix, variance in VARIANCES.items():
-      attacks['lira' + suffix] = lira_scores(plain, design, variance)
-      if s.ndim == 3:
-        attacks['lira_augmented' + suffix] = augmented_lira_scores(s, design, variance)
-        # The queries' scores averaged first (one less noisy statistic per canary), then LiRA.
-        attacks['lira_mean_query' + suffix] = lira_scores(s.mean(-1), design, variance)
-    if s.ndim == 3 and s.shape[-1] > 1:
-      attacks['lira_multivariate'] = multivariate_lira_scores(s, design)
-      attacks['lira_multivariate_per_canary_scale'] = multivariate_lira_scores(
-          s, design, per_canary_scale=True)
-    attacks['threshold'] = plain
     results[target] = {name: attack_measures(a[design], a[~design], bootstrap, seed)
-                       for name, a in attacks.items()}
-    best = max(results[target], key=lambda name: (
-        results[target][name]['tpr_at_0.001_fpr']['value'], results[target][name]['auc']['value']))
+                       for name, a in attack_scores(s, design).items()}
+    best = _strongest(results[target])
     results[target]['strongest'] = {**results[target][best], 'attack': best}
   return results
+
+
+def permutation_null(scores: dict[str, np.ndarray], design: np.ndarray, permutations: int,
+                     bootstrap: int, seed: int, observed: dict) -> dict:
+  """What this audit reports when nothing leaks: each canary's IN/OUT bits shuffled across
+  the runs (`permutations` times; the per-canary IN count kept, and any dependence of the
+  scores on membership destroyed), every attack refitted and the strongest chosen exactly
+  as `evaluate_attacks` does -- so the choice of the best of many attacks is part of the
+  null. Per target: the null's median and 95th percentile of the strongest attack's TPR at
+  0.1% FPR and of the upper end of its bootstrap interval, the share of permutations whose
+  upper end exceeds 1%, and the permutation p-value of the observed TPR (`observed`:
+  evaluate_attacks' result), (1 + #{null >= observed}) / (1 + permutations)."""
+  from jax_privacy import auditing
+  rng = np.random.default_rng([seed, 2718])
+  null = {t: {'tpr': [], 'upper': []} for t in scores}
+  params = (auditing.BootstrapParams(num_samples=bootstrap, quantiles=(0.025, 0.975),
+                                     seed=seed) if bootstrap else None)
+  for _ in range(permutations):
+    shuffled = rng.permuted(design, axis=0)
+    for target, s in scores.items():
+      attacks = attack_scores(s, shuffled)
+      measures = {name: attack_measures(a[shuffled], a[~shuffled], 0, seed)
+                  for name, a in attacks.items()}
+      name = _strongest(measures)
+      auditor = auditing.CanaryScoreAuditor(attacks[name][shuffled], attacks[name][~shuffled])
+      null[target]['tpr'].append(measures[name]['tpr_at_0.001_fpr']['value'])
+      if params is not None:
+        null[target]['upper'].append(float(np.asarray(
+            auditor.tpr_at_given_fpr(0.001, bootstrap_params=params))[1]))
+  return {t: _null_summary(np.array(v['tpr']), np.array(v['upper']),
+                           observed[t]['strongest']['tpr_at_0.001_fpr']['value'])
+          for t, v in null.items()}
+
+
+def _null_summary(tpr: np.ndarray, upper: np.ndarray, observed: float) -> dict:
+  """The null's quantiles; without bootstrap intervals (`upper` empty), those of TPR only."""
+  summary = {'permutations': int(len(tpr)),
+             'tpr_median': float(np.median(tpr)), 'tpr_95th': float(np.quantile(tpr, 0.95)),
+             'p_value': float((1 + np.sum(tpr >= observed)) / (1 + len(tpr)))}
+  if len(upper):
+    summary.update(upper_median=float(np.median(upper)),
+                   upper_95th=float(np.quantile(upper, 0.95)),
+                   share_upper_above_1pct=float(np.mean(upper > 0.01)))
+  return summary

@@ -278,6 +278,8 @@ def prepare(config, workdir, *, num_canaries: int, num_shadows: int, kind: str,
   if plan_file.exists():
     plan = fileio.read_json(plan_file)
     plan['settings'].setdefault('adjacency', 'add_remove')   # audits before the flag
+    if _only_more_shadows(plan['settings'], settings):
+      plan = extend_design(workdir, plan, num_shadows)
     if plan['settings'] != settings:
       raise UserError(f'{workdir} holds a canary audit with other settings ({plan["settings"]}): '
                       'use a new --workdir or the same flags')
@@ -315,6 +317,33 @@ def prepare(config, workdir, *, num_canaries: int, num_shadows: int, kind: str,
   if adjacency == 'replace':
     alt = fileio.read_npz(workdir / 'alternatives.npz')
     plan['alternatives'] = Alternatives(alt['images'], alt['labels'])
+  return plan
+
+
+def _only_more_shadows(old: dict, new: dict) -> bool:
+  return ({**old, 'shadows': new['shadows']} == new and new['shadows'] > old['shadows']
+          and new['adjacency'] == 'replace')
+
+
+def extend_design(workdir, plan: dict, num_shadows: int) -> dict:
+  """An audit with the independent design (--adjacency=replace) grown to `num_shadows` runs:
+  its rows kept, each new (run, canary) IN with probability 1/2 from a stream of its own, so
+  the design stays independent fair coins (what the one-run bound assumes) and the runs
+  already trained keep their scores. canaries.npz first, plan.json last (atomic each): a
+  crash between them leaves the old plan, and the same command extends again identically."""
+  old = plan['settings']['shadows']
+  if num_shadows % 2:
+    raise UserError(f'--shadows={num_shadows} must be even')
+  arrays = dict(fileio.read_npz(workdir / 'canaries.npz'))
+  kept = arrays['design'][:old].astype(bool)
+  rng = np.random.default_rng([plan['settings']['audit_seed'], 4321, old, num_shadows])
+  arrays['design'] = np.concatenate([kept, rng.random((num_shadows - old, kept.shape[1])) < 0.5])
+  fileio.atomic_write_npz(workdir / 'canaries.npz', **arrays)
+  plan = {**plan, 'settings': {**plan['settings'], 'shadows': num_shadows},
+          'extended_from': plan.get('extended_from', []) + [old]}
+  fileio.atomic_write_json(workdir / 'plan.json', plan)
+  logging.info('canary audit: design extended from %d to %d shadow runs (the first %d kept)',
+               old, num_shadows, old)
   return plan
 
 
@@ -439,7 +468,8 @@ def parse_ids(spec: str, num_shadows: int) -> list[int]:
 def run(config, workdir, *, num_canaries: int = 50, num_shadows: int = 16,
         kind: str = 'mislabeled', train_subset: int = 0, shadow_ids: str = '',
         bootstrap: int = 200, audit_seed: int = 0, real_student: bool = False,
-        adjacency: str = 'add_remove', release_students: int = 0) -> str | None:
+        adjacency: str = 'add_remove', release_students: int = 0,
+        null_permutations: int = 0) -> str | None:
   """Trains the missing shadow runs among `shadow_ids`, then (all runs scored) writes the
   report and returns its table; None while runs are missing."""
   workdir = fileio.path(workdir)
@@ -459,6 +489,9 @@ def run(config, workdir, *, num_canaries: int = 50, num_shadows: int = 16,
     return None   # another process (--shadow_ids) still adds the real-data students
   scores = {t: np.stack([r[t] for r in runs]) for t in targets}
   results = canary_attacks.evaluate_attacks(scores, plan['design'], bootstrap, audit_seed)
+  if null_permutations:
+    logging.info('canary audit: the permutation null (%d shuffles of the design)',
+                 null_permutations)
   summary = {
       'settings': plan['settings'], 'base_train_images': plan['base_size'],
       'privacy': _privacy_of(workdir),
@@ -466,8 +499,11 @@ def run(config, workdir, *, num_canaries: int = 50, num_shadows: int = 16,
                             'std': float(np.std([r[f'{t}_test_accuracy'] for r in runs]))}
                         for t in ('teacher', 'student', 'real_student', 'release')
                         if t in targets},
-      'release_students': release_students,
+      'release_students': release_students, 'extended_from': plan.get('extended_from', []),
       'targets': targets, 'attacks': results,
+      **({'null': canary_attacks.permutation_null(scores, plan['design'], null_permutations,
+                                                  bootstrap, audit_seed, results)}
+         if null_permutations else {}),
       **({'lower_bound': {t: canary_attacks.one_run_lower_bound(scores[t], plan['design']) for t in targets}}
          if adjacency == 'replace' else {}),
       'command': report_command(__import__('sys').argv[1:]),
@@ -504,6 +540,8 @@ def markdown(summary: dict) -> str:
   lines = [
       f"# Canary audit: {s['canaries']} {s['kind']} canaries, {s['shadows']} shadow pipelines",
       '',
+      *([f"- design grown from {', '.join(map(str, summary['extended_from']))} runs (their rows "
+         'kept, the new ones fresh fair coins)'] if summary.get('extended_from') else []),
       f"- base train images: {summary['base_train_images']}; "
       + (ADJACENCY_TEXT['replace'] if s.get('adjacency') == 'replace'
          else ADJACENCY_TEXT['add_remove']),
@@ -530,6 +568,7 @@ def markdown(summary: dict) -> str:
             f"{summary['attacks']['student']['lira']['num_out']} OUT (run, canary) pairs. "
             + INDICATION_TEXT]
   lines += _lower_bound_lines(summary)
+  lines += _null_lines(summary)
   lines += ['', f"Command: `{summary['command']}`", '']
   return '\n'.join(lines)
 
@@ -558,6 +597,32 @@ def _lower_bound_lines(summary: dict) -> list[str]:
   for target, b in bounds.items():
     lines.append(f"| {summary['targets'][target]} | {b['value']:.2f} | {b['attack']} "
                  f"({b['fold']}) |")
+  return lines
+
+
+def _null_lines(summary: dict) -> list[str]:
+  null = summary.get('null')
+  if not null:
+    return []
+  n = next(iter(null.values()))['permutations']
+  lines = ['', f'What this audit reports when nothing leaks: each canary\'s IN/OUT bits '
+           f'shuffled across the runs {n} times, every attack refitted and the strongest '
+           'chosen as above (so choosing the best of many attacks is in the null too). TPR at '
+           '0.1% FPR of the strongest attack and the upper end of its interval: observed, and '
+           'the null\'s median [95th percentile]; the share of shuffles whose upper end passes '
+           '1%; the p-value of the observed TPR (a small one means leakage this audit can '
+           'tell from chance).', '',
+           '| target | TPR at 0.1% FPR | null | upper end | null upper end | null upper end '
+           '> 1% | p-value |', '|---|---|---|---|---|---|---|']
+  for target, z in null.items():
+    m = summary['attacks'][target]['strongest']['tpr_at_0.001_fpr']
+    upper = f"{100 * m['ci95'][1]:.1f}%" if 'ci95' in m else '-'
+    null_upper, share = ((f"{100 * z['upper_median']:.1f}% [{100 * z['upper_95th']:.1f}]",
+                          f"{100 * z['share_upper_above_1pct']:.0f}%")
+                         if 'upper_median' in z else ('-', '-'))
+    lines.append(f"| {summary['targets'][target]} | {100 * m['value']:.1f}% | "
+                 f"{100 * z['tpr_median']:.1f}% [{100 * z['tpr_95th']:.1f}] | {upper} | "
+                 f"{null_upper} | {share} | {z['p_value']:.2f} |")
   return lines
 
 

@@ -290,11 +290,15 @@ def test_canary_audit_end_to_end_and_resumes(tmp_path):
           '--config.model.name=resnet_tiny', '--config.student.model.name=resnet_tiny',
           '--config.synthesis.images_per_class=4', '--config.synthesis.batch_size=40',
           '--config.synthesis.iterations=2', '--config.synthesis.view_epochs=1',
-          '--config.student.epochs=1', '--config.student.batch_size=8', '--release_students=0']
+          '--config.student.epochs=1', '--config.student.batch_size=8', '--null_permutations=3',
+          '--release_students=0']
   scores_time = [(audit / f'shadow_{m}' / 'scores.npz').stat().st_mtime_ns for m in range(4)]
   again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'TPR at 0.1% FPR' in again.stdout and 'shadow run' not in again.stderr
+  assert 'when nothing leaks' in again.stdout
+  null = json.loads((audit / 'canary_audit.json').read_text())['null']
+  assert set(null) == set(canary_audit.TARGETS) and null['student']['permutations'] == 3
   assert scores_time == [(audit / f'shadow_{m}' / 'scores.npz').stat().st_mtime_ns
                          for m in range(4)]
   changed = subprocess.run(args[:-1] + ['--canaries=6'], cwd=REPO, capture_output=True,
@@ -348,3 +352,52 @@ def test_a_shadow_run_makes_every_stage_the_student_depends_on():
   from bnsynth_jax import pipeline
   names = list(pipeline.NAMES)
   assert canary_audit.STAGES.split(',') == names[:names.index('student') + 1]
+
+
+def test_a_replace_audit_grows_to_more_shadows_keeping_its_runs(tmp_path):
+  """--shadows larger on a finished --adjacency=replace audit: the first rows of the design
+  kept (their runs' scores stay valid), the new rows fair coins, the same command again
+  the same design; a balanced (add_remove) design or fewer runs are refused."""
+  audit = tmp_path / 'audit'
+  common = dict(num_canaries=6, kind='mislabeled', train_subset=100, audit_seed=0)
+  first = canary_audit.prepare(tiny_audit_config(), audit, num_shadows=4, adjacency='replace',
+                               **common)['design']
+  grown = canary_audit.prepare(tiny_audit_config(), audit, num_shadows=40, adjacency='replace',
+                               **common)
+  assert grown['design'].shape == (40, 6)
+  np.testing.assert_array_equal(grown['design'][:4], first)
+  assert 0.3 < grown['design'][4:].mean() < 0.7
+  assert grown['extended_from'] == [4]
+  again = canary_audit.prepare(tiny_audit_config(), audit, num_shadows=40, adjacency='replace',
+                               **common)
+  np.testing.assert_array_equal(again['design'], grown['design'])
+  for shadows in (4, 38):
+    with pytest.raises(UserError, match='other settings'):
+      canary_audit.prepare(tiny_audit_config(), audit, num_shadows=shadows,
+                           adjacency='replace', **common)
+  balanced = tmp_path / 'balanced'
+  canary_audit.prepare(tiny_audit_config(), balanced, num_shadows=4, **common)
+  with pytest.raises(UserError, match='other settings'):
+    canary_audit.prepare(tiny_audit_config(), balanced, num_shadows=8, **common)
+
+
+def test_the_permutation_null_tells_a_leak_from_chance():
+  """Scores with no dependence on membership: the observed TPR sits inside its permutation
+  null (p-value not small); scores that shift by membership: the p-value is the smallest
+  the shuffles allow and the null's TPR is far below the observed one."""
+  rng = np.random.default_rng(0)
+  design = rng.random((8, 60)) < 0.5
+  noise = rng.normal(0, 1, (8, 60, 3))
+  for leak, small in ((0.0, False), (3.0, True)):
+    scores = {'student': noise + leak * design[..., None]}
+    observed = canary_attacks.evaluate_attacks(scores, design, 0, 0)
+    null = canary_attacks.permutation_null(scores, design, 9, 20, 0, observed)['student']
+    assert null['permutations'] == 9
+    assert 0 <= null['tpr_median'] <= null['tpr_95th'] <= 1
+    assert null['upper_median'] >= null['tpr_median']
+    if small:
+      assert null['p_value'] == pytest.approx(0.1)
+      assert observed['student']['strongest']['tpr_at_0.001_fpr']['value'] > 0.5
+      assert null['tpr_95th'] < 0.2
+    else:
+      assert null['p_value'] > 0.1
