@@ -57,17 +57,20 @@ def _row(eps_text: str, folder: pathlib.Path, real_subset: float | None) -> tupl
   tpr = {t: attacks[t].get('strongest', attacks[t]['lira'])['tpr_at_0.001_fpr']
          for t in ('student', 'synthetic_nn', 'teacher')}
 
-  def fmt(m):
+  null = audit.get('null', {})
+
+  def fmt(m, target=None):
     ci = m.get('ci95')
-    return f"{100 * m['value']:.1f}%" + (f' [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]' if ci else '')
+    text = f"{100 * m['value']:.1f}%" + (f' [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]' if ci else '')
+    return text + _null_note(null.get(target))
 
   ratio = acc['student']['mean'] / real_subset if real_subset else None
   s = audit['settings']
-  student_cell = fmt(tpr['student'])
+  student_cell = fmt(tpr['student'], 'student')
   if 'release' in attacks:        # audits since 2026-12-05: the release's students, averaged
     release = attacks['release']['strongest']['tpr_at_0.001_fpr']
-    student_cell = (f"{fmt(release)} (release, {audit['release_students'] + 1} students); "
-                    f'one student {student_cell}')
+    student_cell = (f"{fmt(release, 'release')} (release, {audit['release_students'] + 1} "
+                    f'students); one student {student_cell}')
     tpr['student'] = max(tpr['student'], release, key=lambda m: m['value'])
   bound = audit.get('lower_bound', {}).get('release') or audit.get('lower_bound', {}).get(
       'student')
@@ -75,14 +78,24 @@ def _row(eps_text: str, folder: pathlib.Path, real_subset: float | None) -> tupl
     student_cell += f"; replace-one epsilon >= {bound['value']:.2f} (95%)"
   row = [eps_text, _privacy_cell(p),
          f"{100 * acc['teacher']['mean']:.2f}%", f"{100 * acc['student']['mean']:.2f}%",
-         f'{ratio:.3f}' if ratio else '—', student_cell, fmt(tpr['synthetic_nn']),
-         fmt(tpr['teacher']), f"{s['shadows']} x {s['canaries']} {s['kind']}",
+         f'{ratio:.3f}' if ratio else '—', student_cell, fmt(tpr['synthetic_nn'], 'synthetic_nn'),
+         fmt(tpr['teacher'], 'teacher'), f"{s['shadows']} x {s['canaries']} {s['kind']}"
+         + (f" (grown from {audit['extended_from'][0]})" if audit.get('extended_from') else ''),
          f"`{audit['command']}`"]
   point = {'epsilon': p['epsilon'] if p else math.inf, 'teacher': acc['teacher']['mean'],
            'student': acc['student']['mean'], 'ratio': ratio,
            'tpr_student': tpr['student']['value'], 'tpr_teacher': tpr['teacher']['value'],
            'tpr_synthetic': tpr['synthetic_nn']['value']}
   return row, point
+
+
+def _null_note(z: dict | None) -> str:
+  """What the audit's permutation null says of a cell (audits since 2026-12-06)."""
+  if not z:
+    return ''
+  upper = (f"upper end {100 * z['upper_median']:.1f}% median, {100 * z['upper_95th']:.1f}% "
+           '95th; ' if 'upper_median' in z else '')
+  return f" (at chance: {upper}p {z['p_value']:.2f})"
 
 
 def _run_row(eps_text: str, folder: pathlib.Path, real_subset: float | None) -> tuple[list, dict]:

@@ -116,6 +116,33 @@ def test_privacy_tradeoff_rows_from_a_single_run_and_its_refusal(tmp_path):
   assert result.returncode != 0 and 'no evaluate stage' in result.stderr
 
 
+def test_privacy_tradeoff_audit_row_carries_the_permutation_null(tmp_path):
+  """--audit=EPS:DIR: each canary cell says what the audit reports at chance and the p-value
+  of what it observed; a grown audit says from how many runs."""
+  tpr = {'value': 0.004, 'ci95': [0.001, 0.011]}
+  measures = {'lira': {'tpr_at_0.001_fpr': tpr},
+              'strongest': {'tpr_at_0.001_fpr': tpr, 'attack': 'lira'}}
+  null = {'permutations': 100, 'tpr_median': 0.009, 'tpr_95th': 0.02, 'p_value': 0.86,
+          'upper_median': 0.021, 'upper_95th': 0.044, 'share_upper_above_1pct': 0.93}
+  targets = ('student', 'synthetic_nn', 'teacher', 'release')
+  audit = {'test_accuracy': {'teacher': {'mean': 0.46}, 'student': {'mean': 0.39}},
+           'privacy': {'epsilon': 8.0, 'delta': 1e-5}, 'release_students': 1,
+           'attacks': {t: measures for t in targets}, 'null': {t: null for t in targets},
+           'settings': {'shadows': 32, 'canaries': 50, 'kind': 'mislabeled'},
+           'extended_from': [16], 'command': 'python -m bnsynth_jax.canary --workdir=X'}
+  folder = tmp_path / 'audit'
+  folder.mkdir()
+  (folder / 'canary_audit.json').write_text(json.dumps(audit))
+  result = subprocess.run([sys.executable, 'benchmarks/privacy_tradeoff.py', '--dataset=t',
+                           f'--audit=8:{folder}', '--nowrite_results'], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  row = result.stdout.splitlines()[0].split(' | ')
+  note = '0.4% [0.1, 1.1] (at chance: upper end 2.1% median, 4.4% 95th; p 0.86)'
+  assert row[5].startswith(note) and row[6] == note and row[7] == note
+  assert row[8] == '32 x 50 mislabeled (grown from 16)'
+
+
 def test_report_records_the_command_line(monkeypatch):
   from bnsynth_jax import report
   monkeypatch.setattr(sys, 'argv', ['/x/bnsynth_jax/main.py', '--config=c.py', '--workdir=a b'])
