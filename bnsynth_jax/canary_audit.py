@@ -313,7 +313,7 @@ def prepare(config, workdir, *, num_canaries: int, num_shadows: int, kind: str,
     fileio.atomic_write_json(plan_file, plan)
   arrays = fileio.read_npz(workdir / 'canaries.npz')
   plan['canaries'] = Canaries(*(arrays[f.name] for f in dataclasses.fields(Canaries)))
-  plan['design'] = arrays['design'].astype(bool)
+  plan['design'] = arrays['design'][:plan['settings']['shadows']].astype(bool)
   if adjacency == 'replace':
     alt = fileio.read_npz(workdir / 'alternatives.npz')
     plan['alternatives'] = Alternatives(alt['images'], alt['labels'])
@@ -327,17 +327,21 @@ def _only_more_shadows(old: dict, new: dict) -> bool:
 
 def extend_design(workdir, plan: dict, num_shadows: int) -> dict:
   """An audit with the independent design (--adjacency=replace) grown to `num_shadows` runs:
-  its rows kept, each new (run, canary) IN with probability 1/2 from a stream of its own, so
-  the design stays independent fair coins (what the one-run bound assumes) and the runs
-  already trained keep their scores. canaries.npz first, plan.json last (atomic each): a
-  crash between them leaves the old plan, and the same command extends again identically."""
+  its rows kept, each new run m's row fair coins from a stream of run m's own (`grown_row`),
+  so the design stays independent fair coins (what the one-run bound assumes), the runs
+  already trained keep their scores, and a row is the same whatever path the audit grew by
+  (16 -> 32 -> 64 or 16 -> 64, in one process or several). canaries.npz first, plan.json last
+  (atomic each): a crash between them leaves the old plan (`prepare` reads only its rows),
+  and the same command extends again identically. Growing an audit after reading its report
+  is a second look at the data: its intervals and bounds do not account for that choice."""
   old = plan['settings']['shadows']
   if num_shadows % 2:
     raise UserError(f'--shadows={num_shadows} must be even')
   arrays = dict(fileio.read_npz(workdir / 'canaries.npz'))
   kept = arrays['design'][:old].astype(bool)
-  rng = np.random.default_rng([plan['settings']['audit_seed'], 4321, old, num_shadows])
-  arrays['design'] = np.concatenate([kept, rng.random((num_shadows - old, kept.shape[1])) < 0.5])
+  seed = plan['settings']['audit_seed']
+  arrays['design'] = np.concatenate(
+      [kept] + [grown_row(seed, m, kept.shape[1])[None] for m in range(old, num_shadows)])
   fileio.atomic_write_npz(workdir / 'canaries.npz', **arrays)
   plan = {**plan, 'settings': {**plan['settings'], 'shadows': num_shadows},
           'extended_from': plan.get('extended_from', []) + [old]}
@@ -345,6 +349,11 @@ def extend_design(workdir, plan: dict, num_shadows: int) -> dict:
   logging.info('canary audit: design extended from %d to %d shadow runs (the first %d kept)',
                old, num_shadows, old)
   return plan
+
+
+def grown_row(audit_seed: int, m: int, k: int) -> np.ndarray:
+  """bool [K]: the design row of run m added by growing an audit."""
+  return np.random.default_rng([audit_seed, 4321, m]).random(k) < 0.5
 
 
 def _paths(root, names, labels, prefix):
@@ -472,6 +481,8 @@ def run(config, workdir, *, num_canaries: int = 50, num_shadows: int = 16,
         null_permutations: int = 0) -> str | None:
   """Trains the missing shadow runs among `shadow_ids`, then (all runs scored) writes the
   report and returns its table; None while runs are missing."""
+  if null_permutations < 0:
+    raise UserError(f'--null_permutations={null_permutations}: use 0 (no null) or more, e.g. 100')
   workdir = fileio.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   plan = prepare(config, workdir, num_canaries=num_canaries, num_shadows=num_shadows,
@@ -489,9 +500,12 @@ def run(config, workdir, *, num_canaries: int = 50, num_shadows: int = 16,
     return None   # another process (--shadow_ids) still adds the real-data students
   scores = {t: np.stack([r[t] for r in runs]) for t in targets}
   results = canary_attacks.evaluate_attacks(scores, plan['design'], bootstrap, audit_seed)
+  null = {}
   if null_permutations:
     logging.info('canary audit: the permutation null (%d shuffles of the design)',
                  null_permutations)
+    null = {'null': canary_attacks.permutation_null(scores, plan['design'], null_permutations,
+                                                    bootstrap, audit_seed, results)}
   summary = {
       'settings': plan['settings'], 'base_train_images': plan['base_size'],
       'privacy': _privacy_of(workdir),
@@ -501,9 +515,7 @@ def run(config, workdir, *, num_canaries: int = 50, num_shadows: int = 16,
                         if t in targets},
       'release_students': release_students, 'extended_from': plan.get('extended_from', []),
       'targets': targets, 'attacks': results,
-      **({'null': canary_attacks.permutation_null(scores, plan['design'], null_permutations,
-                                                  bootstrap, audit_seed, results)}
-         if null_permutations else {}),
+      **null,
       **({'lower_bound': {t: canary_attacks.one_run_lower_bound(scores[t], plan['design']) for t in targets}}
          if adjacency == 'replace' else {}),
       'command': report_command(__import__('sys').argv[1:]),
@@ -605,12 +617,13 @@ def _null_lines(summary: dict) -> list[str]:
   if not null:
     return []
   n = next(iter(null.values()))['permutations']
-  lines = ['', f'What this audit reports when nothing leaks: each canary\'s IN/OUT bits '
-           f'shuffled across the runs {n} times, every attack refitted and the strongest '
-           'chosen as above (so choosing the best of many attacks is in the null too). TPR at '
-           '0.1% FPR of the strongest attack and the upper end of its interval: observed, and '
-           'the null\'s median [95th percentile]; the share of shuffles whose upper end passes '
-           '1%; the p-value of the observed TPR (a small one means leakage this audit can '
+  lines = ['', f'The permutation null: each canary\'s IN/OUT bits shuffled across the runs '
+           f'{n} times (membership unlinked from the scores), every attack refitted and the '
+           'strongest chosen as above (so choosing the best of many attacks is in the null '
+           'too). TPR at 0.1% FPR of the strongest attack and the upper end of its interval: '
+           'observed, and the null\'s median [95th percentile]; the share of shuffles whose '
+           f'upper end passes 1%; the p-value of the observed TPR (at least 1/{n + 1}; one per '
+           'target, not corrected for their number; a small one means leakage this audit can '
            'tell from chance).', '',
            '| target | TPR at 0.1% FPR | null | upper end | null upper end | null upper end '
            '> 1% | p-value |', '|---|---|---|---|---|---|---|']
