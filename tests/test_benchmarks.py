@@ -366,3 +366,13 @@ def test_kcenter_starts_at_the_mean_and_takes_the_farthest_point_next():
   import select_subset
   points = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [0.0, 3.0], [4.9, 0.1]])
   np.testing.assert_array_equal(select_subset.kcenter(points, 3), [1, 2, 3])
+
+
+def test_null_calibration_reports_p_values_of_audits_without_a_leak():
+  result = subprocess.run([sys.executable, 'benchmarks/null_calibration.py', '--audits=2',
+                           '--shadows=4', '--canaries=8', '--permutations=3'], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith('2 audits with no leak: mean p ')
+  mean_p = float(result.stdout.split('mean p ')[1].split(',')[0])
+  assert 0.25 <= mean_p <= 1      # p-values of 3 shuffles are 0.25, 0.5, 0.75 or 1
