@@ -241,10 +241,10 @@ def permutation_null(scores: dict[str, np.ndarray], design: np.ndarray, permutat
   are, so a real leak stays in them as variance), every attack refitted and the strongest
   chosen exactly as `evaluate_attacks` does -- so the choice of the best of many attacks is
   part of the null, and the p-value is an exact randomization test of "the scores do not
-  depend on membership". Per target: the null's median and 95th percentile of the strongest attack's TPR at
-  0.1% FPR and of the upper end of its bootstrap interval, the share of permutations whose
-  upper end exceeds 1%, and the permutation p-value of the observed TPR (`observed`:
-  evaluate_attacks' result), (1 + #{null >= observed}) / (1 + permutations)."""
+  depend on membership". Per target: the null's median and 95th percentile of the strongest
+  attack's TPR at 0.1% FPR and of the upper end of its bootstrap interval, the share of
+  permutations whose upper end exceeds 1%, and the permutation p-value of the observed TPR
+  (`observed`: evaluate_attacks' result), (1 + #{null >= observed}) / (1 + permutations)."""
   from jax_privacy import auditing
   rng = np.random.default_rng([seed, 2718])
   null = {t: {'tpr': [], 'upper': []} for t in scores}
@@ -257,11 +257,11 @@ def permutation_null(scores: dict[str, np.ndarray], design: np.ndarray, permutat
       measures = {name: _point_measures(a[shuffled], a[~shuffled])
                   for name, a in attacks.items()}
       name = _strongest(measures)
-      auditor = auditing.CanaryScoreAuditor(attacks[name][shuffled], attacks[name][~shuffled])
       null[target]['tpr'].append(measures[name]['tpr_at_0.001_fpr']['value'])
       if params is not None:
+        best = auditing.CanaryScoreAuditor(attacks[name][shuffled], attacks[name][~shuffled])
         null[target]['upper'].append(float(np.asarray(
-            auditor.tpr_at_given_fpr(0.001, bootstrap_params=params))[1]))
+            best.tpr_at_given_fpr(0.001, bootstrap_params=params))[1]))
   return {t: _null_summary(np.array(v['tpr']), np.array(v['upper']),
                            observed[t]['strongest']['tpr_at_0.001_fpr']['value'])
           for t, v in null.items()}
