@@ -85,7 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
   p = c.privacy = ml_collections.ConfigDict()
   p.epsilon = 0.0               # > 0: DP-SGD teacher + noised class-wise statistics, composed
   p.delta = 1e-5                # should be well below 1 / (training images)
-  p.teacher_fraction = 0.5      # share of epsilon for the teacher (the rest: the statistics)
+  p.teacher_fraction = 0.5      # share of epsilon for the teacher (the rest: the statistics);
+                                # 0 = by epsilon, from privacy.teacher_fraction_by_epsilon
+  p.teacher_fraction_by_epsilon = ''   # 'E:F,E:F,...' read when teacher_fraction is 0: the F
+                                # of the largest E <= privacy.epsilon (below every E, the first)
   p.clip_norm = 1.0             # DP-SGD per-example gradient L2 bound
   p.augmult = 1                 # augmentations per example averaged before clipping
   p.cache_front_end = True      # a public front end (scatternet*) under an unaugmented teacher:

@@ -109,7 +109,12 @@ def test_a_plan_over_budget_or_impossible_is_refused():
 @pytest.mark.parametrize('change,needle', [
     ({'model.norm': 'batch'}, 'model.norm=group'),
     ({'privacy.delta': 0.0}, 'privacy.delta'),
-    ({'privacy.teacher_fraction': 1.0}, 'teacher_fraction')])
+    ({'privacy.teacher_fraction': 1.0}, 'teacher_fraction'),
+    ({'privacy.teacher_fraction': 0.0}, 'teacher_fraction_by_epsilon, which is empty'),
+    ({'privacy.teacher_fraction': 0.0, 'privacy.teacher_fraction_by_epsilon': '1:0.7,8'},
+     "'8' is not EPSILON:FRACTION"),
+    ({'privacy.teacher_fraction': 0.0, 'privacy.teacher_fraction_by_epsilon': '1:1.5'},
+     'teacher_fraction=1.5 must be in')])
 def test_dp_mode_refuses_settings_it_cannot_guarantee(change, needle):
   c = dp_config()
   for key, value in change.items():
@@ -117,6 +122,32 @@ def test_dp_mode_refuses_settings_it_cannot_guarantee(change, needle):
     c[section][field] = value
   with pytest.raises(UserError, match=needle):
     privacy.validate(c)
+
+
+@pytest.mark.parametrize('epsilon,fraction', [(0.5, 0.7), (1.0, 0.7), (3.0, 0.7), (8.0, 0.3),
+                                              (20.0, 0.3)])
+def test_a_zero_teacher_fraction_is_read_by_epsilon(epsilon, fraction):
+  c = dp_config(epsilon=epsilon, teacher_fraction=0.0, teacher_fraction_by_epsilon='8:0.3, 1:0.7')
+  assert privacy.teacher_fraction(c.privacy) == fraction
+
+
+def test_the_fraction_read_by_epsilon_is_the_one_calibrated_and_recorded(monkeypatch):
+  asked = []
+
+  def calibrate(make_event, target_epsilon, delta, what):   # records the part asked for
+    asked.append(target_epsilon)
+    return 20.0
+
+  monkeypatch.setattr(privacy, '_calibrate', calibrate)
+  c = dp_config(teacher_fraction=0.0, teacher_fraction_by_epsilon='1:0.7,8:0.3',
+                stats_noise_multiplier=20.0)
+  c.teacher.num_steps = 2
+  record = privacy.plan(c, train_size=1438)
+  assert asked == [pytest.approx(8.0 * 0.3)]
+  assert record['teacher_fraction'] == 0.3
+  assert record['teacher_fraction_from'] == "privacy.teacher_fraction_by_epsilon='1:0.7,8:0.3'"
+  c.privacy.teacher_fraction = 0.3
+  assert 'teacher_fraction_from' not in privacy.plan(c, train_size=1438)
 
 
 def test_an_impossible_budget_is_refused_before_anything_is_written(tmp_path):

@@ -23,7 +23,8 @@ Adjacency is replace-one (a record substituted), the relation of fixed-size batc
 the teacher's steps are accounted as jax_privacy's DpsgdTrainingAccountant does for
 `SamplingMethod.FIXED_BATCH_SIZE` (Poisson-subsampled Gaussian with the sensitivity
 doubled), the statistics as one Gaussian mechanism, and the two are composed by a
-dp_accounting PLD accountant. The budget is split by `privacy.teacher_fraction`: each
+dp_accounting PLD accountant. The budget is split by `privacy.teacher_fraction` (where it
+is 0, by the fraction `privacy.teacher_fraction_by_epsilon` lists for this epsilon): each
 part is calibrated at delta/2 on its own, and the composition is what is reported
 (never more than the epsilon asked for; a plan that would exceed it is refused before
 training). Everything after the stats stage (synthesis, per-view labels, students,
@@ -96,9 +97,14 @@ def validate(config) -> None:
                     'privacy.prior, with privacy.prior_is_public=True)')
   if not 0 < p.delta < 1:
     problems.append(f'privacy.delta={p.delta} must be in (0, 1), e.g. 1e-5')
-  if not 0 < p.teacher_fraction < 1:
-    problems.append(f'privacy.teacher_fraction={p.teacher_fraction} must be in (0, 1): the '
-                    'share of epsilon spent on the teacher, the rest on the statistics')
+  try:
+    fraction = teacher_fraction(p)
+  except UserError as e:
+    problems.append(str(e))
+  else:
+    if not 0 < fraction < 1:
+      problems.append(f'privacy.teacher_fraction={fraction} must be in (0, 1): the share of '
+                      'epsilon spent on the teacher, the rest on the statistics')
   if not p.clip_norm > 0:
     problems.append(f'privacy.clip_norm={p.clip_norm} must be positive')
   if p.stats_clip_norm < 0:
@@ -107,6 +113,35 @@ def validate(config) -> None:
     problems.append(f'privacy.augmult={p.augmult} must be at least 1')
   if problems:
     raise UserError('\n'.join(problems))
+
+
+def fraction_table(text: str) -> list[tuple[float, float]]:
+  """privacy.teacher_fraction_by_epsilon, 'E:F,E:F,...', as (epsilon, fraction) pairs
+  sorted by epsilon."""
+  pairs = []
+  for item in filter(None, (t.strip() for t in text.split(','))):
+    try:
+      e, f = (float(v) for v in item.split(':'))
+    except ValueError:
+      raise UserError(f'privacy.teacher_fraction_by_epsilon={text!r}: {item!r} is not '
+                      "EPSILON:FRACTION; write e.g. '1:0.7,8:0.5'") from None
+    pairs.append((e, f))
+  return sorted(pairs)
+
+
+def teacher_fraction(p) -> float:
+  """The share of epsilon spent on the teacher: privacy.teacher_fraction, or where it is 0
+  the fraction privacy.teacher_fraction_by_epsilon lists for the largest epsilon <=
+  privacy.epsilon (the first listed one below them all)."""
+  if p.teacher_fraction:
+    return float(p.teacher_fraction)
+  table = fraction_table(p.get('teacher_fraction_by_epsilon', ''))
+  if not table:
+    raise UserError('privacy.teacher_fraction=0 takes the fraction from '
+                    "privacy.teacher_fraction_by_epsilon, which is empty: set one (e.g. "
+                    "'1:0.7,8:0.5') or a teacher_fraction in (0, 1)")
+  below = [f for e, f in table if e <= float(p.epsilon)]
+  return below[-1] if below else table[0][1]
 
 
 # ----------------------------------------------------------------------------
@@ -208,16 +243,17 @@ def plan(config, train_size: int) -> dict:
   if not 0 < batch <= n:
     raise UserError(f'privacy: teacher.batch_size={batch} must be between 1 and the {n} '
                     'training images: lower --config.teacher.batch_size')
+  fraction = teacher_fraction(p)
   head = _class_means_head(config)
   make_teacher = (class_means_event if head else
                   lambda s: teacher_event(s, batch, n, steps))
   teacher_sigma = float(p.teacher_noise_multiplier) or _calibrate(
-      make_teacher, target * p.teacher_fraction, delta / 2,
+      make_teacher, target * fraction, delta / 2,
       'teacher (class-means head)' if head else 'teacher (DP-SGD)')
   stats_sigma = float(p.stats_noise_multiplier)
   if not stats_sigma:
     # The rest of the budget, measured on the composition (not at delta/2 on its own).
-    alone = _calibrate(stats_event, target * (1 - p.teacher_fraction), delta / 2, 'statistics')
+    alone = _calibrate(stats_event, target * (1 - fraction), delta / 2, 'statistics')
     stats_sigma = _calibrate_rest(make_teacher(teacher_sigma), target, delta, alone)
   teacher_eps = epsilon_of([make_teacher(teacher_sigma)], delta)
   stats_eps = epsilon_of([stats_event(stats_sigma)], delta)
@@ -232,6 +268,9 @@ def plan(config, train_size: int) -> dict:
       'private': not p.noise_seed,
       **({} if not p.noise_seed else {'not_private_because': NOT_PRIVATE}),
       'accountant': f'dp_accounting PLD ({ACCOUNTANT}), replace-one adjacency',
+      'teacher_fraction': fraction,
+      **({} if p.teacher_fraction else {'teacher_fraction_from':
+          f'privacy.teacher_fraction_by_epsilon={p.teacher_fraction_by_epsilon!r}'}),
       'teacher': (_class_means_record(teacher_sigma, n, teacher_eps) if head else
                   {'mechanism': 'DP-SGD (fixed-size batches, per-example clipping, Gaussian)',
                    'noise_multiplier': teacher_sigma, 'clip_norm': float(p.clip_norm),
