@@ -88,7 +88,8 @@ def default_config() -> ml_collections.ConfigDict:
   p.teacher_fraction = 0.5      # share of epsilon for the teacher (the rest: the statistics);
                                 # 0 = by epsilon, from privacy.teacher_fraction_by_epsilon
   p.teacher_fraction_by_epsilon = ''   # 'E:F,E:F,...' read when teacher_fraction is 0: the F
-                                # of the largest E <= privacy.epsilon (below every E, the first)
+                                # of the largest E <= privacy.epsilon (below them all, the
+                                # smallest E's F); a stage records the F it used
   p.clip_norm = 1.0             # DP-SGD per-example gradient L2 bound
   p.augmult = 1                 # augmentations per example averaged before clipping
   p.cache_front_end = True      # a public front end (scatternet*) under an unaugmented teacher:

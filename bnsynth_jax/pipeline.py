@@ -102,9 +102,23 @@ def stage_config(config, stage: str, workdir=None) -> dict[str, Any]:
   flat = {k: v for k, v in flat.items()
           if k not in config_lib.VOLATILE_KEYS
           and k.split('.')[-1] not in config_lib.VOLATILE_KEYS}
+  if 'privacy.teacher_fraction' in flat:
+    _record_resolved_fraction(flat, config)
   if workdir is not None and BY_NAME[stage].inputs:
     flat.update({f'inputs.{k}': v for k, v in BY_NAME[stage].inputs(config, workdir).items()})
   return flat
+
+
+def _record_resolved_fraction(flat: dict, config) -> None:
+  """The teacher's share of epsilon as used, not how it was chosen: a fraction read by
+  epsilon from privacy.teacher_fraction_by_epsilon is the same run as that fraction given
+  (a workdir made before the table resumes where the table gives its fraction)."""
+  flat.pop('privacy.teacher_fraction_by_epsilon', None)
+  if privacy.enabled(config):
+    try:
+      flat['privacy.teacher_fraction'] = privacy.teacher_fraction(config.privacy)
+    except UserError:
+      pass                         # privacy.validate reports it before any stage runs
 
 
 def _config_differences(stored: dict, current: dict) -> list[str]:

@@ -113,8 +113,12 @@ def test_a_plan_over_budget_or_impossible_is_refused():
     ({'privacy.teacher_fraction': 0.0}, 'teacher_fraction_by_epsilon, which is empty'),
     ({'privacy.teacher_fraction': 0.0, 'privacy.teacher_fraction_by_epsilon': '1:0.7,8'},
      "'8' is not EPSILON:FRACTION"),
-    ({'privacy.teacher_fraction': 0.0, 'privacy.teacher_fraction_by_epsilon': '1:1.5'},
-     'teacher_fraction=1.5 must be in')])
+    ({'privacy.teacher_fraction': 0.0, 'privacy.teacher_fraction_by_epsilon': '1:0.7,8:1.5'},
+     "'8:1.5' is not EPSILON:FRACTION"),
+    ({'privacy.teacher_fraction': 0.0, 'privacy.teacher_fraction_by_epsilon': '8:0.3,8:0.5'},
+     "'8:0.5' is not EPSILON:FRACTION with a new epsilon"),
+    ({'privacy.teacher_fraction': 0.0, 'privacy.teacher_fraction_by_epsilon': 'nan:0.5'},
+     "'nan:0.5' is not")])
 def test_dp_mode_refuses_settings_it_cannot_guarantee(change, needle):
   c = dp_config()
   for key, value in change.items():
@@ -139,15 +143,42 @@ def test_the_fraction_read_by_epsilon_is_the_one_calibrated_and_recorded(monkeyp
     return 20.0
 
   monkeypatch.setattr(privacy, '_calibrate', calibrate)
-  c = dp_config(teacher_fraction=0.0, teacher_fraction_by_epsilon='1:0.7,8:0.3',
-                stats_noise_multiplier=20.0)
+  monkeypatch.setattr(privacy, '_calibrate_rest', lambda teacher, target, delta, upper: upper)
+  c = dp_config(teacher_fraction=0.0, teacher_fraction_by_epsilon='1:0.7,8:0.3')
   c.teacher.num_steps = 2
   record = privacy.plan(c, train_size=1438)
-  assert asked == [pytest.approx(8.0 * 0.3)]
+  assert asked == [pytest.approx(8.0 * 0.3), pytest.approx(8.0 * 0.7)]   # teacher, statistics
   assert record['teacher_fraction'] == 0.3
-  assert record['teacher_fraction_from'] == "privacy.teacher_fraction_by_epsilon='1:0.7,8:0.3'"
+  assert record['teacher_fraction_from'] == (
+      "privacy.teacher_fraction_by_epsilon='1:0.7,8:0.3', entry 8")
   c.privacy.teacher_fraction = 0.3
   assert 'teacher_fraction_from' not in privacy.plan(c, train_size=1438)
+
+
+@pytest.mark.parametrize('epsilon,fraction', [(1.0, 0.7), (3.0, 0.7), (8.0, 0.5)])
+def test_the_digits_dp_default_reads_the_heads_share_by_epsilon(epsilon, fraction):
+  from bnsynth_jax.configs import digits_dp
+  c = digits_dp.get_config()
+  c.privacy.epsilon = epsilon
+  privacy.validate(c)
+  assert privacy.teacher_fraction(c.privacy) == fraction
+
+
+@pytest.mark.parametrize('epsilon,resumes', [(1.0, True), (8.0, False)])
+def test_a_workdir_made_with_the_fraction_given_resumes_where_the_table_gives_it(epsilon,
+                                                                                 resumes):
+  """A stage records the fraction used, not how it was chosen: a digits_dp workdir from
+  before the table (teacher_fraction 0.7 given) resumes at epsilon 1, where the table gives
+  0.7, and is a different run at epsilon 8 (0.5)."""
+  from bnsynth_jax import pipeline
+  from bnsynth_jax.configs import digits_dp
+  old, new = digits_dp.get_config(), digits_dp.get_config()
+  old.privacy.teacher_fraction, old.privacy.teacher_fraction_by_epsilon = 0.7, ''
+  for c in (old, new):
+    c.privacy.epsilon = epsilon
+  differences = pipeline._config_differences(pipeline.stage_config(old, 'teacher'),
+                                             pipeline.stage_config(new, 'teacher'))
+  assert differences == ([] if resumes else ['privacy.teacher_fraction'])
 
 
 def test_an_impossible_budget_is_refused_before_anything_is_written(tmp_path):

@@ -117,31 +117,49 @@ def validate(config) -> None:
 
 def fraction_table(text: str) -> list[tuple[float, float]]:
   """privacy.teacher_fraction_by_epsilon, 'E:F,E:F,...', as (epsilon, fraction) pairs
-  sorted by epsilon."""
-  pairs = []
+  sorted by epsilon: each epsilon finite, >= 0 and listed once, each fraction in (0, 1)."""
+  pairs = {}
   for item in filter(None, (t.strip() for t in text.split(','))):
     try:
       e, f = (float(v) for v in item.split(':'))
     except ValueError:
+      e = f = math.nan
+    if not (math.isfinite(e) and e >= 0 and 0 < f < 1) or e in pairs:
       raise UserError(f'privacy.teacher_fraction_by_epsilon={text!r}: {item!r} is not '
-                      "EPSILON:FRACTION; write e.g. '1:0.7,8:0.5'") from None
-    pairs.append((e, f))
-  return sorted(pairs)
+                      'EPSILON:FRACTION with a new epsilon >= 0 and a fraction in (0, 1); '
+                      "write e.g. '1:0.7,8:0.5'")
+    pairs[e] = f
+  return sorted(pairs.items())
 
 
-def teacher_fraction(p) -> float:
-  """The share of epsilon spent on the teacher: privacy.teacher_fraction, or where it is 0
-  the fraction privacy.teacher_fraction_by_epsilon lists for the largest epsilon <=
-  privacy.epsilon (the first listed one below them all)."""
+def fraction_entry(p) -> tuple[float, float] | None:
+  """The (epsilon, fraction) entry of privacy.teacher_fraction_by_epsilon that applies when
+  privacy.teacher_fraction is 0: the largest epsilon <= privacy.epsilon, else the smallest
+  epsilon's; None when teacher_fraction is set."""
   if p.teacher_fraction:
-    return float(p.teacher_fraction)
+    return None
   table = fraction_table(p.get('teacher_fraction_by_epsilon', ''))
   if not table:
     raise UserError('privacy.teacher_fraction=0 takes the fraction from '
                     "privacy.teacher_fraction_by_epsilon, which is empty: set one (e.g. "
                     "'1:0.7,8:0.5') or a teacher_fraction in (0, 1)")
-  below = [f for e, f in table if e <= float(p.epsilon)]
-  return below[-1] if below else table[0][1]
+  below = [entry for entry in table if entry[0] <= float(p.epsilon)]
+  return below[-1] if below else table[0]
+
+
+def teacher_fraction(p) -> float:
+  """The share of epsilon spent on the teacher: privacy.teacher_fraction, or where it is 0
+  the fraction privacy.teacher_fraction_by_epsilon gives this epsilon (fraction_entry)."""
+  entry = fraction_entry(p)
+  return float(p.teacher_fraction) if entry is None else entry[1]
+
+
+def _fraction_source(p) -> dict:
+  entry = fraction_entry(p)
+  if entry is None:
+    return {}
+  return {'teacher_fraction_from': f'privacy.teacher_fraction_by_epsilon='
+                                   f'{p.teacher_fraction_by_epsilon!r}, entry {entry[0]:g}'}
 
 
 # ----------------------------------------------------------------------------
@@ -268,9 +286,7 @@ def plan(config, train_size: int) -> dict:
       'private': not p.noise_seed,
       **({} if not p.noise_seed else {'not_private_because': NOT_PRIVATE}),
       'accountant': f'dp_accounting PLD ({ACCOUNTANT}), replace-one adjacency',
-      'teacher_fraction': fraction,
-      **({} if p.teacher_fraction else {'teacher_fraction_from':
-          f'privacy.teacher_fraction_by_epsilon={p.teacher_fraction_by_epsilon!r}'}),
+      'teacher_fraction': fraction, **_fraction_source(p),
       'teacher': (_class_means_record(teacher_sigma, n, teacher_eps) if head else
                   {'mechanism': 'DP-SGD (fixed-size batches, per-example clipping, Gaussian)',
                    'noise_multiplier': teacher_sigma, 'clip_norm': float(p.clip_norm),
