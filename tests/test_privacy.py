@@ -155,7 +155,7 @@ def test_the_fraction_read_by_epsilon_is_the_one_calibrated_and_recorded(monkeyp
   assert 'teacher_fraction_from' not in privacy.plan(c, train_size=1438)
 
 
-@pytest.mark.parametrize('epsilon,fraction', [(1.0, 0.7), (3.0, 0.7), (8.0, 0.5)])
+@pytest.mark.parametrize('epsilon,fraction', [(1.0, 0.7), (3.0, 0.7), (8.0, 0.3)])
 def test_the_digits_dp_default_reads_the_heads_share_by_epsilon(epsilon, fraction):
   from bnsynth_jax.configs import digits_dp
   c = digits_dp.get_config()
@@ -169,7 +169,7 @@ def test_a_workdir_made_with_the_fraction_given_resumes_where_the_table_gives_it
                                                                                  resumes):
   """A stage records the fraction used, not how it was chosen: a digits_dp workdir from
   before the table (teacher_fraction 0.7 given) resumes at epsilon 1, where the table gives
-  0.7, and is a different run at epsilon 8 (0.5)."""
+  0.7, and is a different run at epsilon 8 (0.3)."""
   from bnsynth_jax import pipeline
   from bnsynth_jax.configs import digits_dp
   old, new = digits_dp.get_config(), digits_dp.get_config()
