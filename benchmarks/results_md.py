@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import pathlib
 
-RESULTS = pathlib.Path(__file__).resolve().parent / 'RESULTS.md'
+# BNSYNTH_RESULTS_MD: another file to append to (launch/device_rows.sh: a copy that comes back).
+RESULTS = pathlib.Path(os.environ.get('BNSYNTH_RESULTS_MD')
+                       or pathlib.Path(__file__).resolve().parent / 'RESULTS.md')
 
 
 def append_row(section: str, title: str, header: list[str], row: list[str],

@@ -4,6 +4,11 @@ GPU / TPU (the design-card run: ResNet-18 teacher, TFDS cifar10, 10,000 syntheti
   python -m bnsynth_jax.main --config=configs/cifar10.py --workdir=DIR \
       --config.data.data_dir=~/tensorflow_datasets
 
+One 10-minute call on a lent H100 (the same at full scale with 15-epoch schedules, the generator
+and mixed-view labels; image folder input; launch/device_rows.sh prepares and runs it):
+  python -m bnsynth_jax.main --config=configs/cifar10.py:gpu_quick --workdir=DIR \
+      --config.data.root=CIFAR10_FOLDER
+
 This 2-core CPU (ResNet-20 on the CIFAR-10 image folder, 2,000 synthetic images; unpack
 ../shared/data/cifar10/cifar10-jpeg.tar.gz into ~/.cache/bnsynth/cifar10 first):
   python -m bnsynth_jax.main --config=configs/cifar10.py:cpu --workdir=DIR
@@ -107,6 +112,29 @@ def get_config(variant: str = 'gpu'):
     st.batch_size = 256
     st.epochs = 200
     st.learning_rate = 0.2
+  elif variant == 'gpu_quick':
+    # The full-scale CIFAR-10 default (ResNet-18 teacher on all 50,000 images, 50,000
+    # generator images, mixed-view students, the real baseline on the same recipe) sized for
+    # one 10-minute call on a lent H100 (launch/device_rows.sh): 15-epoch schedules, image
+    # folder input (the device has no TensorFlow). Throughput, not tuning, set the epochs.
+    c.data.source = 'imagefolder'
+    c.data.root = '~/.cache/bnsynth/cifar10'
+    c.model.name = 'resnet18'
+    c.model.stem = 'cifar'
+    c.teacher.batch_size = 512
+    c.teacher.epochs = 15
+    c.teacher.learning_rate = 0.4
+    c.teacher.eval_every_epochs = 5
+    c.teacher.checkpoint_every_steps = 500
+    c.stats.batch_size = 1000
+    s.images_per_class = 5000     # 50,000 images
+    s.batch_size = 500
+    st.model.name = 'resnet18'
+    st.batch_size = 512
+    st.epochs = 15
+    st.learning_rate = 0.4
+    st.checkpoint_every_steps = 500
+    c.relabel.batch_size = 1000
   elif variant in ('cpu', 'cpu_audit') + DP_VARIANTS:
     c.data.source = 'imagefolder'
     c.data.root = '~/.cache/bnsynth/cifar10'
@@ -169,8 +197,8 @@ def get_config(variant: str = 'gpu'):
       c.teacher.crop_padding = 0
       c.teacher.flip = False
   else:
-    raise ValueError(f'unknown cifar10 config variant {variant!r}: use gpu, cpu, cpu_audit, '
-                     'cpu_dp or cpu_dp_eps1')
+    raise ValueError(f'unknown cifar10 config variant {variant!r}: use gpu, gpu_quick, cpu, '
+                     'cpu_audit, cpu_dp or cpu_dp_eps1')
   # Common to both: class-wise statistics, DeepInversion's CIFAR settings, teacher soft
   # labels at T=3 stored with the dataset, and per-view labels for every student epoch
   # (student.labels = hard | soft | views picks which the student uses; views by default).
@@ -183,7 +211,7 @@ def get_config(variant: str = 'gpu'):
   s.view_crop_padding = st.crop_padding
   s.view_flip = st.flip
   st.labels = 'views'
-  if variant == 'cpu':
+  if variant in ('cpu', 'gpu_quick'):
     generator_with_mixed_labels(c)
   if variant in DP_VARIANTS:
     scatternet_student_with_mixed_labels(c)

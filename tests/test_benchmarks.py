@@ -3,6 +3,7 @@ rows; the others read finished runs into rows."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -376,3 +377,16 @@ def test_null_calibration_reports_p_values_of_audits_without_a_leak():
   assert result.stdout.startswith('2 audits with no leak: mean p ')
   mean_p = float(result.stdout.split('mean p ')[1].split(',')[0])
   assert 0.25 <= mean_p <= 1      # p-values of 3 shuffles are 0.25, 0.5, 0.75 or 1
+
+
+def test_results_md_appends_where_bnsynth_results_md_points(tmp_path):
+  # launch/device_rows.sh: a device's rows go to a copy of RESULTS.md that comes back.
+  target = tmp_path / 'RESULTS.md'
+  code = ('import results_md; '
+          "results_md.append_row('gpu-x', 'GPU: x', ['a', 'b'], ['1', '2'])")
+  before = (REPO / 'benchmarks' / 'RESULTS.md').read_text()
+  out = subprocess.run([sys.executable, '-c', code], cwd=REPO / 'benchmarks', capture_output=True,
+                       text=True, env=dict(os.environ, BNSYNTH_RESULTS_MD=str(target)))
+  assert out.returncode == 0, out.stderr
+  assert '## GPU: x' in target.read_text() and '| 1 | 2 |' in target.read_text()
+  assert (REPO / 'benchmarks' / 'RESULTS.md').read_text() == before

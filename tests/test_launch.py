@@ -1,17 +1,23 @@
 """Launch scripts: --dry-run prints the right gcloud commands; shellcheck passes."""
 
+import functools
+import importlib.util
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from conftest import REPO
 
-SCRIPTS = ['launch/tpu_vm.sh', 'launch/run_tpu.sh', 'launch/gpu.sh', '.ci/run']
+SCRIPTS = ['launch/tpu_vm.sh', 'launch/run_tpu.sh', 'launch/gpu.sh', 'launch/device_rows.sh',
+           '.ci/run']
 
 
-def run(*args):
-  return subprocess.run(list(args), cwd=REPO, capture_output=True, text=True, timeout=60)
+def run(*args, env=None):
+  return subprocess.run(list(args), cwd=REPO, capture_output=True, text=True, timeout=60,
+                        env=env)
 
 
 def test_tpu_dry_run_prints_every_gcloud_command():
@@ -46,6 +52,33 @@ def test_gpu_dry_run():
   assert out.stdout.splitlines() == [
       "python3 -m pip install -e .\\[cuda12\\] ",
       'python3 -m bnsynth_jax.main --config=configs/cifar10.py --workdir=/tmp/w ']
+
+
+def test_device_rows_dry_run_runs_the_full_scale_config_on_the_unpacked_folder():
+  env = dict(os.environ, PYTHON=sys.executable, BNSYNTH_DEVICE_DIR='/tmp/dev')
+  out = run('bash', 'launch/device_rows.sh', '--dry-run', env=env)
+  assert out.returncode == 0, out.stderr
+  # This environment has matplotlib, so every stage runs (the audit included).
+  assert out.stdout.splitlines() == [
+      f'{sys.executable} -m bnsynth_jax.main --config=configs/cifar10.py:gpu_quick '
+      '--workdir=/tmp/dev/gpu_quick --config.data.root=/tmp/dev/cifar10 ']
+  bad = run('bash', 'launch/device_rows.sh', '--dry_run', env=env)
+  assert bad.returncode == 2 and 'unknown argument --dry_run' in bad.stderr
+
+
+def test_gpu_quick_is_the_cpu_default_at_full_scale():
+  spec = importlib.util.spec_from_file_location('cifar10_config', REPO / 'configs' / 'cifar10.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  quick, cpu = module.get_config('gpu_quick'), module.get_config('cpu')
+  assert quick.synthesis.images_per_class * 10 == 50_000
+  assert (quick.model.name, quick.student.model.name, quick.data.source) == (
+      'resnet18', 'resnet18', 'imagefolder')
+  for key in ('synthesis.method', 'synthesis.generator.steps', 'student.labels',
+              'student.mixed_temperature', 'stats.kind'):
+    assert functools.reduce(getattr, key.split('.'), quick) == functools.reduce(
+        getattr, key.split('.'), cpu), key
+  assert quick.relabel.epochs == quick.student.epochs
 
 
 def test_shellcheck():
