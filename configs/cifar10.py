@@ -4,7 +4,7 @@ GPU / TPU (the design-card run: ResNet-18 teacher, TFDS cifar10, 10,000 syntheti
   python -m bnsynth_jax.main --config=configs/cifar10.py --workdir=DIR \
       --config.data.data_dir=~/tensorflow_datasets
 
-One 10-minute call on a lent H100 (the same at full scale with 15-epoch schedules, the generator
+One 10-minute call on a lent H100 (the same at full scale with 10-epoch schedules, the generator
 and mixed-view labels; image folder input; launch/device_rows.sh prepares and runs it):
   python -m bnsynth_jax.main --config=configs/cifar10.py:gpu_quick --workdir=DIR \
       --config.data.root=CIFAR10_FOLDER
@@ -115,14 +115,14 @@ def get_config(variant: str = 'gpu'):
   elif variant == 'gpu_quick':
     # The full-scale CIFAR-10 default (ResNet-18 teacher on all 50,000 images, 50,000
     # generator images, mixed-view students, the real baseline on the same recipe) sized for
-    # one 10-minute call on a lent H100 (launch/device_rows.sh): 15-epoch schedules, image
+    # one 10-minute call on a lent H100 (launch/device_rows.sh): 10-epoch schedules, image
     # folder input (the device has no TensorFlow). Throughput, not tuning, set the epochs.
     c.data.source = 'imagefolder'
     c.data.root = '~/.cache/bnsynth/cifar10'
     c.model.name = 'resnet18'
     c.model.stem = 'cifar'
     c.teacher.batch_size = 512
-    c.teacher.epochs = 15
+    c.teacher.epochs = 10
     c.teacher.learning_rate = 0.4
     c.teacher.eval_every_epochs = 5
     c.teacher.checkpoint_every_steps = 500
@@ -131,7 +131,7 @@ def get_config(variant: str = 'gpu'):
     s.batch_size = 500
     st.model.name = 'resnet18'
     st.batch_size = 512
-    st.epochs = 15
+    st.epochs = 10
     st.learning_rate = 0.4
     st.checkpoint_every_steps = 500
     c.relabel.batch_size = 1000

@@ -55,15 +55,81 @@ def test_gpu_dry_run():
 
 
 def test_device_rows_dry_run_runs_the_full_scale_config_on_the_unpacked_folder():
-  env = dict(os.environ, PYTHON=sys.executable, BNSYNTH_DEVICE_DIR='/tmp/dev')
+  env = dict(os.environ, PYTHON='python3', BNSYNTH_DEVICE_DIR='/tmp/dev',
+             BNSYNTH_DEVICE_SCALE='full')
   out = run('bash', 'launch/device_rows.sh', '--dry-run', env=env)
   assert out.returncode == 0, out.stderr
-  # This environment has matplotlib, so every stage runs (the audit included).
-  assert out.stdout.splitlines() == [
-      f'{sys.executable} -m bnsynth_jax.main --config=configs/cifar10.py:gpu_quick '
-      '--workdir=/tmp/dev/gpu_quick --config.data.root=/tmp/dev/cifar10 ']
+  assert out.stdout.split() == [
+      'python3', '-m', 'bnsynth_jax.main', '--config=configs/cifar10.py:gpu_quick',
+      '--workdir=/tmp/dev/gpu_quick_full', '--config.data.root=/tmp/dev/cifar10_full',
+      '--stages=teacher\\,stats\\,synthesize\\,relabel\\,student\\,evaluate']
   bad = run('bash', 'launch/device_rows.sh', '--dry_run', env=env)
   assert bad.returncode == 2 and 'unknown argument --dry_run' in bad.stderr
+
+
+STUB = """#!/usr/bin/env bash
+echo "$*" >> "$STUB_LOG"
+if [[ "$1" == -c && "$2" == *default_backend* ]]; then echo "$STUB_DEVICE"; fi
+if [[ "$1 $2" == "-m bnsynth_jax.main" && "$*" != *--stages=audit* ]]; then exit "$STUB_RC"; fi
+exit 0
+"""
+
+
+def device_call(tmp_path, rc=0, device='gpu NVIDIA H100 80GB HBM3', archive=True):
+  """launch/device_rows.sh with a stub for Python that logs its arguments and ends the
+  pipeline with `rc`: what the script does around the pipeline."""
+  carry, images = tmp_path / 'carry', tmp_path / 'images'
+  (carry / 'wheels').mkdir(parents=True)
+  for split in ('train', 'test'):
+    (images / split / 'cat').mkdir(parents=True)
+    (images / split / 'cat' / '0000.jpg').write_bytes(b'')
+  if archive:
+    subprocess.run(['tar', 'czf', str(carry / 'cifar10-jpeg.tar.gz'), '-C', str(images),
+                    'train', 'test'], check=True)
+  stub = tmp_path / 'python'
+  stub.write_text(STUB)
+  stub.chmod(0o755)
+  log = tmp_path / 'calls.txt'
+  log.write_text('')
+  env = dict(os.environ, PYTHON=str(stub), STUB_LOG=str(log), STUB_RC=str(rc),
+             STUB_DEVICE=device, OUT=str(tmp_path / 'out'), BNSYNTH_DEVICE_CARRY=str(carry),
+             BNSYNTH_DEVICE_DIR=str(tmp_path / 'dev'), BNSYNTH_DEVICE_SCALE='full')
+  out = run('bash', 'launch/device_rows.sh', env=env)
+  return out, log.read_text().splitlines()
+
+
+def test_device_rows_writes_the_rows_and_the_audit_after_a_finished_pipeline(tmp_path):
+  out, calls = device_call(tmp_path, rc=0)
+  assert out.returncode == 0, out.stdout + out.stderr
+  mains = [c for c in calls if c.startswith('-m bnsynth_jax.main')]
+  assert len(mains) == 2 and '--stages=audit' in mains[1]
+  assert f'--config.data.root={tmp_path}/dev/cifar10_full' in mains[0]
+  assert (tmp_path / 'dev' / 'cifar10_full' / 'test' / 'cat' / '0000.jpg').exists()
+  order = [c.split()[0] for c in calls if c.startswith('benchmarks/')]
+  assert order == ['benchmarks/throughput.py', 'benchmarks/method_rows.py']
+  assert (tmp_path / 'out' / 'RESULTS.md').read_text() == (
+      REPO / 'benchmarks' / 'RESULTS.md').read_text()
+  assert 'exit 0' in (tmp_path / 'out' / 'log.txt').read_text().splitlines()[-1]
+
+
+def test_device_rows_stopped_pipeline_gives_no_rows_and_its_exit_status(tmp_path):
+  out, calls = device_call(tmp_path, rc=124)
+  assert out.returncode == 124
+  assert not any('method_rows' in c or '--stages=audit' in c for c in calls)
+  log = (tmp_path / 'out' / 'log.txt').read_text()
+  assert 'the pipeline stopped (exit 124)' in log and 'call again' in log
+
+
+@pytest.mark.parametrize('device, archive, message', [
+    ('cpu cpu', True, 'JAX sees no GPU (cpu cpu)'),
+    ('gpu NVIDIA H100', False, 'cifar10-jpeg.tar.gz missing: run launch/device_rows.sh --prepare'),
+])
+def test_device_rows_refuses_without_a_gpu_or_the_carried_archive(tmp_path, device, archive,
+                                                                   message):
+  out, calls = device_call(tmp_path, device=device, archive=archive)
+  assert out.returncode == 1
+  assert message in (tmp_path / 'out' / 'log.txt').read_text()
+  assert not any(c.startswith('-m bnsynth_jax.main') for c in calls)
 
 
 def test_gpu_quick_is_the_cpu_default_at_full_scale():
