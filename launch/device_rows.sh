@@ -188,7 +188,13 @@ device_run() {
     --note="launch/device_rows.sh, ${device#* }" || echo "device_rows: throughput stopped"
   (while sleep 30; do copy_small_files || true; done) >/dev/null 2>&1 &
   COPIER=$!
-  run_pipeline "$(( $(left) - 30 ))" || rc=$?
+  local budget=$(( $(left) - 30 ))
+  if (( budget >= 30 )); then
+    run_pipeline "$budget" || rc=$?
+  else
+    echo "device_rows: ${budget}s left for the pipeline: not started"
+    rc=124
+  fi
   if [[ "$rc" == 0 ]]; then
     "$PY" benchmarks/method_rows.py --section=gpu-cifar10_gpu_quick \
       --title="GPU: the CIFAR-10 default at full scale (configs/cifar10.py:gpu_quick, launch/device_rows.sh)" \
