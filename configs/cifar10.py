@@ -150,9 +150,11 @@ def get_config(variant: str = 'gpu'):
       # (docs/privacy.md, "CIFAR-10 with the ScatterNet prior"). At epsilon 1 a coarser head
       # and more images are better: the variant cpu_dp_eps1 (`epsilon_one`).
       # The canary audit at its scale (200 synthetic images per shadow; replace-one
-      # adjacency, its one-run epsilon lower bound; docs/privacy.md, 2026-12-05):
+      # adjacency, its one-run epsilon lower bound; docs/privacy.md, 2026-12-05). With 400
+      # canaries per run (6,400 pairs; 50 cannot show the <= 1% criterion even at chance)
+      # every target is at chance at epsilon 8: TPR at 0.1% FPR upper ends 0.5-0.6%.
       #   python -m bnsynth_jax.canary --config=configs/cifar10.py:cpu_dp \
-      #       --train_subset=5000 --canaries=50 --shadows=16 --adjacency=replace \
+      #       --train_subset=5000 --canaries=400 --shadows=16 --adjacency=replace \
       #       --release_students=1 --workdir=DIR --config.synthesis.images_per_class=20 \
       #       --config.teacher.eval_every_epochs=0
       c.model.name = 'scatternet_linear_pool4'
