@@ -47,14 +47,12 @@ done
 # Pure-Python wheels of what the device image lacks (it has jax, flax, optax, orbax-checkpoint,
 # pillow, scikit-learn, absl-py and chex; jax-privacy is for DP mode only, not carried), and
 # matplotlib's for CPython 3.12 (report pictures; without it the audit stage is left out).
-PURE=(ml-collections dm-pix tensorboardX dp-accounting kymatio attrs mpmath packaging cycler
-  pyparsing python-dateutil)
-BINARY=(matplotlib contourpy kiwisolver fonttools)
-# module -> wheel name prefix, checked by `import module` on the device
-WHEEL_OF=(ml_collections:ml_collections dm_pix:dm_pix tensorboardX:tensorboardx
+# module:wheel (the wheel's name prefix, also its distribution name for pip), checked by
+# `import module` on the device.
+PURE=(ml_collections:ml_collections dm_pix:dm_pix tensorboardX:tensorboardx
   dp_accounting:dp_accounting kymatio:kymatio attr:attrs mpmath:mpmath packaging:packaging
-  cycler:cycler pyparsing:pyparsing dateutil:python_dateutil matplotlib:matplotlib
-  contourpy:contourpy kiwisolver:kiwisolver fontTools:fonttools)
+  cycler:cycler pyparsing:pyparsing dateutil:python_dateutil)
+BINARY=(matplotlib:matplotlib contourpy:contourpy kiwisolver:kiwisolver fontTools:fonttools)
 ARCHIVE=../shared/data/cifar10/cifar10-jpeg.tar.gz
 
 prepare() {
@@ -66,9 +64,9 @@ prepare() {
   mkdir -p "$CARRY/wheels"
   cp "$ARCHIVE" "$CARRY/cifar10-jpeg.tar.gz"
   local target=(--no-deps --only-binary=:all: --python-version 312 -d "$CARRY/wheels")
-  "$PY" -m pip download -q "${target[@]}" "${PURE[@]}"
+  "$PY" -m pip download -q "${target[@]}" "${PURE[@]#*:}"
   "$PY" -m pip download -q "${target[@]}" --platform manylinux2014_x86_64 \
-    --platform manylinux_2_28_x86_64 "${BINARY[@]}"
+    --platform manylinux_2_28_x86_64 "${BINARY[@]#*:}"
   du -sh "$CARRY"
 }
 
@@ -76,7 +74,7 @@ prepare() {
 install_missing() {
   local site="$DEVICE_DIR/site" entry wheel wheels=()
   mkdir -p "$site"
-  for entry in "${WHEEL_OF[@]}"; do
+  for entry in "${PURE[@]}" "${BINARY[@]}"; do
     if ! PYTHONPATH="$site" "$PY" -c "import ${entry%%:*}" 2>/dev/null; then
       for wheel in "$CARRY/wheels/${entry#*:}"-*.whl; do
         if [[ -e "$wheel" ]]; then
