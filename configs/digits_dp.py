@@ -43,8 +43,9 @@ def get_config():
   # The head's share of epsilon, by epsilon (privacy.teacher_fraction 0 reads this table):
   # 0.7 below 8 (epsilon 1: student 79.94% against 70.47% at 0.5, one run each), 0.3 from 8
   # (canary audits at epsilon 8, docs/privacy.md "A lever measured against the teacher's
-  # leak": at 0.3, 16 x 200, release, student and images at chance, teacher 0.7% [0.3, 1.1]
-  # AUC 56.3%, student 90.23%; at 0.5, 32 x 100, one student 1.25% and teacher 1.23% above
+  # leak": at 0.3, 32 x 200, every target at chance by the criterion (upper ends 0.3-1.0%,
+  # teacher 0.2% [0.1, 0.3] AUC 53.3%), student 89.31%; 16 x 200: teacher 0.7% [0.3, 1.1],
+  # 90.23%; at 0.5, 32 x 100, one student 1.25% and teacher 1.23% above
   # 1%, AUC 58.0%, 89.31%; at 0.7 the teacher 1.65%, AUC 62.0%, 89.75%).
   c.privacy.teacher_fraction = 0.0
   c.privacy.teacher_fraction_by_epsilon = '1:0.7,8:0.3'
