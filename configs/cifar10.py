@@ -19,7 +19,7 @@ DP mode on a 5,000-image private set (epsilon 8 by default):
 its teacher is a GroupNorm + linear head on ScatterNet coefficients (a data-free prior, public
 by construction; 46.18% at epsilon 8 with 0.9 of the budget, against 23.77% for a ResNet-20
 from scratch), and 2,000 synthetic images train a student of its architecture to 46.07%
-(44.76% in a second run, teacher 46.05%).
+(44.76%, 45.43%, 45.87% in three more runs: mean 45.53%).
 At epsilon 1, the variant cpu_dp_eps1 (`epsilon_one` below: the coarser pool8 head, 20
 DP-SGD epochs, 4,000 generator images) is the best release measured.
 
@@ -161,8 +161,9 @@ def get_config(variant: str = 'gpu'):
       c.model.norm = 'group'
       c.privacy.epsilon = 8.0
       # 2026-12-05: 0.9 of the budget for the teacher and 2,000 synthetic images: the
-      # student (the teacher's architecture) then learns most of the teacher (46.07% / 44.76%
-      # against 46.18% / 46.05% at epsilon 8, two runs; 38.81% with 0.7 and 200 images). Canary
+      # student (the teacher's architecture) then learns most of the teacher (46.07%
+      # / 44.76 / 45.43 / 45.87, mean 45.53%, against teachers 46.18 / 46.05 / 45.83 / 46.28%
+      # at epsilon 8, four runs; 38.81% with 0.7 and 200 images). Canary
       # audits keep the audit scale: --config.synthesis.images_per_class=20 (200 images).
       c.privacy.teacher_fraction = 0.9
       s.images_per_class = 200
