@@ -72,8 +72,9 @@ of 1,500 steps for the synthetic and the real-subset student alike, the same rec
 1,000 / 5,000 / 10,000 images gives 68.23% / 70.57% / 72.84% against 50.39% / 67.99% /
 71.25% real (ratios 1.354 / 1.038 / 1.022), and 50,000 images 73.00% against the whole
 train split's 70.81% (1.031; seed 1: 68.11% / 50.12% at 1,000, 71.71% / 67.78% at 5,000,
-72.15% / 71.09% at 10,000, ratios 1.359 / 1.058 / 1.015; the fall to 5,000 is the real subset's data starvation: holding the
-1,000-image ratio would need 96.5% at 10,000, above the teacher;
+72.15% / 71.09% at 10,000, ratios 1.359 / 1.058 / 1.015; the fall to 5,000 is the real
+subset's data starvation: holding the 1,000-image ratio would need 96.5% at 10,000, above the
+teacher;
 --config.synthesis.images_per_class=1000 --config.relabel.epochs=20
 --config.student.num_steps=1500 for 10,000; benchmarks/RESULTS.md rows gen1k, gen5k,
 gen10k, gen50k, gen1k_seed1, gen5k_seed1, gen10k_seed1). Read with hard labels only
